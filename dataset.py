@@ -1,0 +1,357 @@
+"""dSprites: the official npz when present, otherwise an exact-geometry procedural renderer.
+
+Images are kept as packed bits (512 bytes per 64x64 image: 377 MB for the full grid) on the
+training device and unpacked to float only for the batch being used. Factor order, class
+indices and latent values are those of the official release: C-order over
+(color 1, shape 3, scale 6, orientation 40, posX 32, posY 32), posY fastest.
+"""
+import hashlib
+import logging
+import math
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DSPRITES_FILE = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
+DSPRITES_URL = ("https://github.com/deepmind/dsprites-dataset/raw/master/"
+                "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz")
+DSPRITES_MD5 = "7da33b31b13a06f4b04a70402ce90c2e"
+FACTOR_NAMES = ("shape", "scale", "orientation", "posX", "posY")
+FULL_SIZES = (3, 6, 40, 32, 32)
+GRIDS = ("full", "reduced")
+# The reduced grid keeps every shape and scale, every 4th orientation (0..36, no duplicate of
+# orientation 0) and 8 positions spanning each axis: 11,520 images, one original epoch.
+REDUCED_AXES = (np.arange(3), np.arange(6), np.arange(0, 40, 4),
+                np.round(np.linspace(0, 31, 8)).astype(np.int64),
+                np.round(np.linspace(0, 31, 8)).astype(np.int64))
+IMAGE_SIZE = 64
+PACKED_BYTES = IMAGE_SIZE * IMAGE_SIZE // 8
+
+
+class DatasetError(RuntimeError):
+    """A dataset file is missing, corrupt or inconsistent; the message says what to do."""
+
+
+# --- procedural rendering ---------------------------------------------------------------------
+
+_PATCH = 31  # every shape lies within 14 px of its centre: render a 31x31 window around it
+
+
+def _heart_y(c):
+    """Heart curve Y(t) = 13 cos t - 5 cos 2t - 2 cos 3t - cos 4t written in c = cos t."""
+    c2 = c * c
+    return 13 * c - 5 * (2 * c2 - 1) - 2 * (4 * c2 * c - 3 * c) - (8 * c2 * c2 - 8 * c2 + 1)
+
+
+_HEART_Y_MIN = -17.0  # Y at t = pi
+_HEART_Y_MAX = float(_heart_y(np.cos(np.linspace(0.0, np.pi, 200001))).max())
+
+
+def _inside(shape, u, v, s):
+    """Pixel-centre test in the shape's own frame (u right, v up); s: scale, broadcastable."""
+    if shape == 0:  # square, side 19.2 * scale
+        return (u.abs() <= 9.6 * s) & (v.abs() <= 9.6 * s)
+    if shape == 1:  # ellipse, semi-axes 12.77 x 7.21 (times scale)
+        return (u / (12.77 * s)).square() + (v / (7.21 * s)).square() <= 1.0
+    # Heart X = 16 sin^3 t, Y(t): bounding box 19.2 x 19.2 (times scale), 0.25*scale px low.
+    # Each vertical line |X| < 16 meets the curve at sin t = (|X|/16)^(1/3), once with cos t > 0
+    # (top) and once with cos t < 0 (bottom): inside means between the two.
+    x = (u * (32.0 / (19.2 * s))).abs()
+    y = (v + 0.25 * s) * ((_HEART_Y_MAX - _HEART_Y_MIN) / (19.2 * s)) + (_HEART_Y_MAX + _HEART_Y_MIN) / 2
+    sin_t = (x / 16).clamp(max=1.0).pow(1.0 / 3.0)
+    cos_t = (1 - sin_t.square()).clamp(min=0.0).sqrt()
+    return (x <= 16) & (y <= _heart_y(cos_t)) & (y >= _heart_y(-cos_t))
+
+
+def _render_chunk(classes):
+    """classes: int64 tensor (n, 5) -> uint8 tensor (n, 64, 64)."""
+    n = classes.shape[0]
+    shape, scale_i, orient_i, pos_x, pos_y = classes.unbind(1)
+    f64 = torch.float64
+    scale = (0.5 + 0.1 * scale_i.to(f64))[:, None, None]  # n, 1, 1
+    theta = orient_i.to(f64) * (2 * math.pi / 39)
+    cx = 16 + 32 * pos_x.to(f64) / 31  # x grows to the right
+    cy = 16 + 32 * pos_y.to(f64) / 31  # y grows downwards (row index)
+    window = torch.arange(_PATCH)
+    cols = (cx.floor().long() - _PATCH // 2)[:, None] + window  # n, P
+    rows = (cy.floor().long() - _PATCH // 2)[:, None] + window  # n, P
+    dx = (cols.to(f64) + 0.5 - cx[:, None])[:, None, :]  # n, 1, P
+    dy = (cy[:, None] - rows.to(f64) - 0.5)[:, :, None]  # n, P, 1 (upwards)
+    cos, sin = theta.cos()[:, None, None], theta.sin()[:, None, None]
+    u = dx * cos + dy * sin  # n, P, P: rotate the pixel centre back by theta
+    v = dy * cos - dx * sin
+    patch = torch.zeros(n, _PATCH, _PATCH, dtype=torch.bool)
+    for k in range(3):
+        sel = (shape == k).nonzero().squeeze(1)
+        if len(sel):
+            patch[sel] = _inside(k, u[sel], v[sel], scale[sel])
+    images = torch.zeros(n, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
+    images[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]] = patch.to(torch.uint8)
+    return images
+
+
+def render_dsprites(classes, chunk=512):
+    """Render dSprites images from class indices.
+
+    classes: int array (N, 5) of (shape, scale, orientation, posX, posY) class indices.
+    Returns uint8 (N, 64, 64) of 0/1: a pixel is 1 when its centre lies inside the shape.
+    """
+    classes = torch.as_tensor(np.asarray(classes, dtype=np.int64))
+    if classes.ndim != 2 or classes.shape[1] != 5:
+        raise ValueError(f"classes must have shape (N, 5), got {tuple(classes.shape)}")
+    if classes.min() < 0 or (classes.max(0).values >= torch.tensor(FULL_SIZES)).any():
+        raise ValueError(f"class indices out of range for factor sizes {FULL_SIZES}")
+    out = np.empty((len(classes), IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    for start in range(0, len(classes), chunk):
+        out[start:start + chunk] = _render_chunk(classes[start:start + chunk]).numpy()
+    return out
+
+
+# --- grids --------------------------------------------------------------------------------------
+
+def grid_axes(grid):
+    """Class indices kept on each factor axis for ``grid`` ('full' or 'reduced')."""
+    if grid == "full":
+        return tuple(np.arange(n) for n in FULL_SIZES)
+    if grid == "reduced":
+        return REDUCED_AXES
+    raise ValueError(f"unknown grid {grid!r}; choose from {GRIDS}")
+
+
+def grid_classes(grid):
+    """int64 (N, 5) class indices of the grid, in dataset order (posY fastest)."""
+    mesh = np.meshgrid(*grid_axes(grid), indexing="ij")
+    return np.stack([m.reshape(-1) for m in mesh], axis=1).astype(np.int64)
+
+
+def latents_values(classes):
+    """Official latents_values (N, 6): color, shape, scale, orientation, posX, posY."""
+    classes = np.asarray(classes)
+    values = np.empty((len(classes), 6), dtype=np.float64)
+    values[:, 0] = 1.0
+    values[:, 1] = classes[:, 0] + 1.0
+    values[:, 2] = np.linspace(0.5, 1.0, 6)[classes[:, 1]]
+    values[:, 3] = np.linspace(0.0, 2 * np.pi, 40)[classes[:, 2]]
+    values[:, 4] = np.linspace(0.0, 1.0, 32)[classes[:, 3]]
+    values[:, 5] = np.linspace(0.0, 1.0, 32)[classes[:, 4]]
+    return values
+
+
+# --- the dataset --------------------------------------------------------------------------------
+
+_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # np.packbits order: MSB first
+
+
+def pack_images(images):
+    """uint8 (N, 64, 64) of 0/1 -> uint8 (N, 512) packed bits."""
+    return np.packbits(np.asarray(images, dtype=np.uint8).reshape(len(images), -1), axis=1)
+
+
+def unpack_images(packed):
+    """uint8 tensor (B, 512) on any device -> float32 tensor (B, 1, 64, 64) of 0/1."""
+    bits = (packed[:, :, None] >> _BIT_SHIFTS.to(packed.device)) & 1  # B, 512, 8
+    return bits.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE).float()
+
+
+@dataclass
+class DSprites:
+    """Packed images plus factors of one grid, in dataset order.
+
+    packed: uint8 tensor (N, 512); classes: int64 array (N, 5); factor_sizes: grid shape
+    (shape, scale, orientation, posX, posY); source: human-readable origin of the images.
+    """
+    packed: torch.Tensor
+    classes: np.ndarray
+    factor_sizes: tuple
+    grid: str
+    source: str
+
+    def __len__(self):
+        return self.packed.shape[0]
+
+    def to(self, device):
+        self.packed = self.packed.to(device)
+        return self
+
+    def images(self, index):
+        """Float images (B, 1, 64, 64) for an index tensor on the data's device."""
+        return unpack_images(self.packed[index])
+
+    @property
+    def values(self):
+        return latents_values(self.classes)
+
+
+def _candidate_dirs(data_dir):
+    if data_dir is not None:
+        return [Path(data_dir)]
+    return [Path.cwd(), Path.cwd() / "datasets"]
+
+
+def find_dsprites(data_dir=None):
+    """Path of the official npz in ``data_dir`` (or ./ and ./datasets), or None."""
+    for folder in _candidate_dirs(data_dir):
+        path = folder / DSPRITES_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def file_md5(path, block=1 << 20):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _corrupt(path, why):
+    return DatasetError(
+        f"{path} is not a valid dSprites file ({why}). Delete it and run with --download to fetch "
+        f"a fresh copy, or move it away to train on the procedural dSprites.")
+
+
+def read_official_npz(path, rows=None, chunk=16384):
+    """Read the official npz into packed bits, streaming the 2.8 GB image array.
+
+    rows: optional sorted int array of dataset indices to keep (e.g. a reduced grid).
+    Returns (packed uint8 (n, 512), classes int64 (n, 5)). Raises DatasetError on a corrupt,
+    truncated or inconsistent file.
+    """
+    n_full = int(np.prod(FULL_SIZES))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            missing = {"imgs.npy", "latents_classes.npy", "latents_values.npy"} - names
+            if missing:
+                raise _corrupt(path, f"missing arrays {sorted(missing)}")
+            with archive.open("latents_classes.npy") as f:
+                classes = np.load(f)
+            if classes.shape != (n_full, 6) or not np.issubdtype(classes.dtype, np.integer):
+                raise _corrupt(path, f"latents_classes has shape {classes.shape} and dtype "
+                                     f"{classes.dtype}, expected ({n_full}, 6) integers")
+            if not np.array_equal(classes[:, 1:], grid_classes("full")):
+                raise _corrupt(path, "latents_classes is not in the official order")
+            keep = np.arange(n_full) if rows is None else np.asarray(rows)
+            packed = np.empty((len(keep), PACKED_BYTES), dtype=np.uint8)
+            with archive.open("imgs.npy") as f:
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                if shape != (n_full, IMAGE_SIZE, IMAGE_SIZE) or dtype != np.uint8 or fortran:
+                    raise _corrupt(path, f"imgs has shape {shape} and dtype {dtype}, expected "
+                                         f"({n_full}, 64, 64) uint8")
+                row_bytes = IMAGE_SIZE * IMAGE_SIZE
+                for start in range(0, n_full, chunk):
+                    count = min(chunk, n_full - start)
+                    buf = f.read(count * row_bytes)
+                    if len(buf) != count * row_bytes:
+                        raise _corrupt(path, f"imgs ends after {start + len(buf) // row_bytes} of "
+                                             f"{n_full} images")
+                    block = np.frombuffer(buf, dtype=np.uint8).reshape(count, row_bytes)
+                    if block.max() > 1:
+                        raise _corrupt(path, "imgs holds values other than 0 and 1")
+                    lo, hi = np.searchsorted(keep, [start, start + count])
+                    packed[lo:hi] = np.packbits(block[keep[lo:hi] - start], axis=1)
+    except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, OSError) as err:
+        raise _corrupt(path, f"{type(err).__name__}: {err}") from err
+    return packed, classes[keep, 1:].astype(np.int64)
+
+
+def load_dsprites(grid="full", data_dir=None):
+    """Load the official npz if found, else render the procedural grid. Returns DSprites."""
+    axes = grid_axes(grid)
+    classes = grid_classes(grid)
+    sizes = tuple(len(a) for a in axes)
+    path = find_dsprites(data_dir)
+    if path is not None:
+        rows = None if grid == "full" else np.ravel_multi_index(classes.T, FULL_SIZES)
+        packed, classes = read_official_npz(path, rows)
+        md5 = file_md5(path)
+        if md5 != DSPRITES_MD5:
+            log.warning("%s: MD5 %s differs from the official %s; arrays look valid, using it",
+                        path, md5, DSPRITES_MD5)
+        source = f"official npz {path.resolve()} (md5 {md5})"
+    else:
+        searched = ", ".join(str(d) for d in _candidate_dirs(data_dir))
+        log.info("No %s in %s: rendering the procedural dSprites (%s grid, %d images)",
+                 DSPRITES_FILE, searched, grid, len(classes))
+        packed = np.empty((len(classes), PACKED_BYTES), dtype=np.uint8)
+        for start in range(0, len(classes), 16384):
+            packed[start:start + 16384] = pack_images(render_dsprites(classes[start:start + 16384]))
+        source = "procedural renderer (no official npz found; use --download or --data-dir)"
+    log.info("dSprites source: %s; %s grid, %d images", source, grid, len(classes))
+    return DSprites(torch.from_numpy(packed), classes, sizes, grid, source)
+
+
+def download_dsprites(dest_dir, url=DSPRITES_URL, md5=DSPRITES_MD5, timeout=10):
+    """Fetch the official npz into ``dest_dir`` with a progress bar; verify MD5; write atomically."""
+    from tqdm import tqdm
+
+    dest_dir = Path(dest_dir)
+    dest = dest_dir / DSPRITES_FILE
+    if dest.exists():
+        raise DatasetError(f"{dest} already exists; not downloading over it (delete it first "
+                           f"if it is damaged)")
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Downloading %s to %s", url, dest)
+    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".dsprites-", suffix=".part")
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="dSprites") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if digest.hexdigest() != md5:
+            raise DatasetError(f"download of {url} has MD5 {digest.hexdigest()}, expected {md5}; "
+                               f"nothing was saved. Try again later.")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError) as err:
+        raise DatasetError(f"could not download {url} ({err}). Without internet access, copy "
+                           f"{DSPRITES_FILE} into {dest_dir} by hand, or train on the procedural "
+                           f"dSprites (the default when no file is found).") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+class EpochSampler:
+    """Shuffled batches without replacement, epoch by epoch, as a DataLoader(shuffle=True).
+
+    The order is a pure function of (seed, stream, step): resuming at any step reproduces it,
+    and every batch is one slice of a permutation kept on the data's device (no per-item work).
+    """
+
+    def __init__(self, n, batch_size, seed, stream=0, device="cpu"):
+        if batch_size > n:
+            raise ValueError(f"batch size {batch_size} exceeds the dataset size {n}")
+        self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
+        self.device = device
+        self.steps_per_epoch = n // batch_size
+        self._epoch, self._perm = None, None
+
+    def permutation(self, epoch):
+        seed = int(np.random.SeedSequence([self.seed, self.stream, epoch]).generate_state(1)[0])
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+
+    def indices(self, step):
+        """Dataset indices (batch_size,) for ``step`` (0-based), on the data's device."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, self.permutation(epoch).to(self.device)
+        return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]

@@ -1,0 +1,99 @@
+"""Networks of the original thesis code: the conv VAE (dSprites) and FactorVAE's discriminator.
+
+Layer sizes follow the original exactly (498,005 parameters for z_dim=10); the losses keep its
+scaling (summed over pixels and latents, averaged over the batch) so that published alpha, omega
+and gamma values transfer.
+"""
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from synergy import kl_per_latent
+
+
+class Encoder(nn.Module):
+    """64x64 image -> (mu, logvar), each (B, z_dim)."""
+
+    def __init__(self, z_dim=10, nc=1):
+        super().__init__()
+        self.z_dim = z_dim
+        self.net = nn.Sequential(
+            nn.Conv2d(nc, 32, 4, 2, 1), nn.ReLU(True),  # B, 32, 32, 32
+            nn.Conv2d(32, 32, 4, 2, 1), nn.ReLU(True),  # B, 32, 16, 16
+            nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(True),  # B, 64, 8, 8
+            nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(True),  # B, 64, 4, 4
+            nn.Flatten(),  # B, 1024
+            nn.Linear(1024, 128),  # B, 128 (no activation, as in the original)
+            nn.Linear(128, 2 * z_dim),  # B, 2z
+        )
+
+    def forward(self, x):
+        stats = self.net(x)
+        return stats[:, :self.z_dim], stats[:, self.z_dim:]
+
+
+class Decoder(nn.Module):
+    """(B, z_dim) latent -> (B, nc, 64, 64) logits."""
+
+    def __init__(self, z_dim=10, nc=1):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(z_dim, 128), nn.ReLU(True),  # B, 128
+            nn.Linear(128, 1024), nn.ReLU(True),  # B, 1024
+            nn.Unflatten(1, (64, 4, 4)),  # B, 64, 4, 4
+            nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(True),  # B, 64, 8, 8
+            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(True),  # B, 32, 16, 16
+            nn.ConvTranspose2d(32, 32, 4, 2, 1), nn.ReLU(True),  # B, 32, 32, 32
+            nn.ConvTranspose2d(32, nc, 4, 2, 1),  # B, nc, 64, 64
+        )
+
+    def forward(self, z):
+        return self.net(z)
+
+
+class VAE(nn.Module):
+    """Encoder + reparameterisation + decoder. ``forward`` returns (logits, mu, logvar, z)."""
+
+    def __init__(self, z_dim=10, nc=1):
+        super().__init__()
+        self.z_dim = z_dim
+        self.encoder = Encoder(z_dim, nc)
+        self.decoder = Decoder(z_dim, nc)
+
+    def forward(self, x):
+        mu, logvar = self.encoder(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        return self.decoder(z), mu, logvar, z
+
+
+class Discriminator(nn.Module):
+    """FactorVAE's total-correlation discriminator: z -> 2 logits (0: joint q(z), 1: permuted)."""
+
+    def __init__(self, z_dim=10, hidden=1000, depth=6):
+        super().__init__()
+        layers = []
+        width = z_dim
+        for _ in range(depth - 1):
+            layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2, True)]
+            width = hidden
+        layers.append(nn.Linear(width, 2))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def reconstruction_loss(logits, x):
+    """Bernoulli log-likelihood loss: BCE with logits summed over pixels, mean over the batch."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+
+
+def kl_loss(mu, logvar):
+    """KL to the unit Gaussian summed over latents, mean over the batch."""
+    return kl_per_latent(mu, logvar).sum(1).mean()
+
+
+def permute_dims(z):
+    """Shuffle every latent column independently across the batch (samples of prod_j q(z_j))."""
+    keys = torch.rand(z.shape, device=z.device)
+    return z.gather(0, keys.argsort(dim=0))
