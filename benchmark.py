@@ -1,0 +1,76 @@
+"""Step-time benchmark: plain VAE vs Non-Syn VAE (two-step, joint) vs the greedy selection alone.
+
+    python benchmark.py [--batch_size 64] [--steps 30] [--rounds 5] [--threads N] [--cuda]
+
+All variants run in one process on the same batch size, interleaved round by round so that
+machine noise hits them alike; each line is the median over rounds of the mean step time.
+"""
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from run import Config
+from solver import Solver
+from synergy import greedy_best_set
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per variant per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--cuda", action="store_true", help="benchmark on the GPU")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    variants = {"VAE step": dict(metric="VAE"),
+                "Non-Syn two-step": dict(metric="Test_gt", update="two-step"),
+                "Non-Syn joint": dict(metric="Test_gt", update="joint")}
+    with tempfile.TemporaryDirectory() as tmp:
+        solvers = {name: Solver(Config(grid="reduced", batch_size=args.batch_size, cuda=args.cuda,
+                                       **kw), tmp) for name, kw in variants.items()}
+        device = next(iter(solvers.values())).device
+        kl = torch.rand(solvers["VAE step"].config.z_dim, device=device)
+        timings = {name: [] for name in list(variants) + ["greedy selection"]}
+        for solver in solvers.values():  # warm-up
+            for _ in range(5):
+                solver.train_step()
+                solver.step += 1
+        for _ in range(args.rounds):
+            for name, solver in solvers.items():
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    solver.train_step()
+                    solver.step += 1
+                _sync(device)
+                timings[name].append((time.perf_counter() - start) / args.steps)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps * 10):
+                greedy_best_set(kl, 0.9)
+            _sync(device)
+            timings["greedy selection"].append((time.perf_counter() - start) / (args.steps * 10))
+
+    median = {name: statistics.median(t) for name, t in timings.items()}
+    base = median["VAE step"]
+    print(f"device {device}, batch {args.batch_size}, threads {torch.get_num_threads()}, "
+          f"torch {torch.__version__}; median of {args.rounds} rounds x {args.steps} steps")
+    for name, t in median.items():
+        print(f"  {name:18s} {t * 1e3:8.3f} ms   {t / base:5.3f} x VAE step")
+    print(f"  selection share of the two-step step: {median['greedy selection'] / median['Non-Syn two-step']:.2%}")
+    return median
+
+
+if __name__ == "__main__":
+    main()

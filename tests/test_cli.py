@@ -1,0 +1,177 @@
+"""The real command line, in process, on the reduced grid: every experiment, determinism,
+resume after an interruption, and bad input."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import dataset
+import solver as solver_module
+from run import main
+
+QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "6", "--log-interval", "2",
+         "--save-interval", "3", "--gt-interval", "6", "--no-cuda", "--nb-test", "4"]
+
+
+def run_cli(tmp_path, name, *flags):
+    code = main([*QUICK, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
+                 str(tmp_path / "no-data"), *flags])
+    return code, tmp_path / name
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run_dir):
+    ckpt = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    return ckpt["model"]
+
+
+@pytest.mark.parametrize("metric", ["Test_gt", "test", "VAE", "BVAE", "Factor"])
+def test_every_experiment_writes_a_complete_run_folder(tmp_path, metric):
+    with pytest.warns(UserWarning, match="visdom") if metric == "test" else _no_warning():
+        code, run_dir = run_cli(tmp_path, metric, "--metric", metric, "--alpha", "5.0",
+                                "--omega", "0.9", "--viz_port", "9")
+    assert code == 0
+    rows = records(run_dir)
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:
+        assert {"recon", "kl", "syn", "best", "worst", "best_freq", "seconds"} <= set(r)
+        assert sorted(r["best"] + r["worst"]) == list(range(10))
+        assert all(np.isfinite(r[k]) for k in ("recon", "kl", "syn"))
+    if metric == "Factor":
+        assert {"tc", "d_loss"} <= set(rows[0])
+    for step in (3, 6):
+        assert (run_dir / f"alpha_5.0_traversal_{step}.png").is_file()
+    assert (run_dir / "alpha_5.0_gt_6.png").is_file()
+    from PIL import Image
+    width, height = Image.open(run_dir / "alpha_5.0_traversal_6.png").size
+    assert (width, height) == (4 * 66 + 2, 12 * 66 + 2)  # nb-test columns, 2 + z_dim rows
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["config"]["metric"] == metric and "procedural" in config["data_source"]
+    assert config["config"]["viz_on"] == (metric == "test")
+    assert config["versions"]["torch"] == torch.__version__
+    ckpt = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["config"]["metric"] == metric
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_steps_accepts_scientific_notation_and_trains_exactly(tmp_path):
+    code, run_dir = run_cli(tmp_path, "sci", "--steps", "1.1e1", "--log-interval", "5")
+    assert code == 0
+    assert [r["step"] for r in records(run_dir)] == [5, 10, 11]
+
+
+def test_same_seed_same_metrics(tmp_path):
+    _, a = run_cli(tmp_path, "a", "--seed", "3")
+    _, b = run_cli(tmp_path, "b", "--seed", "3")
+    _, c = run_cli(tmp_path, "c", "--seed", "4")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(records(a)) == strip(records(b))
+    assert strip(records(a)) != strip(records(c))
+
+
+@pytest.mark.parametrize("metric", ["Test_gt", "Factor"])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, metric):
+    flags = ["--metric", metric, "--steps", "9", "--save-interval", "4", "--seed", "5"]
+    assert run_cli(tmp_path, "straight", *flags)[0] == 0
+
+    init = solver_module.Solver.__init__
+
+    def init_with_interruption(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        step, calls = self.train_step, []
+
+        def interrupted_step():
+            out = step()
+            calls.append(1)
+            if len(calls) == 6:  # SIGTERM between steps 6 and 7, off the save interval
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        self.train_step = interrupted_step
+
+    monkeypatch.setattr(solver_module.Solver, "__init__", init_with_interruption)
+    code, run_dir = run_cli(tmp_path, "resumed", *flags)
+    assert code == 130
+    assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["step"] == 6
+    monkeypatch.undo()
+    assert main(["--resume", str(run_dir)]) == 0
+
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(run_dir)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(records(run_dir)) == strip(records(tmp_path / "straight"))
+
+
+def test_resume_can_extend_but_not_change_the_run(tmp_path, capsys):
+    _, run_dir = run_cli(tmp_path, "r")
+    assert main(["--resume", str(run_dir)]) == 2
+    assert "already at step 6" in capsys.readouterr().err
+    assert main(["--resume", str(run_dir), "--steps", "8", "--alpha", "2"]) == 2
+    assert "cannot change --alpha" in capsys.readouterr().err
+    assert main(["--resume", str(run_dir), "--steps", "8"]) == 0
+    assert records(run_dir)[-1]["step"] == 8
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--omega", "0", "--omega: must be > 0"),
+    ("--omega", "1.5", "--omega: must be <= 1"),
+    ("--alpha", "-1", "--alpha: must be >= 0"),
+    ("--z_dim", "0", "--z_dim: must be >= 1"),
+    ("--steps", "0", "--steps: must be >= 1"),
+    ("--steps", "2.5", "--steps: '2.5' is not a whole number"),
+    ("--batch_size", "1", "--batch_size: must be >= 2"),
+    ("--nb-test", "0", "--nb-test: must be >= 1"),
+    ("--log-interval", "0", "--log-interval: must be >= 1"),
+    ("--gt-interval", "x", "--gt-interval: 'x' is not a number"),
+    ("--viz_on", "maybe", "--viz_on: expected True or False"),
+    ("--metric", "beta", "--metric: invalid choice: 'beta' (choose from"),
+])
+def test_bad_flag_values_name_the_flag(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as info:
+        main([flag, value])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_viz_on_parses_booleans():
+    from run import build_parser
+    assert build_parser().parse_args(["--viz_on", "True"]).viz_on is True
+    assert build_parser().parse_args(["--viz_on", "False"]).viz_on is False
+
+
+def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
+    assert run_cli(tmp_path, "same")[0] == 0
+    before = (tmp_path / "same" / "metrics.jsonl").read_bytes()
+    assert run_cli(tmp_path, "same")[0] == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "same" / "metrics.jsonl").read_bytes() == before
+    # generated names never collide either
+    code = main([*QUICK, "--steps", "1", "--output_dir", str(tmp_path / "auto")])
+    code2 = main([*QUICK, "--steps", "1", "--output_dir", str(tmp_path / "auto")])
+    assert code == code2 == 0 and len(list((tmp_path / "auto").iterdir())) == 2
+
+
+def test_unwritable_output_dir(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main([*QUICK, "--output_dir", str(blocker / "runs")]) == 2
+    assert "cannot create --output_dir" in capsys.readouterr().err
+
+
+def test_corrupt_npz_stops_the_run_with_advice(tmp_path, capsys):
+    (tmp_path / dataset.DSPRITES_FILE).write_bytes(b"<html>Google Drive quota exceeded</html>")
+    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not a valid dSprites file" in err and "--download" in err

@@ -1,0 +1,145 @@
+"""What one training step does to the parameters, for every objective."""
+import copy
+
+import pytest
+import torch
+
+from model import VAE, kl_loss, reconstruction_loss
+from run import Config
+from solver import Solver
+from synergy import synergy_penalty
+
+
+def make_solver(tmp_path, **overrides):
+    config = Config(grid="reduced", batch_size=16, cuda=False, seed=7, alpha=5.0, omega=0.9,
+                    **overrides)
+    return Solver(config, tmp_path)
+
+
+def spy_on_steps(solver, optimizer):
+    """Record, at every optimizer.step(), the parameters and gradients it is about to use."""
+    calls = []
+    step = optimizer.step
+
+    def spy(*args, **kwargs):
+        calls.append({name: (p.detach().clone(), None if p.grad is None else p.grad.clone())
+                      for name, p in solver.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    optimizer.step = spy
+    return calls
+
+
+def grads(loss, params, **kwargs):
+    return torch.autograd.grad(loss, list(params), **kwargs)
+
+
+def test_parameter_count_is_the_originals():
+    assert sum(p.numel() for p in VAE(10).parameters()) == 498005
+
+
+def test_two_step_second_gradient_is_the_synergy_gradient_at_the_pre_step_parameters(tmp_path):
+    solver = make_solver(tmp_path)
+    before = copy.deepcopy(solver.model)
+    rng = torch.get_rng_state()
+    calls = spy_on_steps(solver, solver.optim)
+    solver.train_step()
+    assert len(calls) == 2
+
+    torch.set_rng_state(rng)  # the same reparameterisation noise
+    x = solver.data.images(solver.sampler.indices(0))
+    logits, mu, logvar, _ = before(x)
+    g_vae = grads(reconstruction_loss(logits, x) + kl_loss(mu, logvar), before.parameters(),
+                  retain_graph=True)
+    syn, _ = synergy_penalty(mu, logvar, 0.9, 5.0)
+    assert syn > 0
+    g_syn = dict(zip([n for n, _ in before.encoder.named_parameters()],
+                     grads(syn, before.encoder.parameters())))
+
+    for (name, (_, first)), expected in zip(calls[0].items(), g_vae):
+        assert torch.allclose(first, expected, rtol=1e-4, atol=1e-6), name
+    for name, (_, second) in calls[1].items():
+        module, _, rest = name.partition(".")
+        if module == "encoder":
+            assert torch.allclose(second, g_syn[rest], rtol=1e-4, atol=1e-7), name
+            assert second.abs().sum() > 0
+        else:
+            assert torch.count_nonzero(second) == 0, name  # explicit zeros, not None
+
+
+def test_second_adam_step_moves_the_decoder_by_momentum_and_counts_twice(tmp_path):
+    solver = make_solver(tmp_path)
+    calls = spy_on_steps(solver, solver.optim)
+    solver.train_step()
+    lr, eps = solver.config.lr_VAE, 1e-8
+    b1, b2 = solver.config.beta1_VAE, solver.config.beta2_VAE
+    for name, p in solver.model.decoder.named_parameters():
+        p0, g = calls[0]["decoder." + name]
+        m1, v1 = (1 - b1) * g, (1 - b2) * g * g
+        p1 = p0 - lr * (m1 / (1 - b1)) / ((v1 / (1 - b2)).sqrt() + eps)
+        m2, v2 = b1 * m1, b2 * v1  # zero gradient: the moments decay, the parameter still moves
+        p2 = p1 - lr * (m2 / (1 - b1 ** 2)) / ((v2 / (1 - b2 ** 2)).sqrt() + eps)
+        assert torch.allclose(p.detach(), p2, rtol=1e-5, atol=1e-8), name
+        assert not torch.allclose(p2, p1)
+    assert all(int(s["step"]) == 2 for s in solver.optim.state.values())
+    assert len(solver.optim.state) == len(list(solver.model.parameters()))
+
+
+def test_sample_mode_takes_the_synergy_gradient_after_the_first_step(tmp_path):
+    solver = make_solver(tmp_path, sample="sample")
+    calls = spy_on_steps(solver, solver.optim)
+    solver.train_step()
+    after_first = copy.deepcopy(solver.model)
+    after_first.load_state_dict({n: p for n, (p, _) in calls[1].items()}, strict=False)
+    x2 = solver.data.images(solver.partner.indices(0))
+    mu, logvar = after_first.encoder(x2)
+    syn, _ = synergy_penalty(mu, logvar, 0.9, 5.0)
+    expected = grads(syn, after_first.encoder.parameters())
+    got = [g for n, (_, g) in calls[1].items() if n.startswith("encoder.")]
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_joint_update_is_one_step_on_the_sum(tmp_path):
+    solver = make_solver(tmp_path, update="joint")
+    before = copy.deepcopy(solver.model)
+    rng = torch.get_rng_state()
+    calls = spy_on_steps(solver, solver.optim)
+    solver.train_step()
+    assert len(calls) == 1
+    torch.set_rng_state(rng)
+    x = solver.data.images(solver.sampler.indices(0))
+    logits, mu, logvar, _ = before(x)
+    syn, _ = synergy_penalty(mu, logvar, 0.9, 5.0)
+    expected = grads(reconstruction_loss(logits, x) + kl_loss(mu, logvar) + syn, before.parameters())
+    for (_, (_, got)), e in zip(calls[0].items(), expected):
+        assert torch.allclose(got, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["VAE", "BVAE"])
+def test_baselines_do_not_optimise_synergy(tmp_path, metric):
+    solver = make_solver(tmp_path, metric=metric, beta=4.0)
+    before = copy.deepcopy(solver.model)
+    rng = torch.get_rng_state()
+    calls = spy_on_steps(solver, solver.optim)
+    values, best = solver.train_step()
+    assert len(calls) == 1 and values["syn"] > 0 and not values["syn"].requires_grad
+    torch.set_rng_state(rng)
+    x = solver.data.images(solver.sampler.indices(0))
+    logits, mu, logvar, _ = before(x)
+    beta = 4.0 if metric == "BVAE" else 1.0
+    expected = grads(reconstruction_loss(logits, x) + beta * kl_loss(mu, logvar), before.parameters())
+    for (_, (_, got)), e in zip(calls[0].items(), expected):
+        assert torch.allclose(got, e, rtol=1e-4, atol=1e-6)
+
+
+def test_factor_discriminator_step_leaves_the_vae_gradients_alone(tmp_path):
+    solver = make_solver(tmp_path, metric="Factor")
+    d_before = copy.deepcopy(solver.D)
+    calls = spy_on_steps(solver, solver.optim)
+    values, _ = solver.train_step()
+    assert set(values) >= {"recon", "kl", "syn", "tc", "d_loss"}
+    for name, p in solver.model.named_parameters():  # the D loss did not touch the encoder
+        assert torch.equal(p.grad, calls[0][name][1]), name
+    moved = [not torch.equal(a, b) for a, b in zip(d_before.parameters(), solver.D.parameters())]
+    assert all(moved)
