@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -271,6 +272,7 @@ def read_official_npz(path, rows=None, chunk=16384):
 
 def load_dsprites(grid="full", data_dir=None):
     """Load the official npz if found, else render the procedural grid. Returns DSprites."""
+    started = time.perf_counter()
     axes = grid_axes(grid)
     classes = grid_classes(grid)
     sizes = tuple(len(a) for a in axes)
@@ -291,7 +293,8 @@ def load_dsprites(grid="full", data_dir=None):
         for start in range(0, len(classes), 16384):
             packed[start:start + 16384] = pack_images(render_dsprites(classes[start:start + 16384]))
         source = "procedural renderer (no official npz found; use --download or --data-dir)"
-    log.info("dSprites source: %s; %s grid, %d images", source, grid, len(classes))
+    log.info("dSprites source: %s; %s grid, %d images, ready in %.1f s", source, grid,
+             len(classes), time.perf_counter() - started)
     return DSprites(torch.from_numpy(packed), classes, sizes, grid, source)
 
 

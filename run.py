@@ -71,7 +71,7 @@ def _number(kind, low=None, high=None, low_open=False):
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
         if kind is int:
             if not value.is_integer():
                 raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")

@@ -175,3 +175,15 @@ def test_corrupt_npz_stops_the_run_with_advice(tmp_path, capsys):
     assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not a valid dSprites file" in err and "--download" in err
+
+
+@pytest.mark.parametrize("command, viz", [
+    ('--alpha=5.0 --omega=0.9 --metric="Test_gt" --steps=150000 --gt-interval=5000', False),
+    ('--alpha=5.0 --omega=0.9 --metric="test" --steps=150000', True),
+])
+def test_the_originals_readme_commands_parse_verbatim(command, viz):
+    import shlex
+    from run import build_parser, make_config
+    config = make_config(build_parser().parse_args(shlex.split(command)))
+    assert (config.alpha, config.omega, config.steps, config.viz_on) == (5.0, 0.9, 150000, viz)
+    assert config.gt_interval == (5000 if not viz else 10000)

@@ -3,7 +3,6 @@ import hashlib
 import http.server
 import threading
 import time
-import zipfile
 
 import numpy as np
 import pytest

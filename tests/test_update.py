@@ -54,9 +54,9 @@ def test_two_step_second_gradient_is_the_synergy_gradient_at_the_pre_step_parame
     syn, _ = synergy_penalty(mu, logvar, 0.9, 5.0)
     assert syn > 0
     g_syn = dict(zip([n for n, _ in before.encoder.named_parameters()],
-                     grads(syn, before.encoder.parameters())))
+                     grads(syn, before.encoder.parameters()), strict=True))
 
-    for (name, (_, first)), expected in zip(calls[0].items(), g_vae):
+    for (name, (_, first)), expected in zip(calls[0].items(), g_vae, strict=True):
         assert torch.allclose(first, expected, rtol=1e-4, atol=1e-6), name
     for name, (_, second) in calls[1].items():
         module, _, rest = name.partition(".")
@@ -96,7 +96,7 @@ def test_sample_mode_takes_the_synergy_gradient_after_the_first_step(tmp_path):
     syn, _ = synergy_penalty(mu, logvar, 0.9, 5.0)
     expected = grads(syn, after_first.encoder.parameters())
     got = [g for n, (_, g) in calls[1].items() if n.startswith("encoder.")]
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -112,7 +112,7 @@ def test_joint_update_is_one_step_on_the_sum(tmp_path):
     logits, mu, logvar, _ = before(x)
     syn, _ = synergy_penalty(mu, logvar, 0.9, 5.0)
     expected = grads(reconstruction_loss(logits, x) + kl_loss(mu, logvar) + syn, before.parameters())
-    for (_, (_, got)), e in zip(calls[0].items(), expected):
+    for (_, (_, got)), e in zip(calls[0].items(), expected, strict=True):
         assert torch.allclose(got, e, rtol=1e-4, atol=1e-6)
 
 
@@ -129,7 +129,7 @@ def test_baselines_do_not_optimise_synergy(tmp_path, metric):
     logits, mu, logvar, _ = before(x)
     beta = 4.0 if metric == "BVAE" else 1.0
     expected = grads(reconstruction_loss(logits, x) + beta * kl_loss(mu, logvar), before.parameters())
-    for (_, (_, got)), e in zip(calls[0].items(), expected):
+    for (_, (_, got)), e in zip(calls[0].items(), expected, strict=True):
         assert torch.allclose(got, e, rtol=1e-4, atol=1e-6)
 
 
@@ -141,5 +141,6 @@ def test_factor_discriminator_step_leaves_the_vae_gradients_alone(tmp_path):
     assert set(values) >= {"recon", "kl", "syn", "tc", "d_loss"}
     for name, p in solver.model.named_parameters():  # the D loss did not touch the encoder
         assert torch.equal(p.grad, calls[0][name][1]), name
-    moved = [not torch.equal(a, b) for a, b in zip(d_before.parameters(), solver.D.parameters())]
+    pairs = zip(d_before.parameters(), solver.D.parameters(), strict=True)
+    moved = [not torch.equal(a, b) for a, b in pairs]
     assert all(moved)
