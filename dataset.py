@@ -150,7 +150,13 @@ def latents_values(classes):
 
 # --- the dataset --------------------------------------------------------------------------------
 
-_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # np.packbits order: MSB first
+_BIT_SHIFTS = {}  # device -> tensor([7, ..., 0]): np.packbits order, most significant bit first
+
+
+def _bit_shifts(device):
+    if device not in _BIT_SHIFTS:  # made once per device: no host-to-device copy per batch
+        _BIT_SHIFTS[device] = torch.arange(7, -1, -1, dtype=torch.uint8, device=device)
+    return _BIT_SHIFTS[device]
 
 
 def pack_images(images):
@@ -160,7 +166,7 @@ def pack_images(images):
 
 def unpack_images(packed):
     """uint8 tensor (B, 512) on any device -> float32 tensor (B, 1, 64, 64) of 0/1."""
-    bits = (packed[:, :, None] >> _BIT_SHIFTS.to(packed.device)) & 1  # B, 512, 8
+    bits = (packed[:, :, None] >> _bit_shifts(packed.device)) & 1  # B, 512, 8
     return bits.reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE).float()
 
 
@@ -286,27 +292,31 @@ def load_dsprites(grid="full", data_dir=None):
                         path, md5, DSPRITES_MD5)
         source = f"official npz {path.resolve()} (md5 {md5})"
     else:
-        searched = ", ".join(str(d) for d in _candidate_dirs(data_dir))
-        log.info("No %s in %s: rendering the procedural dSprites (%s grid, %d images)",
-                 DSPRITES_FILE, searched, grid, len(classes))
+        from tqdm import tqdm
+
+        searched = " or ".join(str(d) for d in _candidate_dirs(data_dir))
         packed = np.empty((len(classes), PACKED_BYTES), dtype=np.uint8)
-        for start in range(0, len(classes), 16384):
-            packed[start:start + 16384] = pack_images(render_dsprites(classes[start:start + 16384]))
-        source = "procedural renderer (no official npz found; use --download or --data-dir)"
+        step = 16384
+        for start in tqdm(range(0, len(classes), step), desc=f"rendering dSprites ({grid} grid)",
+                          unit="chunk", leave=False, disable=len(classes) <= step):
+            packed[start:start + step] = pack_images(render_dsprites(classes[start:start + step]))
+        source = (f"procedural renderer (no {DSPRITES_FILE} in {searched}; use --download or "
+                  f"--data-dir for the official file)")
     log.info("dSprites source: %s; %s grid, %d images, ready in %.1f s", source, grid,
              len(classes), time.perf_counter() - started)
     return DSprites(torch.from_numpy(packed), classes, sizes, grid, source)
 
 
 def download_dsprites(dest_dir, url=DSPRITES_URL, md5=DSPRITES_MD5, timeout=10):
-    """Fetch the official npz into ``dest_dir`` with a progress bar; verify MD5; write atomically."""
+    """Fetch the official npz into ``dest_dir`` with a progress bar; verify MD5; write atomically.
+    An existing file is kept as it is (loading validates it)."""
     from tqdm import tqdm
 
     dest_dir = Path(dest_dir)
     dest = dest_dir / DSPRITES_FILE
     if dest.exists():
-        raise DatasetError(f"{dest} already exists; not downloading over it (delete it first "
-                           f"if it is damaged)")
+        log.info("%s already exists: not downloading it again", dest)
+        return dest
     dest_dir.mkdir(parents=True, exist_ok=True)
     log.info("Downloading %s to %s", url, dest)
     fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".dsprites-", suffix=".part")

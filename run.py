@@ -223,7 +223,18 @@ def resume_state(run_dir, args, given):
     if config.steps <= checkpoint["step"]:
         raise ConfigError(f"the run in {run_dir} is already at step {checkpoint['step']}; pass "
                           f"--steps N with N > {checkpoint['step']} to train further")
-    return config, checkpoint
+    return config, checkpoint, {k: v for k, v in changes.items() if v != stored[k]}
+
+
+def record_resume(run_dir, step, changed):
+    """Append this resumption (step, changed settings) to the run's config.json."""
+    from utils import write_json
+
+    path = Path(run_dir) / "config.json"
+    metadata = json.loads(path.read_text()) if path.exists() else {}
+    metadata.setdefault("resumes", []).append(
+        dict(step=step, changed=changed, at=datetime.now().isoformat(timespec="seconds")))
+    write_json(path, metadata)
 
 
 def trim_metrics(run_dir, step):
@@ -255,9 +266,11 @@ def main(argv=None):
 
     try:
         if args.resume:
-            config, checkpoint = resume_state(args.resume, args, explicit_flags(parser, argv))
+            config, checkpoint, changed = resume_state(args.resume, args,
+                                                       explicit_flags(parser, argv))
             run_dir = Path(args.resume)
             trim_metrics(run_dir, checkpoint["step"])
+            record_resume(run_dir, checkpoint["step"], changed)
             log.info("Resuming %s at step %d of %d", run_dir, checkpoint["step"], config.steps)
         else:
             config, checkpoint = make_config(args), None

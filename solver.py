@@ -5,8 +5,8 @@ Objectives (``--metric``) differ only by their train step:
                  applied as a second Adam step (``two-step``, faithful) or in one loss (``joint``)
   VAE, BVAE      recon + beta * KL (beta = 1 for VAE); synergy logged, not optimised
   Factor         FactorVAE: recon + KL + gamma * TC with a density-ratio discriminator
-Every train step returns a dict of detached 0-dim tensors; they are read on the host only at
-log time, so the step itself never synchronises with the device.
+Every train step returns (values, best): a dict of detached 0-dim tensors and the bool best-set
+mask. They are read on the host only at log time, so the step never synchronises with the device.
 """
 import json
 import logging
@@ -173,7 +173,7 @@ class Solver:
         metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         try:
             with logging_redirect_tqdm(), tqdm(total=c.steps, initial=self.step, unit="step",
-                                               dynamic_ncols=True, desc=self.run_dir.name) as bar:
+                                               dynamic_ncols=True, desc="training") as bar:
                 while self.step < c.steps and self._stop_signal is None:
                     values, best = self.train_step()
                     self.step += 1
@@ -269,11 +269,14 @@ class Solver:
         batch_size = batch_size or (4096 if self.device.type == "cuda" else 96)
         was_training = self.model.training
         self.model.eval()
-        mus = [self.model.encoder(self.data.images(torch.arange(s, min(s + batch_size, len(self.data)),
-                                                                  device=self.device)))[0].cpu()
-               for s in range(0, len(self.data), batch_size)]
+        mus = []
+        for start in range(0, len(self.data), batch_size):
+            if self._stop_signal is not None:  # a Ctrl-C should not wait for the whole grid
+                break
+            index = torch.arange(start, min(start + batch_size, len(self.data)), device=self.device)
+            mus.append(self.model.encoder(self.data.images(index))[0].cpu())
         self.model.train(was_training)
-        return torch.cat(mus).numpy()
+        return torch.cat(mus).numpy() if len(mus) * batch_size >= len(self.data) else None
 
     @torch.no_grad()
     def save_traversal(self):
@@ -294,7 +297,11 @@ class Solver:
         save_image_grid(rows.cpu(), self.run_dir / f"alpha_{c.alpha}_traversal_{self.step}.png")
 
     def save_ground_truth_plot(self):
-        mu = self.encode_all().reshape(*self.data.factor_sizes, self.config.z_dim)
+        mu = self.encode_all()
+        if mu is None:
+            log.warning("ground-truth plot at step %d skipped: interrupted", self.step)
+            return
+        mu = mu.reshape(*self.data.factor_sizes, self.config.z_dim)
         axes = grid_axes(self.data.grid)
         save_ground_truth_plot(mu, self.run_dir / f"alpha_{self.config.alpha}_gt_{self.step}.png",
                                scales=np.linspace(0.5, 1.0, 6)[axes[1]],

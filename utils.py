@@ -104,9 +104,14 @@ class VisdomMonitor:
         self.vis = None
         try:
             import visdom
+        except ImportError as err:
+            warnings.warn(f"visdom is not installed ({err}); training goes on without live "
+                          f"plots, metrics.jsonl has every logged value")
+            return
+        try:
             self.vis = visdom.Visdom(server=server, port=port, env=self.env,
                                      raise_exceptions=True, use_incoming_socket=False)
-        except Exception as err:  # visdom raises ConnectionError, or ImportError when absent
+        except Exception as err:  # ConnectionError and the like: the server is not there
             warnings.warn(f"visdom is not reachable at {server}:{port} ({err}); training goes "
                           f"on without live plots, metrics.jsonl has every logged value. Start "
                           f"the server with: python -m visdom.server -port {port}")

@@ -33,7 +33,7 @@ def final_weights(run_dir):
 
 @pytest.mark.parametrize("metric", ["Test_gt", "test", "VAE", "BVAE", "Factor"])
 def test_every_experiment_writes_a_complete_run_folder(tmp_path, metric):
-    with pytest.warns(UserWarning, match="visdom") if metric == "test" else _no_warning():
+    with pytest.warns(UserWarning, match="visdom is not reachable") if metric == "test" else _no_warning():
         code, run_dir = run_cli(tmp_path, metric, "--metric", metric, "--alpha", "5.0",
                                 "--omega", "0.9", "--viz_port", "9")
     assert code == 0
@@ -122,6 +122,9 @@ def test_resume_can_extend_but_not_change_the_run(tmp_path, capsys):
     assert "cannot change --alpha" in capsys.readouterr().err
     assert main(["--resume", str(run_dir), "--steps", "8"]) == 0
     assert records(run_dir)[-1]["step"] == 8
+    metadata = json.loads((run_dir / "config.json").read_text())
+    assert metadata["config"]["steps"] == 6  # what the run was started with, kept
+    assert [(r["step"], r["changed"]) for r in metadata["resumes"]] == [(6, {"steps": 8})]
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -164,8 +164,9 @@ def test_download_verifies_md5_and_writes_atomically(tmp_path, http_file):
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
     path = download_dsprites(tmp_path, url=url, md5=hashlib.md5(payload).hexdigest())
     assert path.read_bytes() == payload and path.name == dataset.DSPRITES_FILE
-    with pytest.raises(DatasetError, match="already exists"):
-        download_dsprites(tmp_path, url=url, md5=hashlib.md5(payload).hexdigest())
+    path.write_bytes(b"kept")  # an existing file is never downloaded over
+    assert download_dsprites(tmp_path, url=url, md5=hashlib.md5(payload).hexdigest()) == path
+    assert path.read_bytes() == b"kept"
 
 
 def test_download_offline_fails_fast_with_a_clear_message(tmp_path):
