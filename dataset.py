@@ -8,8 +8,6 @@ indices and latent values are those of the official release: C-order over
 import hashlib
 import logging
 import math
-import os
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from utils import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -292,8 +293,6 @@ def load_dsprites(grid="full", data_dir=None):
                         path, md5, DSPRITES_MD5)
         source = f"official npz {path.resolve()} (md5 {md5})"
     else:
-        from tqdm import tqdm
-
         searched = " or ".join(str(d) for d in _candidate_dirs(data_dir))
         packed = np.empty((len(classes), PACKED_BYTES), dtype=np.uint8)
         step = 16384
@@ -310,8 +309,6 @@ def load_dsprites(grid="full", data_dir=None):
 def download_dsprites(dest_dir, url=DSPRITES_URL, md5=DSPRITES_MD5, timeout=10):
     """Fetch the official npz into ``dest_dir`` with a progress bar; verify MD5; write atomically.
     An existing file is kept as it is (loading validates it)."""
-    from tqdm import tqdm
-
     dest_dir = Path(dest_dir)
     dest = dest_dir / DSPRITES_FILE
     if dest.exists():
@@ -319,27 +316,22 @@ def download_dsprites(dest_dir, url=DSPRITES_URL, md5=DSPRITES_MD5, timeout=10):
         return dest
     dest_dir.mkdir(parents=True, exist_ok=True)
     log.info("Downloading %s to %s", url, dest)
-    fd, tmp = tempfile.mkstemp(dir=dest_dir, prefix=".dsprites-", suffix=".part")
     try:
-        digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with atomic_file(dest) as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            digest = hashlib.md5()
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc="dSprites") as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     digest.update(chunk)
                     bar.update(len(chunk))
-        if digest.hexdigest() != md5:
-            raise DatasetError(f"download of {url} has MD5 {digest.hexdigest()}, expected {md5}; "
-                               f"nothing was saved. Try again later.")
-        os.replace(tmp, dest)
+            if digest.hexdigest() != md5:  # raising here keeps the file from being written
+                raise DatasetError(f"download of {url} has MD5 {digest.hexdigest()}, expected "
+                                   f"{md5}; nothing was saved. Try again later.")
     except (urllib.error.URLError, OSError) as err:
         raise DatasetError(f"could not download {url} ({err}). Without internet access, copy "
                            f"{DSPRITES_FILE} into {dest_dir} by hand, or train on the procedural "
                            f"dSprites (the default when no file is found).") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 

@@ -75,6 +75,11 @@ class Solver:
     def _batch(self, sampler):
         return self.data.images(sampler.indices(self.step))
 
+    def _elbo_terms(self, x):
+        """Forward pass of a batch: (recon, kl, mu, logvar, z)."""
+        logits, mu, logvar, z = self.model(x)
+        return reconstruction_loss(logits, x), kl_loss(mu, logvar), mu, logvar, z
+
     def step_nonsyn(self):
         """Non-Syn VAE step. two-step: Adam on recon + KL, then Adam on alpha * KL(worst) with
         the synergy gradient taken at the pre-step parameters (or, with --sample sample, from a
@@ -82,10 +87,7 @@ class Solver:
         decoder, whose Adam moments still move as in PyTorch 0.4.1. joint: one Adam step on
         recon + KL + alpha * KL(worst)."""
         c = self.config
-        x = self._batch(self.sampler)
-        logits, mu, logvar, _ = self.model(x)
-        recon = reconstruction_loss(logits, x)
-        kl = kl_loss(mu, logvar)
+        recon, kl, mu, logvar, _ = self._elbo_terms(self._batch(self.sampler))
         if c.sample == "sample":
             x_syn = self._batch(self.partner)
             if c.update == "joint":
@@ -120,10 +122,7 @@ class Solver:
         """Plain VAE (beta = 1) or beta-VAE: recon + beta * KL. Synergy is only measured."""
         c = self.config
         beta = c.beta if c.metric == "BVAE" else 1.0
-        x = self._batch(self.sampler)
-        logits, mu, logvar, _ = self.model(x)
-        recon = reconstruction_loss(logits, x)
-        kl = kl_loss(mu, logvar)
+        recon, kl, mu, logvar, _ = self._elbo_terms(self._batch(self.sampler))
         loss = recon + beta * kl
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,10 +135,7 @@ class Solver:
         then one discriminator step on detached z against dimension-shuffled z' from a second
         batch. Synergy is only measured."""
         c = self.config
-        x = self._batch(self.sampler)
-        logits, mu, logvar, z = self.model(x)
-        recon = reconstruction_loss(logits, x)
-        kl = kl_loss(mu, logvar)
+        recon, kl, mu, logvar, z = self._elbo_terms(self._batch(self.sampler))
         self.D.requires_grad_(False)
         d_z = self.D(z)  # B, 2
         tc = (d_z[:, 0] - d_z[:, 1]).mean()

@@ -6,6 +6,7 @@ import platform
 import subprocess
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,34 +14,32 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` through a temporary file and a rename: never half-written."""
+@contextmanager
+def atomic_file(path):
+    """Yield a binary file that replaces ``path`` only once fully written and synced; on any
+    error the previous ``path`` stays as it was and the temporary file is removed."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_bytes(path, data):
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def atomic_torch_save(obj, path):
-    """torch.save through a temporary file: a kill mid-write leaves the previous file intact."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """torch.save through atomic_file: a kill mid-write leaves the previous file intact."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def write_json(path, obj):

@@ -34,6 +34,21 @@ def grads(loss, params, **kwargs):
     return torch.autograd.grad(loss, list(params), **kwargs)
 
 
+def replay_first_batch(solver, model, rng):
+    """recon, KL, mu, logvar of the solver's first batch through ``model``, with the noise the
+    solver drew from RNG state ``rng``."""
+    torch.set_rng_state(rng)
+    x = solver.data.images(solver.sampler.indices(0))
+    logits, mu, logvar, _ = model(x)
+    return reconstruction_loss(logits, x), kl_loss(mu, logvar), mu, logvar
+
+
+def assert_step_used(call, expected):
+    """The gradients one optimizer.step() saw equal ``expected``, parameter by parameter."""
+    for (name, (_, got)), e in zip(call.items(), expected, strict=True):
+        assert torch.allclose(got, e, rtol=1e-4, atol=1e-6), name
+
+
 def test_parameter_count_is_the_originals():
     assert sum(p.numel() for p in VAE(10).parameters()) == 498005
 
@@ -46,18 +61,12 @@ def test_two_step_second_gradient_is_the_synergy_gradient_at_the_pre_step_parame
     solver.train_step()
     assert len(calls) == 2
 
-    torch.set_rng_state(rng)  # the same reparameterisation noise
-    x = solver.data.images(solver.sampler.indices(0))
-    logits, mu, logvar, _ = before(x)
-    g_vae = grads(reconstruction_loss(logits, x) + kl_loss(mu, logvar), before.parameters(),
-                  retain_graph=True)
+    recon, kl, mu, logvar = replay_first_batch(solver, before, rng)
+    assert_step_used(calls[0], grads(recon + kl, before.parameters(), retain_graph=True))
     syn, _ = synergy_penalty(mu, logvar, 0.9, 5.0)
     assert syn > 0
     g_syn = dict(zip([n for n, _ in before.encoder.named_parameters()],
                      grads(syn, before.encoder.parameters()), strict=True))
-
-    for (name, (_, first)), expected in zip(calls[0].items(), g_vae, strict=True):
-        assert torch.allclose(first, expected, rtol=1e-4, atol=1e-6), name
     for name, (_, second) in calls[1].items():
         module, _, rest = name.partition(".")
         if module == "encoder":
@@ -107,13 +116,9 @@ def test_joint_update_is_one_step_on_the_sum(tmp_path):
     calls = spy_on_steps(solver, solver.optim)
     solver.train_step()
     assert len(calls) == 1
-    torch.set_rng_state(rng)
-    x = solver.data.images(solver.sampler.indices(0))
-    logits, mu, logvar, _ = before(x)
+    recon, kl, mu, logvar = replay_first_batch(solver, before, rng)
     syn, _ = synergy_penalty(mu, logvar, 0.9, 5.0)
-    expected = grads(reconstruction_loss(logits, x) + kl_loss(mu, logvar) + syn, before.parameters())
-    for (_, (_, got)), e in zip(calls[0].items(), expected, strict=True):
-        assert torch.allclose(got, e, rtol=1e-4, atol=1e-6)
+    assert_step_used(calls[0], grads(recon + kl + syn, before.parameters()))
 
 
 @pytest.mark.parametrize("metric", ["VAE", "BVAE"])
@@ -124,13 +129,9 @@ def test_baselines_do_not_optimise_synergy(tmp_path, metric):
     calls = spy_on_steps(solver, solver.optim)
     values, best = solver.train_step()
     assert len(calls) == 1 and values["syn"] > 0 and not values["syn"].requires_grad
-    torch.set_rng_state(rng)
-    x = solver.data.images(solver.sampler.indices(0))
-    logits, mu, logvar, _ = before(x)
+    recon, kl, _, _ = replay_first_batch(solver, before, rng)
     beta = 4.0 if metric == "BVAE" else 1.0
-    expected = grads(reconstruction_loss(logits, x) + beta * kl_loss(mu, logvar), before.parameters())
-    for (_, (_, got)), e in zip(calls[0].items(), expected, strict=True):
-        assert torch.allclose(got, e, rtol=1e-4, atol=1e-6)
+    assert_step_used(calls[0], grads(recon + beta * kl, before.parameters()))
 
 
 def test_factor_discriminator_step_leaves_the_vae_gradients_alone(tmp_path):
