@@ -1,9 +1,12 @@
 """Step-time benchmark: plain VAE vs Non-Syn VAE (two-step, joint) vs the greedy selection alone.
 
     python benchmark.py [--batch_size 64] [--steps 30] [--rounds 5] [--threads N] [--cuda]
+                        [--visdom-port PORT]
 
 All variants run in one process on the same batch size, interleaved round by round so that
-machine noise hits them alike; each line is the median over rounds of the mean step time.
+machine noise hits them alike; each line is the median over rounds of the mean step time of
+the training loop's step (Solver.advance). With --visdom-port (a running visdom server) a
+variant with live plotting at the default gather/push intervals is added.
 """
 import argparse
 import statistics
@@ -29,6 +32,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--cuda", action="store_true", help="benchmark on the GPU")
+    p.add_argument("--visdom-port", type=int, help="add a two-step variant streaming to visdom")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -36,6 +40,9 @@ def main(argv=None):
     variants = {"VAE step": dict(metric="VAE"),
                 "Non-Syn two-step": dict(metric="Test_gt", update="two-step"),
                 "Non-Syn joint": dict(metric="Test_gt", update="joint")}
+    if args.visdom_port:
+        variants["two-step + visdom"] = dict(metric="Test_gt", viz_on=True,
+                                             viz_port=args.visdom_port)
     with tempfile.TemporaryDirectory() as tmp:
         solvers = {name: Solver(Config(grid="reduced", batch_size=args.batch_size, cuda=args.cuda,
                                        **kw), tmp) for name, kw in variants.items()}
@@ -44,15 +51,13 @@ def main(argv=None):
         timings = {name: [] for name in list(variants) + ["greedy selection"]}
         for solver in solvers.values():  # warm-up
             for _ in range(5):
-                solver.train_step()
-                solver.step += 1
+                solver.advance()
         for _ in range(args.rounds):
             for name, solver in solvers.items():
                 _sync(device)
                 start = time.perf_counter()
                 for _ in range(args.steps):
-                    solver.train_step()
-                    solver.step += 1
+                    solver.advance()
                 _sync(device)
                 timings[name].append((time.perf_counter() - start) / args.steps)
             _sync(device)
@@ -68,7 +73,10 @@ def main(argv=None):
           f"torch {torch.__version__}; median of {args.rounds} rounds x {args.steps} steps")
     for name, t in median.items():
         print(f"  {name:18s} {t * 1e3:8.3f} ms   {t / base:5.3f} x VAE step")
-    print(f"  selection share of the two-step step: {median['greedy selection'] / median['Non-Syn two-step']:.2%}")
+    two_step = median["Non-Syn two-step"]
+    print(f"  selection share of the two-step step: {median['greedy selection'] / two_step:.2%}")
+    if args.visdom_port:
+        print(f"  visdom overhead on the two-step step: {median['two-step + visdom'] / two_step - 1:+.2%}")
     return median
 
 

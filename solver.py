@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -171,12 +172,8 @@ class Solver:
             with logging_redirect_tqdm(), tqdm(total=c.steps, initial=self.step, unit="step",
                                                dynamic_ncols=True, desc="training") as bar:
                 while self.step < c.steps and self._stop_signal is None:
-                    values, best = self.train_step()
-                    self.step += 1
-                    self.best_counts += best
+                    values, best = self.advance()
                     bar.update(1)
-                    if self.viz is not None:
-                        self.viz.gather(self.step, values, self.best_counts / self.step)
                     self.elapsed = time.perf_counter() - started
                     if self.step % c.log_interval == 0 or self.step == c.steps:
                         self._log(metrics_file, values, best)
@@ -199,6 +196,16 @@ class Solver:
         log.info("Finished %d steps in %.1f s (%d this session); outputs in %s", self.step,
                  self.elapsed, self.step - start_step, self.run_dir)
         return True
+
+    def advance(self):
+        """One step of the loop: the objective's update, then the step count, best-set counts
+        and visdom gathering (device-side only). Returns the step's (values, best)."""
+        values, best = self.train_step()
+        self.step += 1
+        self.best_counts += best
+        if self.viz is not None:
+            self.viz.gather(self.step, values, self.best_counts / self.step)
+        return values, best
 
     def _log(self, metrics_file, values, best):
         row = {name: float(v) for name, v in values.items()}
@@ -290,7 +297,10 @@ class Solver:
         traversal = torch.sigmoid(self.model.decoder(z.view(-1, c.z_dim)))
         self.model.train(was_training)
         rows = torch.cat([x, recon, traversal]).view(c.z_dim + 2, c.nb_test, *x.shape[1:])
-        save_image_grid(rows.cpu(), self.run_dir / f"alpha_{c.alpha}_traversal_{self.step}.png")
+        pixels = image_grid(rows.cpu())
+        Image.fromarray(pixels).save(self.run_dir / f"alpha_{c.alpha}_traversal_{self.step}.png")
+        if self.viz is not None:
+            self.viz.image(pixels, self.step)
 
     def save_ground_truth_plot(self):
         mu = self.encode_all()
@@ -313,10 +323,8 @@ def run_metadata(config, data_source):
 
 # --- plotting ---------------------------------------------------------------------------------
 
-def save_image_grid(rows, path, padding=2):
-    """Save images (R, C, ch, H, W) in [0, 1] as one PNG grid with black padding."""
-    from PIL import Image
-
+def image_grid(rows, padding=2):
+    """Images (R, C, ch, H, W) in [0, 1] -> one uint8 grid (H', W') or (H', W', 3), black padding."""
     n_rows, n_cols, ch, h, w = rows.shape
     canvas = torch.zeros(ch, n_rows * (h + padding) + padding, n_cols * (w + padding) + padding)
     for r in range(n_rows):
@@ -324,7 +332,7 @@ def save_image_grid(rows, path, padding=2):
             top, left = padding + r * (h + padding), padding + col * (w + padding)
             canvas[:, top:top + h, left:left + w] = rows[r, col]
     pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(pixels[:, :, 0] if ch == 1 else pixels).save(path)
+    return pixels[:, :, 0] if ch == 1 else pixels
 
 
 ACTIVE_VARIANCE = 1e-2  # a latent whose mean varies less than this over the data is inactive
