@@ -1,13 +1,16 @@
-"""dSprites: the official npz when present, otherwise an exact-geometry procedural renderer.
+"""Datasets. dSprites: the official npz when present, otherwise an exact-geometry procedural
+renderer. CelebA: the aligned photos, preprocessed once into a cached uint8 array.
 
-Images are kept as packed bits (512 bytes per 64x64 image: 377 MB for the full grid) on the
-training device and unpacked to float only for the batch being used. Factor order, class
+dSprites images are kept as packed bits (512 bytes per 64x64 image: 377 MB for the full grid)
+on the training device and unpacked to float only for the batch being used. Factor order, class
 indices and latent values are those of the official release: C-order over
 (color 1, shape 3, scale 6, orientation 40, posX 32, posY 32), posY fastest.
 """
 import hashlib
+import io
 import logging
 import math
+import os
 import time
 import urllib.error
 import urllib.request
@@ -183,6 +186,7 @@ class DSprites:
     factor_sizes: tuple
     grid: str
     source: str
+    has_factors = True
 
     def __len__(self):
         return self.packed.shape[0]
@@ -360,3 +364,193 @@ class EpochSampler:
         if epoch != self._epoch:
             self._epoch, self._perm = epoch, self.permutation(epoch).to(self.device)
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+
+# --- CelebA -------------------------------------------------------------------------------------
+
+CELEBA_ZIP = "img_align_celeba.zip"
+CELEBA_FOLDER = "img_align_celeba"
+CELEBA_MD5 = "00d2c5bc6d35e252742224ab0c1e8fcb"
+CELEBA_SOURCE = ("https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (\"Align&Cropped Images\": "
+                 "img_align_celeba.zip, 1,443,490,838 bytes, 202,599 JPEGs of 178x218, "
+                 f"MD5 {CELEBA_MD5})")
+# How a 178x218 photo becomes 64x64: PIL box to crop first (None: whole image), size to resize
+# to with LANCZOS, then the box to crop from the resized image (None: keep all).
+CELEBA_CROPS = {
+    "original": (None, (64, 78), (0, 7, 64, 71)),  # the thesis: resize to 64x78, rows 7..71
+    "resize": (None, (64, 64), None),  # plain resize (1Konny, YannDubs)
+    "center140": ((19, 39, 159, 179), (64, 64), None),  # centre 140x140, then resize
+    "center148": ((15, 35, 163, 183), (64, 64), None),  # centre 148x148, then resize
+}
+CACHE_VERSION = 1
+
+
+def celeba_image(image, crop):
+    """One PIL image -> uint8 (64, 64, 3) following CELEBA_CROPS[crop]."""
+    from PIL import Image
+
+    before, size, after = CELEBA_CROPS[crop]
+    image = image.convert("RGB")
+    if before is not None:
+        image = image.crop(before)
+    image = image.resize(size, Image.LANCZOS)
+    if after is not None:
+        image = image.crop(after)
+    return np.asarray(image, dtype=np.uint8)
+
+
+class ImageArray:
+    """A dataset of colour images without ground-truth factors, held as uint8 (N, 64, 64, 3):
+    memory-mapped from the cache on the CPU, copied whole to a GPU."""
+
+    has_factors = False
+
+    def __init__(self, array, source):
+        self.array = torch.from_numpy(array)  # N, 64, 64, 3 uint8
+        self.source = source
+
+    def __len__(self):
+        return self.array.shape[0]
+
+    def to(self, device):
+        if torch.device(device).type != "cpu":
+            self.array = self.array.to(device)
+        return self
+
+    def images(self, index):
+        """Float images (B, 3, 64, 64) in [0, 1] for an index tensor on the data's device."""
+        batch = self.array[index.to(self.array.device)].to(index.device)
+        return batch.permute(0, 3, 1, 2).float() / 255
+
+
+def _celeba_members(path):
+    """Sorted JPEG names in the zip (or folder) ``path``; raises DatasetError when unusable."""
+    if path.is_dir():
+        names = sorted(p.name for p in path.glob("*.jpg"))
+        if not names:
+            raise DatasetError(f"{path} holds no .jpg files")
+        return names
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        raise DatasetError(f"{path} is an HTML page, not a zip (a failed Google Drive download "
+                           f"saves the quota page under that name). Delete it and fetch "
+                           f"{CELEBA_ZIP} again from {CELEBA_SOURCE}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(n for n in archive.namelist() if n.lower().endswith(".jpg"))
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DatasetError(f"{path} is not a readable zip ({err}); it may be truncated. Delete "
+                           f"it and fetch it again from {CELEBA_SOURCE}") from err
+    if not names:
+        raise DatasetError(f"{path} holds no .jpg files")
+    return names
+
+
+def _read_celeba_chunk(path, names, crop):
+    """Decode and crop a list of JPEGs from a zip or folder -> uint8 (n, 64, 64, 3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = np.empty((len(names), 64, 64, 3), dtype=np.uint8)
+    archive = None if path.is_dir() else zipfile.ZipFile(path)
+    try:
+        for i, name in enumerate(names):
+            try:
+                if archive is None:
+                    image = Image.open(path / name)
+                else:
+                    image = Image.open(io.BytesIO(archive.read(name)))
+                image.load()
+            except (UnidentifiedImageError, OSError, zipfile.BadZipFile, zlib.error) as err:
+                raise DatasetError(f"{path}: {name} is not a readable JPEG ({err}); the file may "
+                                   f"be truncated. Fetch it again from {CELEBA_SOURCE}") from err
+            out[i] = celeba_image(image, crop)
+    finally:
+        if archive is not None:
+            archive.close()
+    return out
+
+
+def find_celeba(data_dir=None):
+    """The CelebA zip or extracted folder in ``data_dir`` (or ./ and ./datasets), or None."""
+    for folder in _candidate_dirs(data_dir):
+        for candidate in (folder / CELEBA_ZIP, folder / CELEBA_FOLDER):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def celeba_cache_path(source, crop):
+    """Cache file beside the data, keyed by the crop and the source's identity."""
+    stat = source.stat()
+    key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{crop}|"
+                       f"{CACHE_VERSION}".encode()).hexdigest()[:10]
+    return source.parent / f"celeba64_{crop}_{key}.npy"
+
+
+def preprocess_celeba(source, cache, crop, workers=None, chunk=512):
+    """Decode every JPEG once into a uint8 (N, 64, 64, 3) .npy at ``cache``, written atomically."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    names = _celeba_members(source)
+    log.info("Preprocessing %d CelebA images from %s (crop %s) into %s", len(names), source, crop,
+             cache)
+    chunks = [names[i:i + chunk] for i in range(0, len(names), chunk)]
+    if workers is None:  # processes only pay off beyond one chunk
+        workers = (os.cpu_count() or 1) if len(chunks) > 1 else 0
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                        shape=(len(names), 64, 64, 3))
+        with tqdm(total=len(names), unit="img", desc="CelebA preprocessing") as bar:
+            if workers:
+                with ProcessPoolExecutor(workers) as pool:
+                    results = pool.map(_read_celeba_chunk, [source] * len(chunks), chunks,
+                                       [crop] * len(chunks))
+                    for i, block in enumerate(results):
+                        out[i * chunk:i * chunk + len(block)] = block
+                        bar.update(len(block))
+            else:
+                for i, names_i in enumerate(chunks):
+                    out[i * chunk:i * chunk + len(names_i)] = _read_celeba_chunk(source, names_i, crop)
+                    bar.update(len(names_i))
+        out.flush()
+        del out
+        os.replace(tmp, cache)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_celeba(data_dir=None, crop="original"):
+    """CelebA as an ImageArray, preprocessing into the cache on first use."""
+    if crop not in CELEBA_CROPS:
+        raise ValueError(f"unknown CelebA crop {crop!r}; choose from {tuple(CELEBA_CROPS)}")
+    source = find_celeba(data_dir)
+    if source is None:
+        searched = " or ".join(str(d) for d in _candidate_dirs(data_dir))
+        raise DatasetError(f"no CelebA in {searched}: expected {CELEBA_ZIP} or an extracted "
+                           f"{CELEBA_FOLDER}/ folder (use --data-dir). Get it from {CELEBA_SOURCE}")
+    started = time.perf_counter()
+    cache = celeba_cache_path(source, crop)
+    if not cache.exists():
+        preprocess_celeba(source, cache, crop)
+    try:
+        array = np.load(cache, mmap_mode="c")  # copy-on-write: writable view, nothing written
+    except (ValueError, OSError) as err:
+        raise DatasetError(f"cache {cache} is unreadable ({err}); delete it to rebuild it") from err
+    if array.ndim != 4 or array.shape[1:] != (64, 64, 3) or array.dtype != np.uint8:
+        raise DatasetError(f"cache {cache} holds {array.dtype} {array.shape}, not uint8 "
+                           f"(N, 64, 64, 3); delete it to rebuild it")
+    source_text = f"CelebA {source.resolve()} ({len(array)} images, crop {crop}, cache {cache.name})"
+    log.info("CelebA source: %s; ready in %.1f s", source_text, time.perf_counter() - started)
+    return ImageArray(array, source_text)
+
+
+def load_dataset(name, data_dir=None, grid="full", celeba_crop="original"):
+    """The training data of ``--dataset``: DSprites or an ImageArray (CelebA)."""
+    if name == "dsprites":
+        return load_dsprites(grid, data_dir)
+    if name == "celeba":
+        return load_celeba(data_dir, celeba_crop)
+    raise ValueError(f"unknown dataset {name!r}")

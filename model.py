@@ -1,9 +1,12 @@
-"""Networks of the original thesis code: the conv VAE (dSprites) and FactorVAE's discriminator.
+"""Networks of the original thesis code: the conv VAE (dSprites and CelebA variants) and
+FactorVAE's discriminator.
 
-Layer sizes follow the original exactly (498,005 parameters for z_dim=10); the losses keep its
-scaling (summed over pixels and latents, averaged over the batch) so that published alpha, omega
-and gamma values transfer.
+Layer sizes follow the original exactly (498,005 parameters for dSprites with z_dim=10); the
+losses keep its scaling (summed over pixels and latents, averaged over the batch) so that
+published alpha, omega and gamma values transfer.
 """
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -14,7 +17,7 @@ from synergy import kl_per_latent
 class Encoder(nn.Module):
     """64x64 image -> (mu, logvar), each (B, z_dim)."""
 
-    def __init__(self, z_dim=10, nc=1):
+    def __init__(self, z_dim=10, nc=1, hidden=128, hidden_relu=False):
         super().__init__()
         self.z_dim = z_dim
         self.net = nn.Sequential(
@@ -23,8 +26,9 @@ class Encoder(nn.Module):
             nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(True),  # B, 64, 8, 8
             nn.Conv2d(64, 64, 4, 2, 1), nn.ReLU(True),  # B, 64, 4, 4
             nn.Flatten(),  # B, 1024
-            nn.Linear(1024, 128),  # B, 128 (no activation, as in the original)
-            nn.Linear(128, 2 * z_dim),  # B, 2z
+            nn.Linear(1024, hidden),  # B, hidden (dSprites: no activation, as in the original)
+            *([nn.ReLU(True)] if hidden_relu else []),
+            nn.Linear(hidden, 2 * z_dim),  # B, 2z
         )
 
     def forward(self, x):
@@ -35,11 +39,11 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """(B, z_dim) latent -> (B, nc, 64, 64) logits."""
 
-    def __init__(self, z_dim=10, nc=1):
+    def __init__(self, z_dim=10, nc=1, hidden=128):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(z_dim, 128), nn.ReLU(True),  # B, 128
-            nn.Linear(128, 1024), nn.ReLU(True),  # B, 1024
+            nn.Linear(z_dim, hidden), nn.ReLU(True),  # B, hidden
+            nn.Linear(hidden, 1024), nn.ReLU(True),  # B, 1024
             nn.Unflatten(1, (64, 4, 4)),  # B, 64, 4, 4
             nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(True),  # B, 64, 8, 8
             nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(True),  # B, 32, 16, 16
@@ -54,11 +58,11 @@ class Decoder(nn.Module):
 class VAE(nn.Module):
     """Encoder + reparameterisation + decoder. ``forward`` returns (logits, mu, logvar, z)."""
 
-    def __init__(self, z_dim=10, nc=1):
+    def __init__(self, z_dim=10, nc=1, hidden=128, hidden_relu=False):
         super().__init__()
         self.z_dim = z_dim
-        self.encoder = Encoder(z_dim, nc)
-        self.decoder = Decoder(z_dim, nc)
+        self.encoder = Encoder(z_dim, nc, hidden, hidden_relu)
+        self.decoder = Decoder(z_dim, nc, hidden)
 
     def forward(self, x):
         mu, logvar = self.encoder(x)
@@ -83,9 +87,32 @@ class Discriminator(nn.Module):
         return self.net(z)
 
 
-def reconstruction_loss(logits, x):
-    """Bernoulli log-likelihood loss: BCE with logits summed over pixels, mean over the batch."""
+def bernoulli_loss(logits, x):
+    """dSprites: BCE with logits summed over pixels, mean over the batch."""
     return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+
+
+def gaussian_loss(logits, x):
+    """CelebA: squared error of sigmoid(logits) summed over pixels, mean over the batch."""
+    return F.mse_loss(torch.sigmoid(logits), x, reduction="sum") / x.shape[0]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What differs between datasets: image channels, hidden width, and the likelihood."""
+    nc: int
+    hidden: int
+    hidden_relu: bool
+    reconstruction_loss: object
+
+    def build(self, z_dim):
+        return VAE(z_dim, self.nc, self.hidden, self.hidden_relu)
+
+
+MODEL_SPECS = {
+    "dsprites": ModelSpec(nc=1, hidden=128, hidden_relu=False, reconstruction_loss=bernoulli_loss),
+    "celeba": ModelSpec(nc=3, hidden=256, hidden_relu=True, reconstruction_loss=gaussian_loss),
+}
 
 
 def kl_loss(mu, logvar):

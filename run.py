@@ -11,13 +11,14 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from dataset import CELEBA_CROPS, GRIDS
+
 log = logging.getLogger("run")
 
 METRICS = ("Test_gt", "test", "VAE", "BVAE", "Factor")
 UPDATES = ("two-step", "joint")
 SAMPLES = ("no_sample", "sample")
-DATASETS = ("dsprites",)
-GRIDS = ("full", "reduced")
+DATASETS = ("dsprites", "celeba")
 # Settings that may change when a run is resumed; everything else is fixed by the checkpoint.
 RESUMABLE = ("steps", "log_interval", "save_interval", "gt_interval", "viz_on", "viz_port",
              "viz_il_iter", "viz_la_iter", "cuda", "data_dir")
@@ -47,6 +48,7 @@ class Config:
     steps: int = 300000  # optimisation steps, exactly
     dataset: str = "dsprites"
     grid: str = "full"  # dSprites factor grid: full (737,280 images) or reduced (11,520)
+    celeba_crop: str = "original"  # how CelebA photos become 64x64
     data_dir: str | None = None  # where the official npz is looked for (default ./, ./datasets)
     output_dir: str = "outputs"
     run_name: str | None = None
@@ -126,11 +128,16 @@ def build_parser():
     add("--grid", choices=GRIDS, default=d.grid,
         help="dSprites grid: full (737,280 images) or reduced (11,520: every 4th orientation, "
              "8 positions per axis) for quick runs")
+    add("--celeba-crop", dest="celeba_crop", choices=tuple(CELEBA_CROPS), default=d.celeba_crop,
+        help="CelebA: original = resize to 64x78 and keep rows 7..71 (the thesis); resize = "
+             "plain 64x64 resize; center140 / center148 = centre crop, then resize")
     add("--data-dir", dest="data_dir", default=d.data_dir,
-        help="folder holding the official dSprites npz (default: ./ then ./datasets); without "
-             "it the procedural dSprites is used")
+        help="folder holding the official dSprites npz, or CelebA's img_align_celeba.zip or "
+             "img_align_celeba/ (default: ./ then ./datasets); without the npz the procedural "
+             "dSprites is used")
     add("--download", action="store_true",
-        help="download the official dSprites npz into --data-dir (or ./datasets) first")
+        help="download the official dSprites npz (MD5-checked) into --data-dir (or ./datasets) "
+             "first; not offered for CelebA")
     add("--output_dir", default=d.output_dir, help="parent folder of run folders")
     add("--run-name", dest="run_name", default=d.run_name,
         help="run folder name (default: metric, alpha, omega, seed and a timestamp)")
@@ -260,7 +267,7 @@ def main(argv=None):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from dataset import DatasetError, download_dsprites
+    from dataset import CELEBA_SOURCE, CELEBA_ZIP, DatasetError, download_dsprites
     from solver import Solver, run_metadata
     from utils import write_json
 
@@ -274,13 +281,17 @@ def main(argv=None):
             log.info("Resuming %s at step %d of %d", run_dir, checkpoint["step"], config.steps)
         else:
             config, checkpoint = make_config(args), None
+            if args.download and config.dataset != "dsprites":
+                raise ConfigError("--download is only offered for dSprites. CelebA's Google Drive "
+                                  f"downloads fail too often: get {CELEBA_ZIP} from {CELEBA_SOURCE} "
+                                  "and put it in --data-dir")
             if args.download:
                 download_dsprites(config.data_dir or "datasets")
             run_dir = new_run_dir(config)
             log.info("Run folder: %s", run_dir)
         solver = Solver(config, run_dir, checkpoint)
         if checkpoint is None:
-            write_json(run_dir / "config.json", run_metadata(config, solver.data.source))
+            write_json(run_dir / "config.json", run_metadata(config, solver.data))
         finished = solver.train()
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)

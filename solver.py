@@ -1,6 +1,7 @@
 """The Solver: owns one run (model, optimisers, data, objective, outputs) and its training loop.
 
-Objectives (``--metric``) differ only by their train step:
+Datasets differ by a ModelSpec (channels, hidden width, likelihood); objectives (``--metric``)
+differ only by their train step:
   Test_gt, test  Non-Syn VAE: recon + KL, plus the synergy penalty alpha * KL(worst set)
                  applied as a second Adam step (``two-step``, faithful) or in one loss (``joint``)
   VAE, BVAE      recon + beta * KL (beta = 1 for VAE); synergy logged, not optimised
@@ -22,8 +23,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dataset import EpochSampler, FACTOR_NAMES, grid_axes, load_dsprites
-from model import VAE, Discriminator, kl_loss, permute_dims, reconstruction_loss
+from dataset import EpochSampler, FACTOR_NAMES, grid_axes, load_dataset
+from model import MODEL_SPECS, Discriminator, kl_loss, permute_dims
 from synergy import synergy_penalty
 from utils import (VisdomMonitor, atomic_torch_save, git_commit, package_versions, rng_state,
                    set_rng_state)
@@ -41,8 +42,12 @@ class Solver:
         self.device = torch.device("cuda" if c.cuda and torch.cuda.is_available() else "cpu")
         torch.manual_seed(c.seed)
 
-        self.data = load_dsprites(c.grid, c.data_dir).to(self.device)
-        self.model = VAE(c.z_dim).to(self.device)
+        self.data = load_dataset(c.dataset, c.data_dir, c.grid, c.celeba_crop).to(self.device)
+        if not self.data.has_factors:
+            log.info("%s has no ground-truth factors: ground-truth plots are skipped", c.dataset)
+        spec = MODEL_SPECS[c.dataset]
+        self.model = spec.build(c.z_dim).to(self.device)
+        self.reconstruction_loss = spec.reconstruction_loss
         self.optim = torch.optim.Adam(self.model.parameters(), lr=c.lr_VAE,
                                       betas=(c.beta1_VAE, c.beta2_VAE))
         self.D = self.optim_D = None
@@ -79,7 +84,7 @@ class Solver:
     def _elbo_terms(self, x):
         """Forward pass of a batch: (recon, kl, mu, logvar, z)."""
         logits, mu, logvar, z = self.model(x)
-        return reconstruction_loss(logits, x), kl_loss(mu, logvar), mu, logvar, z
+        return self.reconstruction_loss(logits, x), kl_loss(mu, logvar), mu, logvar, z
 
     def step_nonsyn(self):
         """Non-Syn VAE step. two-step: Adam on recon + KL, then Adam on alpha * KL(worst) with
@@ -180,7 +185,8 @@ class Solver:
                     if self.step % c.save_interval == 0 or self.step == c.steps:
                         self.save_traversal()
                         self.save_checkpoint()
-                    if self.step % c.gt_interval == 0 or self.step == c.steps:
+                    if self.data.has_factors and (self.step % c.gt_interval == 0
+                                                  or self.step == c.steps):
                         self.save_ground_truth_plot()
         finally:
             metrics_file.close()
@@ -315,10 +321,11 @@ class Solver:
                                title=f"{self.config.metric}, step {self.step}")
 
 
-def run_metadata(config, data_source):
-    """What config.json records besides the settings: data source, versions, code commit."""
-    return dict(config=config.to_dict(), data_source=data_source, versions=package_versions(),
-                git_commit=git_commit(), factors=list(FACTOR_NAMES))
+def run_metadata(config, data):
+    """What config.json records besides the settings: data source and size, versions, commit."""
+    return dict(config=config.to_dict(), data_source=data.source, n_images=len(data),
+                versions=package_versions(), git_commit=git_commit(),
+                factors=list(FACTOR_NAMES) if data.has_factors else None)
 
 
 # --- plotting ---------------------------------------------------------------------------------

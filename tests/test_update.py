@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from model import VAE, kl_loss, reconstruction_loss
+from model import VAE, bernoulli_loss, kl_loss
 from run import Config
 from solver import Solver
 from synergy import synergy_penalty
@@ -40,7 +40,7 @@ def replay_first_batch(solver, model, rng):
     torch.set_rng_state(rng)
     x = solver.data.images(solver.sampler.indices(0))
     logits, mu, logvar, _ = model(x)
-    return reconstruction_loss(logits, x), kl_loss(mu, logvar), mu, logvar
+    return bernoulli_loss(logits, x), kl_loss(mu, logvar), mu, logvar
 
 
 def assert_step_used(call, expected):
