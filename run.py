@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from dataset import CELEBA_CROPS, GRIDS
+from metrics import DEFAULT_METRICS, METRIC_NAMES
 
 log = logging.getLogger("run")
 
@@ -21,7 +22,7 @@ SAMPLES = ("no_sample", "sample")
 DATASETS = ("dsprites", "celeba")
 # Settings that may change when a run is resumed; everything else is fixed by the checkpoint.
 RESUMABLE = ("steps", "log_interval", "save_interval", "gt_interval", "viz_on", "viz_port",
-             "viz_il_iter", "viz_la_iter", "cuda", "data_dir")
+             "viz_il_iter", "viz_la_iter", "cuda", "data_dir", "eval_metrics")
 
 
 class ConfigError(ValueError):
@@ -62,9 +63,14 @@ class Config:
     viz_port: int = 8097
     viz_il_iter: int = 20  # gather visdom values every N steps
     viz_la_iter: int = 100  # push them every N steps
+    eval_metrics: str = ",".join(DEFAULT_METRICS)  # disentanglement metrics at every gt-interval
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    @property
+    def metric_names(self):
+        return tuple(n for n in self.eval_metrics.split(",") if n)
 
 
 def _number(kind, low=None, high=None, low_open=False):
@@ -92,6 +98,20 @@ def _bool(text):
     if text.lower() in ("false", "0", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def metric_list(text):
+    """argparse type: comma-separated metric names, 'all' or 'none' -> normalised string."""
+    if text == "all":
+        return ",".join(METRIC_NAMES)
+    if text == "none":
+        return ""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METRIC_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {', '.join(unknown)}; choose from "
+                                         f"{', '.join(METRIC_NAMES)}, all or none")
+    return ",".join(n for n in METRIC_NAMES if n in names)
 
 
 def build_parser():
@@ -152,6 +172,9 @@ def build_parser():
         help="steps between traversal images and checkpoints")
     add("--gt-interval", dest="gt_interval", type=_number(int, 1), default=d.gt_interval,
         help="steps between ground-truth mean-activation plots")
+    add("--eval-metrics", dest="eval_metrics", type=metric_list, default=d.eval_metrics,
+        help="disentanglement metrics computed at every --gt-interval and at the end "
+             f"(comma-separated from {', '.join(METRIC_NAMES)}; or all, none)")
     add("--viz_on", type=_bool, default=d.viz_on, help="stream losses to visdom (True/False)")
     add("--viz_port", type=_number(int, 1, 65535), default=d.viz_port, help="visdom port")
     add("--viz_il_iter", type=_number(int, 1), default=d.viz_il_iter,
@@ -209,16 +232,21 @@ def new_run_dir(config):
     return run_dir
 
 
-def resume_state(run_dir, args, given):
-    """Config and checkpoint of the run in ``run_dir``; flags given now may change RESUMABLE
-    settings only."""
+def load_checkpoint(run_dir):
+    """The checkpoint of the run in ``run_dir`` (tensors and plain values only)."""
     import torch
     from solver import CHECKPOINT
 
     path = Path(run_dir) / CHECKPOINT
     if not path.is_file():
-        raise ConfigError(f"--resume {run_dir}: no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        raise ConfigError(f"{run_dir}: no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def resume_state(run_dir, args, given):
+    """Config and checkpoint of the run in ``run_dir``; flags given now may change RESUMABLE
+    settings only."""
+    checkpoint = load_checkpoint(run_dir)
     stored = checkpoint["config"]
     changes = {k: getattr(args, k) for k in given if k in stored}
     fixed = {k: v for k, v in changes.items() if k not in RESUMABLE and v != stored[k]}

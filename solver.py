@@ -14,6 +14,7 @@ import logging
 import signal
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,11 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dataset import EpochSampler, FACTOR_NAMES, grid_axes, load_dataset
+from metrics import EVAL_SEED, evaluate, library_versions, lookup
 from model import MODEL_SPECS, Discriminator, kl_loss, permute_dims
 from synergy import synergy_penalty
 from utils import (VisdomMonitor, atomic_torch_save, git_commit, package_versions, rng_state,
-                   set_rng_state)
+                   set_rng_state, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ class Solver:
 
         self.data = load_dataset(c.dataset, c.data_dir, c.grid, c.celeba_crop).to(self.device)
         if not self.data.has_factors:
-            log.info("%s has no ground-truth factors: ground-truth plots are skipped", c.dataset)
+            log.info("%s has no ground-truth factors: ground-truth plots and disentanglement "
+                     "metrics are skipped", c.dataset)
         spec = MODEL_SPECS[c.dataset]
         self.model = spec.build(c.z_dim).to(self.device)
         self.reconstruction_loss = spec.reconstruction_loss
@@ -187,7 +190,7 @@ class Solver:
                         self.save_checkpoint()
                     if self.data.has_factors and (self.step % c.gt_interval == 0
                                                   or self.step == c.steps):
-                        self.save_ground_truth_plot()
+                        self._evaluate(metrics_file)
         finally:
             metrics_file.close()
             self._restore_signal_handlers(handlers)
@@ -225,6 +228,18 @@ class Solver:
         terms = " | ".join(f"{k} {v:.4g}" for k, v in row.items())
         log.info("step %d/%d | %s | best %s | %.1f s", self.step, self.config.steps, terms,
                  record["best"], self.elapsed)
+
+    def _evaluate(self, metrics_file):
+        started = time.perf_counter()
+        results = self.evaluate_representation(self.config.metric_names)
+        if not results:
+            return
+        record = dict(step=self.step, scores={n: r["score"] for n, r in results.items()},
+                      eval_seconds=round(time.perf_counter() - started, 3))
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if self.step == self.config.steps:
+            self.record_evaluation(results, source="end of training")
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -308,17 +323,40 @@ class Solver:
         if self.viz is not None:
             self.viz.image(pixels, self.step)
 
-    def save_ground_truth_plot(self):
-        mu = self.encode_all()
-        if mu is None:
-            log.warning("ground-truth plot at step %d skipped: interrupted", self.step)
-            return
-        mu = mu.reshape(*self.data.factor_sizes, self.config.z_dim)
-        axes = grid_axes(self.data.grid)
-        save_ground_truth_plot(mu, self.run_dir / f"alpha_{self.config.alpha}_gt_{self.step}.png",
-                               scales=np.linspace(0.5, 1.0, 6)[axes[1]],
-                               orientations=np.linspace(0.0, 2 * np.pi, 40)[axes[2]],
-                               title=f"{self.config.metric}, step {self.step}")
+    def evaluate_representation(self, metric_names, plot=True):
+        """Encode the whole grid once; from those means draw the ground-truth plot and compute
+        the disentanglement metrics. Returns {metric: result}, or None when interrupted."""
+        started = time.perf_counter()
+        codes = self.encode_all()
+        if codes is None:
+            log.warning("evaluation at step %d skipped: interrupted", self.step)
+            return None
+        sizes = self.data.factor_sizes
+        plot_path = self.run_dir / f"alpha_{self.config.alpha}_gt_{self.step}.png"
+        if plot and not plot_path.exists():
+            axes = grid_axes(self.data.grid)
+            save_ground_truth_plot(codes.reshape(*sizes, self.config.z_dim), plot_path,
+                                   scales=np.linspace(0.5, 1.0, 6)[axes[1]],
+                                   orientations=np.linspace(0.0, 2 * np.pi, 40)[axes[2]],
+                                   title=f"{self.config.metric}, step {self.step}")
+        encoded = time.perf_counter()
+        results = evaluate(lookup(codes, sizes), sizes, metric_names) if metric_names else {}
+        if results:
+            log.info("step %d | %s | encoding %.1f s, metrics %.1f s", self.step,
+                     " | ".join(f"{name} {r['score']:.3f}" for name, r in results.items()),
+                     encoded - started, time.perf_counter() - encoded)
+        return results
+
+    def record_evaluation(self, results, source):
+        """Append one evaluation, with its protocols and library versions, to metrics.json."""
+        path = self.run_dir / "metrics.json"
+        report = json.loads(path.read_text()) if path.exists() else {"evaluations": []}
+        report["evaluations"].append(dict(
+            step=self.step, source=source, scores=results, eval_seed=EVAL_SEED,
+            data=dict(source=self.data.source, grid=self.data.grid, factors=list(FACTOR_NAMES),
+                      factor_sizes=list(self.data.factor_sizes), representation="posterior mean"),
+            versions=library_versions(), at=datetime.now().isoformat(timespec="seconds")))
+        write_json(path, report)
 
 
 def run_metadata(config, data):

@@ -13,7 +13,8 @@ import solver as solver_module
 from run import main
 
 QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "6", "--log-interval", "2",
-         "--save-interval", "3", "--gt-interval", "6", "--no-cuda", "--nb-test", "4"]
+         "--save-interval", "3", "--gt-interval", "6", "--no-cuda", "--nb-test", "4",
+         "--eval-metrics", "none"]
 
 
 def run_cli(tmp_path, name, *flags):
@@ -22,8 +23,11 @@ def run_cli(tmp_path, name, *flags):
     return code, tmp_path / name
 
 
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def records(run_dir, kind="recon"):
+    """metrics.jsonl records holding ``kind``: training records ("recon") or evaluations
+    ("scores")."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if kind in r]
 
 
 def final_weights(run_dir):
@@ -139,6 +143,7 @@ def test_resume_can_extend_but_not_change_the_run(tmp_path, capsys):
     ("--log-interval", "0", "--log-interval: must be >= 1"),
     ("--gt-interval", "x", "--gt-interval: 'x' is not a number"),
     ("--viz_on", "maybe", "--viz_on: expected True or False"),
+    ("--eval-metrics", "mig,foo", "--eval-metrics: unknown metric(s) foo"),
     ("--metric", "beta", "--metric: invalid choice: 'beta' (choose from"),
 ])
 def test_bad_flag_values_name_the_flag(capsys, flag, value, message):
@@ -190,3 +195,34 @@ def test_the_originals_readme_commands_parse_verbatim(command, viz):
     config = make_config(build_parser().parse_args(shlex.split(command)))
     assert (config.alpha, config.omega, config.steps, config.viz_on) == (5.0, 0.9, 150000, viz)
     assert config.gt_interval == (5000 if not viz else 10000)
+
+
+def test_metrics_during_training_and_evaluate_command(tmp_path):
+    import evaluate
+    code, run_dir = run_cli(tmp_path, "scored", "--gt-interval", "3", "--eval-metrics",
+                            "factor_vae,mig")
+    assert code == 0
+    evaluations = records(run_dir, "scores")
+    assert [r["step"] for r in evaluations] == [3, 6]
+    assert set(evaluations[0]["scores"]) == {"factor_vae", "mig"}
+    assert all(0 <= v <= 1 for r in evaluations for v in r["scores"].values())
+    report = json.loads((run_dir / "metrics.json").read_text())
+    (final,) = report["evaluations"]
+    assert final["step"] == 6 and final["source"] == "end of training"
+    assert final["scores"]["factor_vae"]["protocol"]["num_train"] == 10000
+    assert final["versions"]["scikit_learn"] and final["eval_seed"] == 0
+    assert final["scores"]["mig"]["score"] == evaluations[1]["scores"]["mig"]
+
+    assert evaluate.main([str(run_dir), "--eval-metrics", "factor_vae,mig,sap", "--no-cuda"]) == 0
+    report = json.loads((run_dir / "metrics.json").read_text())
+    assert len(report["evaluations"]) == 2  # appended, the training one kept
+    again = report["evaluations"][1]
+    assert again["source"] == "evaluate.py" and set(again["scores"]) == {"factor_vae", "mig", "sap"}
+    for name in ("factor_vae", "mig"):  # same weights, same seed: the same numbers
+        assert again["scores"][name]["score"] == final["scores"][name]["score"]
+
+
+def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
+    import evaluate
+    assert evaluate.main([str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

@@ -1,0 +1,229 @@
+"""Disentanglement metrics with the disentanglement_lib protocols and defaults.
+
+Every metric takes ``represent``, a function from factor classes (n, F) to representations
+(n, K) -- the mean code of the image with those factors -- plus the factor sizes and a seed. On
+dSprites ``represent`` looks the codes up in one encoding pass over the whole grid (an image
+has a single mean representation), so no metric re-encodes anything; on synthetic data it can
+be any function of the factors.
+
+  factor_vae  Kim & Mnih (2018): majority-vote classifier predicting the fixed factor from the
+              latent with the least normalised variance.
+  mig         Chen et al. (2018): mutual information gap, normalised by factor entropy.
+  beta_vae    Higgins et al. (2017): logistic regression predicting the fixed factor from the
+              mean absolute difference of paired codes.
+  dci         Eastwood & Williams (2018): disentanglement, completeness, informativeness from
+              gradient-boosted trees' feature importances.
+  sap         Kumar et al. (2018): separated attribute predictability with 1-D linear SVMs.
+"""
+import numpy as np
+
+METRIC_NAMES = ("factor_vae", "mig", "beta_vae", "dci", "sap")
+DEFAULT_METRICS = ("factor_vae", "mig")
+
+# disentanglement_lib defaults
+PROTOCOLS = {
+    "factor_vae": dict(batch_size=64, num_variance_estimate=10000, num_train=10000,
+                       num_eval=5000, prune_std=0.05),
+    "mig": dict(num_train=10000, num_bins=20),
+    "beta_vae": dict(batch_size=64, num_train=10000, num_eval=5000),
+    "dci": dict(num_train=10000, num_test=5000),
+    "sap": dict(num_train=10000, num_test=5000, svc_C=0.01, continuous_factors=False),
+}
+
+
+def sample_factors(factor_sizes, n, rng):
+    """Uniform factor classes (n, F)."""
+    return np.stack([rng.integers(0, size, n) for size in factor_sizes], axis=1)
+
+
+def _sample_points(represent, factor_sizes, n, rng):
+    factors = sample_factors(factor_sizes, n, rng)
+    return factors, np.asarray(represent(factors), dtype=np.float64)
+
+
+def factor_vae_score(represent, factor_sizes, rng, batch_size=64, num_variance_estimate=10000,
+                     num_train=10000, num_eval=5000, prune_std=0.05):
+    _, codes = _sample_points(represent, factor_sizes, num_variance_estimate, rng)
+    global_var = codes.var(axis=0, ddof=1)
+    active = np.flatnonzero(np.sqrt(global_var) >= prune_std)
+    result = dict(num_active=int(len(active)))
+    if not len(active):
+        return dict(result, train_accuracy=0.0, eval_accuracy=0.0, score=0.0)
+
+    def votes(n):
+        """(F, len(active)) vote counts: fixed factor x latent of least normalised variance."""
+        fixed = rng.integers(0, len(factor_sizes), n)  # n
+        factors = sample_factors(factor_sizes, n * batch_size, rng).reshape(n, batch_size, -1)
+        shared = sample_factors(factor_sizes, n, rng)[np.arange(n), fixed]  # n
+        factors[np.arange(n), :, fixed] = shared[:, None]
+        codes = np.asarray(represent(factors.reshape(n * batch_size, -1)), dtype=np.float64)
+        local_var = codes.reshape(n, batch_size, -1).var(axis=1, ddof=1)  # n, K
+        argmin = np.argmin(local_var[:, active] / global_var[active], axis=1)
+        counts = np.zeros((len(factor_sizes), len(active)), dtype=np.int64)
+        np.add.at(counts, (fixed, argmin), 1)
+        return counts
+
+    train = votes(num_train)
+    classifier = train.argmax(axis=0)  # latent -> majority factor
+    columns = np.arange(len(active))
+    evaluation = votes(num_eval)
+    return dict(result, train_accuracy=float(train[classifier, columns].sum() / train.sum()),
+                eval_accuracy=float(evaluation[classifier, columns].sum() / evaluation.sum()),
+                score=float(evaluation[classifier, columns].sum() / evaluation.sum()))
+
+
+def _discretize(codes, num_bins):
+    """Each latent into num_bins equal-width histogram bins (disentanglement_lib's)."""
+    out = np.zeros(codes.shape, dtype=np.int64)
+    for k in range(codes.shape[1]):
+        edges = np.histogram(codes[:, k], num_bins)[1][:-1]
+        out[:, k] = np.digitize(codes[:, k], edges)
+    return out
+
+
+def mig(represent, factor_sizes, rng, num_train=10000, num_bins=20):
+    from sklearn.metrics import mutual_info_score
+
+    factors, codes = _sample_points(represent, factor_sizes, num_train, rng)
+    discrete = _discretize(codes, num_bins)
+    mi = np.array([[mutual_info_score(factors[:, f], discrete[:, k])
+                    for f in range(factors.shape[1])] for k in range(codes.shape[1])])  # K, F
+    entropy = np.array([mutual_info_score(factors[:, f], factors[:, f])
+                        for f in range(factors.shape[1])])
+    top = np.sort(mi, axis=0)[::-1]
+    gaps = (top[0] - top[1]) / entropy if codes.shape[1] > 1 else top[0] / entropy
+    return dict(score=float(gaps.mean()), per_factor=gaps.tolist())
+
+
+def beta_vae_score(represent, factor_sizes, rng, batch_size=64, num_train=10000, num_eval=5000):
+    from sklearn.linear_model import LogisticRegression
+
+    def points(n):
+        fixed = rng.integers(0, len(factor_sizes), n)
+        first = sample_factors(factor_sizes, n * batch_size, rng).reshape(n, batch_size, -1)
+        second = sample_factors(factor_sizes, n * batch_size, rng).reshape(n, batch_size, -1)
+        rows = np.arange(n)
+        second[rows, :, fixed] = first[rows, :, fixed]
+        z1 = np.asarray(represent(first.reshape(n * batch_size, -1)), dtype=np.float64)
+        z2 = np.asarray(represent(second.reshape(n * batch_size, -1)), dtype=np.float64)
+        features = np.abs(z1 - z2).reshape(n, batch_size, -1).mean(axis=1)
+        return features, fixed
+
+    x_train, y_train = points(num_train)
+    x_eval, y_eval = points(num_eval)
+    model = LogisticRegression(random_state=int(rng.integers(2 ** 31)))
+    model.fit(x_train, y_train)
+    return dict(train_accuracy=float(model.score(x_train, y_train)),
+                eval_accuracy=float(model.score(x_eval, y_eval)),
+                score=float(model.score(x_eval, y_eval)))
+
+
+def _entropy(p, base):
+    p = p / p.sum(axis=0, keepdims=True)
+    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=0) / np.log(base)
+
+
+def dci(represent, factor_sizes, rng, num_train=10000, num_test=5000, n_jobs=-1):
+    from joblib import Parallel, delayed
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    factors, codes = _sample_points(represent, factor_sizes, num_train, rng)
+    test_factors, test_codes = _sample_points(represent, factor_sizes, num_test, rng)
+    n_codes, n_factors = codes.shape[1], factors.shape[1]
+    seeds = rng.integers(2 ** 31, size=n_factors)
+
+    def fit(f):
+        model = GradientBoostingClassifier(random_state=int(seeds[f]))
+        model.fit(codes, factors[:, f])
+        return (np.abs(model.feature_importances_), model.score(codes, factors[:, f]),
+                model.score(test_codes, test_factors[:, f]))
+
+    # One boosted model per factor, factors with the most classes first, on every core: the
+    # 40-class orientation alone fits 4,000 trees.
+    order = np.argsort(factor_sizes)[::-1]
+    fitted = dict(zip(order, Parallel(n_jobs=n_jobs)(delayed(fit)(f) for f in order), strict=True))
+    importance = np.stack([fitted[f][0] for f in range(n_factors)], axis=1)  # K, F
+    train_acc = [fitted[f][1] for f in range(n_factors)]
+    test_acc = [fitted[f][2] for f in range(n_factors)]
+    total = importance.sum()
+    if total == 0:  # a constant representation: no tree uses any code
+        disentanglement = completeness = 0.0
+    else:
+        eps = 1e-11  # as disentanglement_lib: keeps all-zero rows finite
+        per_code = 1 - _entropy(importance.T + eps, n_factors)  # K
+        per_factor = 1 - _entropy(importance + eps, n_codes) if n_codes > 1 else np.ones(n_factors)
+        disentanglement = float((per_code * importance.sum(1) / total).sum())
+        completeness = float((per_factor * importance.sum(0) / total).sum())
+    return dict(disentanglement=disentanglement, completeness=completeness,
+                informativeness_train=float(np.mean(train_acc)),
+                informativeness_test=float(np.mean(test_acc)),
+                score=disentanglement)
+
+
+def sap(represent, factor_sizes, rng, num_train=10000, num_test=5000, svc_C=0.01,
+        continuous_factors=False):
+    """Discrete factors (the default): test accuracy of a LinearSVC on each single latent;
+    continuous factors: squared correlation of each latent with each factor."""
+    from sklearn.svm import LinearSVC
+
+    factors, codes = _sample_points(represent, factor_sizes, num_train, rng)
+    test_factors, test_codes = _sample_points(represent, factor_sizes, num_test, rng)
+    scores = np.zeros((codes.shape[1], factors.shape[1]))
+    for k in range(codes.shape[1]):
+        if np.ptp(codes[:, k]) == 0:  # a constant latent predicts nothing
+            continue
+        for f in range(factors.shape[1]):
+            if continuous_factors:
+                cov = np.cov(codes[:, k], factors[:, f], ddof=1)
+                scores[k, f] = cov[0, 1] ** 2 / (cov[0, 0] * cov[1, 1]) if cov[1, 1] > 0 else 0.0
+                continue
+            model = LinearSVC(C=svc_C, class_weight="balanced",
+                              random_state=int(rng.integers(2 ** 31)))
+            model.fit(codes[:, k:k + 1], factors[:, f])
+            scores[k, f] = model.score(test_codes[:, k:k + 1], test_factors[:, f])
+    top = np.sort(scores, axis=0)[::-1]
+    gaps = top[0] - top[1] if codes.shape[1] > 1 else top[0]
+    return dict(score=float(gaps.mean()), per_factor=gaps.tolist())
+
+
+METRICS = {"factor_vae": factor_vae_score, "mig": mig, "beta_vae": beta_vae_score, "dci": dci,
+           "sap": sap}
+
+
+def library_versions():
+    import platform
+
+    import sklearn
+    import torch
+
+    return dict(python=platform.python_version(), numpy=np.__version__,
+                scikit_learn=sklearn.__version__, torch=torch.__version__)
+
+
+EVAL_SEED = 0  # one fixed seed for every evaluation, so that runs are scored on the same samples
+
+
+def evaluate(represent, factor_sizes, names=DEFAULT_METRICS, seed=EVAL_SEED, overrides=None):
+    """Scores of the named metrics, each with its own generator seeded from ``seed`` (so one
+    metric's result does not depend on which others ran). ``overrides``: {name: {parameter:
+    value}} departures from PROTOCOLS. Returns {name: result dict with its "protocol"}."""
+    unknown = set(names) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRIC_NAMES}")
+    results = {}
+    for i, name in enumerate(METRIC_NAMES):
+        if name in names:
+            rng = np.random.default_rng([seed, i])
+            protocol = {**PROTOCOLS[name], **(overrides or {}).get(name, {})}
+            results[name] = dict(METRICS[name](represent, factor_sizes, rng, **protocol),
+                                 protocol=protocol)
+    return results
+
+
+def lookup(codes, factor_sizes):
+    """``represent`` for codes of a complete factor grid stored in dataset (C) order."""
+    codes = np.asarray(codes)
+
+    def represent(factors):
+        return codes[np.ravel_multi_index(np.asarray(factors).T, factor_sizes)]
+    return represent
