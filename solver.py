@@ -333,12 +333,16 @@ class Solver:
             return None
         sizes = self.data.factor_sizes
         plot_path = self.run_dir / f"alpha_{self.config.alpha}_gt_{self.step}.png"
-        if plot and not plot_path.exists():
+        summary_path = plot_path.with_suffix(".npz")
+        if plot and not (plot_path.exists() and summary_path.exists()):  # never redrawn over
             axes = grid_axes(self.data.grid)
-            save_ground_truth_plot(codes.reshape(*sizes, self.config.z_dim), plot_path,
-                                   scales=np.linspace(0.5, 1.0, 6)[axes[1]],
-                                   orientations=np.linspace(0.0, 2 * np.pi, 40)[axes[2]],
-                                   title=f"{self.config.metric}, step {self.step}")
+            summary = mean_activations(codes.reshape(*sizes, self.config.z_dim),
+                                       scales=np.linspace(0.5, 1.0, 6)[axes[1]],
+                                       orientations=np.linspace(0.0, 2 * np.pi, 40)[axes[2]])
+            if not summary_path.exists():
+                np.savez(summary_path, **summary)
+            if not plot_path.exists():
+                save_ground_truth_plot(summary, plot_path, f"{self.config.metric}, step {self.step}")
         encoded = time.perf_counter()
         results = evaluate(lookup(codes, sizes), sizes, metric_names) if metric_names else {}
         if results:
@@ -383,15 +387,29 @@ def image_grid(rows, padding=2):
 ACTIVE_VARIANCE = 1e-2  # a latent whose mean varies less than this over the data is inactive
 
 
-def save_ground_truth_plot(mu, path, scales, orientations, title=""):
-    """The original's "mean activation" figure. mu: posterior means (shape, scale, orientation,
-    posX, posY, z_dim). One row per active latent: a posX x posY heatmap of mu_j averaged over
-    shape, scale and orientation (one colour scale for all rows); mu_j against scale and against
-    orientation, one line per shape (shared y-limits per column)."""
+def mean_activations(mu, scales, orientations):
+    """What the ground-truth plot shows, from posterior means mu over the factor grid (shape,
+    scale, orientation, posX, posY, z_dim): a few small arrays, saved beside the plot."""
+    z_dim = mu.shape[-1]
+    return dict(
+        variance=mu.reshape(-1, z_dim).var(0),  # z
+        pos=mu.mean(axis=(0, 1, 2)),  # posX, posY, z
+        by_scale=mu.mean(axis=(2, 3, 4)),  # shape, scale, z
+        by_rotation=mu.mean(axis=(1, 3, 4)),  # shape, orientation, z
+        scales=np.asarray(scales), orientations=np.asarray(orientations),
+        **{f"marginal_{name}": mu.mean(axis=tuple(a for a in range(5) if a != axis))  # values, z
+           for axis, name in enumerate(FACTOR_NAMES)})
+
+
+def save_ground_truth_plot(summary, path, title=""):
+    """The original's "mean activation" figure from mean_activations(). One row per active
+    latent: a posX x posY heatmap of mu_j averaged over shape, scale and orientation (one colour
+    scale for all rows); mu_j against scale and against orientation, one line per shape (shared
+    y-limits per column)."""
     from matplotlib.figure import Figure
 
-    z_dim = mu.shape[-1]
-    active = np.flatnonzero(mu.reshape(-1, z_dim).var(0) > ACTIVE_VARIANCE)
+    scales, orientations = summary["scales"], summary["orientations"]
+    active = np.flatnonzero(summary["variance"] > ACTIVE_VARIANCE)
     n_rows = max(len(active), 1)
     fig = Figure(figsize=(9, 2.2 * n_rows + 0.6), layout="constrained")
     fig.suptitle(title)
@@ -403,9 +421,9 @@ def save_ground_truth_plot(mu, path, scales, orientations, title=""):
                         ha="center", va="center")
         fig.savefig(path)
         return
-    pos = mu.mean(axis=(0, 1, 2))[..., active]  # posX, posY, A
-    by_scale = mu.mean(axis=(2, 3, 4))[..., active]  # shape, scale, A
-    by_rotation = mu.mean(axis=(1, 3, 4))[..., active]  # shape, orientation, A
+    pos = summary["pos"][..., active]  # posX, posY, A
+    by_scale = summary["by_scale"][..., active]  # shape, scale, A
+    by_rotation = summary["by_rotation"][..., active]  # shape, orientation, A
     limit = np.abs(pos).max()
     ylims = [(a.min() - 0.1 * np.ptp(a) - 1e-3, a.max() + 0.1 * np.ptp(a) + 1e-3)
              for a in (by_scale, by_rotation)]

@@ -52,6 +52,8 @@ def test_every_experiment_writes_a_complete_run_folder(tmp_path, metric):
     for step in (3, 6):
         assert (run_dir / f"alpha_5.0_traversal_{step}.png").is_file()
     assert (run_dir / "alpha_5.0_gt_6.png").is_file()
+    summary = np.load(run_dir / "alpha_5.0_gt_6.npz")
+    assert summary["pos"].shape == (8, 8, 10) and summary["marginal_orientation"].shape == (10, 10)
     from PIL import Image
     width, height = Image.open(run_dir / "alpha_5.0_traversal_6.png").size
     assert (width, height) == (4 * 66 + 2, 12 * 66 + 2)  # nb-test columns, 2 + z_dim rows

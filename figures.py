@@ -1,0 +1,241 @@
+"""Reproduce the thesis figures from run folders.
+
+    python figures.py --nonsyn RUN --factor RUN --vae RUN [--celeba RUN] [--out misc]
+                      [--loss-steps 4000]
+
+writes into --out:
+  traversals.gif       the Non-Syn run's traversal images in step order, step drawn on each frame
+  latents.png          Non-Syn VAE vs FactorVAE: final traversals with each latent labelled by the
+                       ground-truth factor it tracks most, beside their ground-truth plots
+  VAE_traversals.png   the same for the plain VAE
+  plots.png            reconstruction, KL and synergy loss of the Non-Syn run (first --loss-steps)
+  faces_celeba.png     the CelebA run's final traversal (only with --celeba)
+  comparison.md/.json  final losses and disentanglement scores per run
+
+Everything comes from what the runs saved (traversal PNGs, metrics.jsonl, metrics.json, the
+ground-truth summaries); a run without a ground-truth summary is re-encoded from its checkpoint.
+"""
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dataset import FACTOR_NAMES
+
+FACTOR_LABELS = dict(shape="shape", scale="scale", orientation="rotation", posX="position x",
+                     posY="position y")
+EXPLAINED = 0.1  # a factor must explain this share of a latent's variance to name it
+
+
+class FigureError(RuntimeError):
+    """A run folder lacks what a figure needs; the message names the folder and the file."""
+
+
+def _numbered(run_dir, pattern):
+    """(step, path) of the files in run_dir matching ``pattern`` (one group: the step), sorted."""
+    found = []
+    for path in Path(run_dir).iterdir():
+        match = re.fullmatch(pattern, path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def traversal_images(run_dir):
+    images = _numbered(run_dir, r"alpha_.+_traversal_(\d+)\.png")
+    if not images:
+        raise FigureError(f"{run_dir} has no traversal images (alpha_*_traversal_<step>.png)")
+    return images
+
+
+def training_records(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FigureError(f"{run_dir} has no metrics.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in rows if "recon" in r], [r for r in rows if "scores" in r]
+
+
+def ground_truth_summary(run_dir):
+    """(step, arrays) of the run's latest ground-truth summary; re-encodes when there is none."""
+    summaries = _numbered(run_dir, r"alpha_.+_gt_(\d+)\.npz")
+    if not summaries:
+        summaries = [_reencode(run_dir)]
+    step, path = summaries[-1]
+    return step, dict(np.load(path))
+
+
+def _reencode(run_dir):
+    from run import Config, ConfigError, load_checkpoint
+    from solver import Solver
+
+    try:
+        checkpoint = load_checkpoint(run_dir)
+    except ConfigError as err:
+        raise FigureError(f"{run_dir} has no ground-truth summary (alpha_*_gt_<step>.npz) and "
+                          f"no checkpoint to compute one from") from err
+    config = Config(**{**checkpoint["config"], "viz_on": False})
+    solver = Solver(config, run_dir, checkpoint)
+    solver.evaluate_representation(metric_names=())
+    return _numbered(run_dir, r"alpha_.+_gt_(\d+)\.npz")[-1]
+
+
+def latent_labels(summary):
+    """Per latent, the factor whose conditional means explain most of its variance over the
+    data ("none" below EXPLAINED, "inactive" for a latent the ground-truth plot leaves out)."""
+    from solver import ACTIVE_VARIANCE
+
+    labels = []
+    for j, variance in enumerate(summary["variance"]):
+        if variance <= ACTIVE_VARIANCE:
+            labels.append("inactive")
+            continue
+        explained = {name: summary[f"marginal_{name}"][:, j].var() / variance
+                     for name in FACTOR_NAMES}
+        best = max(explained, key=explained.get)
+        labels.append(FACTOR_LABELS[best] if explained[best] >= EXPLAINED else "none")
+    return labels
+
+
+def write_gif(run_dir, path, frame_ms=250):
+    """The run's traversal images in step order as a looping GIF, the step written on each."""
+    from PIL import Image, ImageDraw
+
+    frames = []
+    for step, image_path in traversal_images(run_dir):
+        image = Image.open(image_path).convert("RGB")
+        frame = Image.new("RGB", (image.width, image.height + 16), "white")
+        frame.paste(image, (0, 16))
+        ImageDraw.Draw(frame).text((4, 2), f"step {step}", fill="black")
+        frames.append(frame.convert("P", palette=Image.ADAPTIVE))
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return len(frames)
+
+
+def _traversal_panel(ax, image_path, labels, title):
+    from PIL import Image
+
+    image = np.asarray(Image.open(image_path))
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
+    rows = 2 + len(labels)
+    cell = (image.shape[0] - 2) / rows
+    ax.set_yticks([2 + cell * (r + 0.5) for r in range(rows)])
+    ax.set_yticklabels(["images", "reconstructions"] + [f"z{j}: {label}"
+                                                         for j, label in enumerate(labels)])
+    ax.set_xticks([])
+    ax.set_title(title)
+
+
+def comparison_figure(runs, path):
+    """Per run: its final traversal with latent labels, and its ground-truth plot."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    fig = Figure(figsize=(9 * len(runs), 11), layout="constrained")
+    axes = fig.subplots(1, 2 * len(runs), squeeze=False)[0]
+    for i, (name, run_dir) in enumerate(runs):
+        step, summary = ground_truth_summary(run_dir)
+        traversals = dict(traversal_images(run_dir))
+        image_step = step if step in traversals else max(traversals)
+        _traversal_panel(axes[2 * i], traversals[image_step], latent_labels(summary),
+                         f"{name}: traversal, step {image_step}")
+        plot = _numbered(run_dir, r"alpha_.+_gt_(\d+)\.png")
+        if not plot:
+            raise FigureError(f"{run_dir} has no ground-truth plot (alpha_*_gt_<step>.png)")
+        axes[2 * i + 1].imshow(np.asarray(Image.open(plot[-1][1])))
+        axes[2 * i + 1].set_axis_off()
+        axes[2 * i + 1].set_title(f"{name}: mean activations, step {plot[-1][0]}")
+    fig.savefig(path, dpi=110)
+
+
+def loss_plot(run_dir, path, max_step=4000):
+    from matplotlib.figure import Figure
+
+    rows = [r for r in training_records(run_dir)[0] if r["step"] <= max_step]
+    if not rows:
+        raise FigureError(f"{run_dir}/metrics.jsonl has no training record up to step {max_step}")
+    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    steps = [r["step"] for r in rows]
+    for ax, key, title in zip(fig.subplots(1, 3), ("recon", "kl", "syn"),
+                              ("reconstruction loss", "KL divergence", "synergy loss"), strict=True):
+        ax.plot(steps, [r[key] for r in rows])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    return len(rows)
+
+
+def faces_figure(run_dir, path):
+    from PIL import Image
+
+    step, image_path = traversal_images(run_dir)[-1]
+    Image.open(image_path).save(path)
+    return step
+
+
+def comparison_table(runs, out_dir):
+    """Final losses and scores per run, as comparison.md and comparison.json."""
+    table = []
+    for name, run_dir in runs:
+        train, evaluations = training_records(run_dir)
+        if not train:
+            raise FigureError(f"{run_dir}/metrics.jsonl has no training record")
+        config = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+        last = train[-1]
+        table.append(dict(run=name, folder=Path(run_dir).name, metric=config["metric"],
+                          step=last["step"], recon=last["recon"], kl=last["kl"], syn=last["syn"],
+                          scores=evaluations[-1]["scores"] if evaluations else {}))
+    names = sorted({k for row in table for k in row["scores"]})
+    lines = ["| run | --metric | step | recon | KL | synergy | " + " | ".join(names) + " |",
+             "|" + " --- |" * (6 + len(names))]
+    for row in table:
+        scores = [f"{row['scores'][n]:.3f}" if n in row["scores"] else "" for n in names]
+        lines.append(f"| {row['run']} | {row['metric']} | {row['step']} | {row['recon']:.1f} | "
+                     f"{row['kl']:.2f} | {row['syn']:.3f} | " + " | ".join(scores) + " |")
+    (Path(out_dir) / "comparison.md").write_text("\n".join(lines) + "\n")
+    (Path(out_dir) / "comparison.json").write_text(json.dumps(table, indent=2) + "\n")
+    return table
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nonsyn", required=True, help="Non-Syn VAE run folder (--metric Test_gt)")
+    p.add_argument("--factor", required=True, help="FactorVAE run folder (--metric Factor)")
+    p.add_argument("--vae", required=True, help="plain VAE run folder (--metric VAE)")
+    p.add_argument("--celeba", help="CelebA run folder, for faces_celeba.png")
+    p.add_argument("--out", default="misc", help="folder for the figures")
+    p.add_argument("--loss-steps", type=int, default=4000, help="steps shown in plots.png")
+    args = p.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [("Non-Syn VAE", args.nonsyn), ("FactorVAE", args.factor), ("VAE", args.vae)]
+    try:
+        for _, run_dir in runs + ([("CelebA", args.celeba)] if args.celeba else []):
+            if not Path(run_dir).is_dir():
+                raise FigureError(f"{run_dir} is not a run folder")
+        frames = write_gif(args.nonsyn, out / "traversals.gif")
+        comparison_figure(runs[:2], out / "latents.png")
+        comparison_figure(runs[2:], out / "VAE_traversals.png")
+        points = loss_plot(args.nonsyn, out / "plots.png", args.loss_steps)
+        if args.celeba:
+            faces_figure(args.celeba, out / "faces_celeba.png")
+        comparison_table(runs + ([("CelebA", args.celeba)] if args.celeba else []), out)
+    except FigureError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}/: traversals.gif ({frames} frames), latents.png, VAE_traversals.png, "
+          f"plots.png ({points} points){', faces_celeba.png' if args.celeba else ''}, "
+          f"comparison.md, comparison.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

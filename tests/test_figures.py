@@ -1,0 +1,64 @@
+"""The figure command on tiny runs made here: every file, with the expected size and frames."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import figures
+from run import main
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    folders = {}
+    for metric in ("Test_gt", "Factor", "VAE"):
+        code = main(["--grid", "reduced", "--batch_size", "16", "--steps", "8", "--log-interval",
+                     "2", "--save-interval", "2", "--gt-interval", "8", "--no-cuda", "--nb-test",
+                     "5", "--alpha", "5.0", "--omega", "0.9", "--output_dir", str(root),
+                     "--run-name", metric, "--data-dir", str(root), "--metric", metric])
+        assert code == 0
+        folders[metric] = root / metric
+    return folders
+
+
+def test_figures_from_tiny_runs(runs, tmp_path):
+    out = tmp_path / "misc"
+    assert figures.main(["--nonsyn", str(runs["Test_gt"]), "--factor", str(runs["Factor"]),
+                         "--vae", str(runs["VAE"]), "--out", str(out)]) == 0
+    gif = Image.open(out / "traversals.gif")
+    assert gif.n_frames == 4  # traversals at steps 2, 4, 6, 8
+    assert gif.size == (5 * 66 + 2, 12 * 66 + 2 + 16)
+    for name in ("latents.png", "VAE_traversals.png", "plots.png"):
+        assert Image.open(out / name).size[0] > 500, name
+    assert Image.open(out / "latents.png").size[0] > Image.open(out / "VAE_traversals.png").size[0]
+    table = json.loads((out / "comparison.json").read_text())
+    assert [row["metric"] for row in table] == ["Test_gt", "Factor", "VAE"]
+    assert all(row["step"] == 8 and set(row["scores"]) == {"factor_vae", "mig"} for row in table)
+    assert "| Non-Syn VAE | Test_gt | 8 |" in (out / "comparison.md").read_text()
+
+
+def test_latent_labels_name_the_factor_with_most_explained_variance():
+    summary = {"variance": np.array([1.0, 1.0, 1e-4])}
+    for name, size in zip(figures.FACTOR_NAMES, (3, 6, 10, 8, 8), strict=True):
+        summary[f"marginal_{name}"] = np.zeros((size, 3))
+    summary["marginal_posY"][:, 0] = np.linspace(-1, 1, 8)  # z0 follows position y
+    summary["marginal_scale"][:, 1] = [0.0, 0.0, 0.0, 0.0, 0.0, 0.1]  # z1: weak, under 10 %
+    assert figures.latent_labels(summary) == ["position y", "none", "inactive"]
+
+
+def test_missing_pieces_are_named(runs, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = figures.main(["--nonsyn", str(empty), "--factor", str(runs["Factor"]),
+                         "--vae", str(runs["VAE"]), "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert f"{empty} has no traversal images" in capsys.readouterr().err
+
+
+def test_a_run_without_summary_is_reencoded_from_its_checkpoint(runs):
+    for path in runs["VAE"].glob("alpha_*_gt_*.npz"):
+        path.unlink()
+    step, summary = figures.ground_truth_summary(runs["VAE"])
+    assert step == 8 and summary["pos"].shape == (8, 8, 10)
