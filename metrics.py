@@ -191,13 +191,10 @@ METRICS = {"factor_vae": factor_vae_score, "mig": mig, "beta_vae": beta_vae_scor
 
 
 def library_versions():
-    import platform
+    """Versions recorded with every score (scikit-learn, numpy and torch among them)."""
+    from utils import package_versions
 
-    import sklearn
-    import torch
-
-    return dict(python=platform.python_version(), numpy=np.__version__,
-                scikit_learn=sklearn.__version__, torch=torch.__version__)
+    return package_versions()
 
 
 EVAL_SEED = 0  # one fixed seed for every evaluation, so that runs are scored on the same samples

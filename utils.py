@@ -59,19 +59,18 @@ def git_commit():
 
 
 def package_versions():
+    """Versions of Python and of the packages a result depends on (None when not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import numpy
 
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "numpy": numpy.__version__}
-    try:
-        from importlib.metadata import version, PackageNotFoundError
-        for name in ("visdom", "tqdm", "matplotlib", "pillow"):
-            try:
-                versions[name] = version(name)
-            except PackageNotFoundError:
-                versions[name] = None
-    except ImportError:
-        pass
+    for name in ("scikit-learn", "visdom", "tqdm", "matplotlib", "pillow"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
     return versions
 
 

@@ -212,7 +212,7 @@ def test_metrics_during_training_and_evaluate_command(tmp_path):
     (final,) = report["evaluations"]
     assert final["step"] == 6 and final["source"] == "end of training"
     assert final["scores"]["factor_vae"]["protocol"]["num_train"] == 10000
-    assert final["versions"]["scikit_learn"] and final["eval_seed"] == 0
+    assert final["versions"]["scikit-learn"] and final["eval_seed"] == 0
     assert final["scores"]["mig"]["score"] == evaluations[1]["scores"]["mig"]
 
     assert evaluate.main([str(run_dir), "--eval-metrics", "factor_vae,mig,sap", "--no-cuda"]) == 0
