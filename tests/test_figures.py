@@ -23,19 +23,39 @@ def runs(tmp_path_factory):
     return folders
 
 
-def test_figures_from_tiny_runs(runs, tmp_path):
+@pytest.fixture(scope="module")
+def celeba_run(tmp_path_factory):
+    import zipfile
+    from test_celeba import jpeg_bytes, photo
+
+    root = tmp_path_factory.mktemp("celeba")
+    with zipfile.ZipFile(root / "img_align_celeba.zip", "w") as archive:
+        for i in range(1, 17):
+            archive.writestr(f"img_align_celeba/{i:06d}.jpg", jpeg_bytes(photo(i)))
+    assert main(["--dataset", "celeba", "--data-dir", str(root), "--steps", "2", "--batch_size",
+                 "8", "--log-interval", "1", "--save-interval", "2", "--nb-test", "5", "--no-cuda",
+                 "--alpha", "5.0", "--output_dir", str(root), "--run-name", "faces"]) == 0
+    return root / "faces"
+
+
+def test_figures_from_tiny_runs(runs, celeba_run, tmp_path):
     out = tmp_path / "misc"
     assert figures.main(["--nonsyn", str(runs["Test_gt"]), "--factor", str(runs["Factor"]),
-                         "--vae", str(runs["VAE"]), "--out", str(out)]) == 0
+                         "--vae", str(runs["VAE"]), "--celeba", str(celeba_run),
+                         "--out", str(out)]) == 0
     gif = Image.open(out / "traversals.gif")
     assert gif.n_frames == 4  # traversals at steps 2, 4, 6, 8
     assert gif.size == (5 * 66 + 2, 12 * 66 + 2 + 16)
     for name in ("latents.png", "VAE_traversals.png", "plots.png"):
         assert Image.open(out / name).size[0] > 500, name
     assert Image.open(out / "latents.png").size[0] > Image.open(out / "VAE_traversals.png").size[0]
+    faces = Image.open(out / "faces_celeba.png")
+    assert faces.mode == "RGB" and faces.size == (5 * 66 + 2, 12 * 66 + 2)
     table = json.loads((out / "comparison.json").read_text())
-    assert [row["metric"] for row in table] == ["Test_gt", "Factor", "VAE"]
-    assert all(row["step"] == 8 and set(row["scores"]) == {"factor_vae", "mig"} for row in table)
+    assert [row["metric"] for row in table] == ["Test_gt", "Factor", "VAE", "Test_gt"]
+    assert all(row["step"] == 8 and set(row["scores"]) == {"factor_vae", "mig"}
+               for row in table[:3])
+    assert table[3]["run"] == "CelebA" and table[3]["step"] == 2 and table[3]["scores"] == {}
     assert "| Non-Syn VAE | Test_gt | 8 |" in (out / "comparison.md").read_text()
 
 
