@@ -2,11 +2,16 @@
 
     python benchmark.py [--batch_size 64] [--steps 30] [--rounds 5] [--threads N] [--cuda]
                         [--visdom-port PORT]
+    python benchmark.py --metrics [--grid full | --run RUN_DIR] [--threads N] [--cuda]
 
 All variants run in one process on the same batch size, interleaved round by round so that
 machine noise hits them alike; each line is the median over rounds of the mean step time of
 the training loop's step (Solver.advance). With --visdom-port (a running visdom server) a
 variant with live plotting at the default gather/push intervals is added.
+
+With --metrics it times an evaluation instead: one encoding pass over the grid, then every
+disentanglement metric with its default protocol on those codes (a freshly initialised model,
+or with --run a trained one).
 """
 import argparse
 import statistics
@@ -15,7 +20,8 @@ import time
 
 import torch
 
-from run import Config
+from metrics import METRIC_NAMES, METRICS, PROTOCOLS, lookup
+from run import Config, load_checkpoint
 from solver import Solver
 from synergy import greedy_best_set
 
@@ -33,9 +39,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--cuda", action="store_true", help="benchmark on the GPU")
     p.add_argument("--visdom-port", type=int, help="add a two-step variant streaming to visdom")
+    p.add_argument("--metrics", action="store_true", help="time an evaluation instead")
+    p.add_argument("--grid", default="full", help="dSprites grid for --metrics")
+    p.add_argument("--run", help="with --metrics: encode with this run's checkpoint (default: a "
+                                 "fresh model, whose latents may all be pruned by FactorVAE)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.metrics:
+        return benchmark_metrics(args)
 
     variants = {"VAE step": dict(metric="VAE"),
                 "Non-Syn two-step": dict(metric="Test_gt", update="two-step"),
@@ -78,6 +90,31 @@ def main(argv=None):
     if args.visdom_port:
         print(f"  visdom overhead on the two-step step: {median['two-step + visdom'] / two_step - 1:+.2%}")
     return median
+
+
+def benchmark_metrics(args):
+    import numpy as np
+
+    checkpoint = load_checkpoint(args.run) if args.run else None
+    config = (Config(**{**checkpoint["config"], "viz_on": False, "cuda": args.cuda}) if checkpoint
+              else Config(grid=args.grid, cuda=args.cuda))
+    with tempfile.TemporaryDirectory() as tmp:
+        solver = Solver(config, tmp, checkpoint)
+        start = time.perf_counter()
+        codes = solver.encode_all()
+        timings = {"encoding pass": time.perf_counter() - start}
+    represent, sizes = lookup(codes, solver.data.factor_sizes), solver.data.factor_sizes
+    for i, name in enumerate(METRIC_NAMES):
+        start = time.perf_counter()
+        METRICS[name](represent, sizes, np.random.default_rng([0, i]), **PROTOCOLS[name])
+        timings[name] = time.perf_counter() - start
+    print(f"device {solver.device}, {args.grid} grid ({len(codes)} images), threads "
+          f"{torch.get_num_threads()}")
+    for name, t in timings.items():
+        print(f"  {name:14s} {t:7.1f} s")
+    print(f"  default pair (factor_vae + mig): {timings['factor_vae'] + timings['mig']:.1f} s; "
+          f"all five metrics: {sum(timings[n] for n in METRIC_NAMES):.1f} s")
+    return timings
 
 
 if __name__ == "__main__":
