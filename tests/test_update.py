@@ -145,3 +145,11 @@ def test_factor_discriminator_step_leaves_the_vae_gradients_alone(tmp_path):
     pairs = zip(d_before.parameters(), solver.D.parameters(), strict=True)
     moved = [not torch.equal(a, b) for a, b in pairs]
     assert all(moved)
+
+
+def test_benchmark_runs_every_variant(capsys):
+    import benchmark
+    median = benchmark.main(["--steps", "1", "--rounds", "1", "--batch_size", "8"])
+    assert set(median) == {"VAE step", "Non-Syn two-step", "Non-Syn joint", "greedy selection"}
+    assert all(t > 0 for t in median.values())
+    assert "selection share of the two-step step" in capsys.readouterr().out
