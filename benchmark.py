@@ -21,7 +21,7 @@ import time
 import torch
 
 from metrics import METRIC_NAMES, METRICS, PROTOCOLS, lookup
-from run import Config, load_checkpoint
+from run import Config, load_checkpoint, stored_config
 from solver import Solver
 from synergy import greedy_best_set
 
@@ -96,7 +96,7 @@ def benchmark_metrics(args):
     import numpy as np
 
     checkpoint = load_checkpoint(args.run) if args.run else None
-    config = (Config(**{**checkpoint["config"], "viz_on": False, "cuda": args.cuda}) if checkpoint
+    config = (stored_config(checkpoint, cuda=args.cuda) if checkpoint
               else Config(grid=args.grid, cuda=args.cuda))
     with tempfile.TemporaryDirectory() as tmp:
         solver = Solver(config, tmp, checkpoint)

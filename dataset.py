@@ -39,6 +39,8 @@ GRIDS = ("full", "reduced")
 REDUCED_AXES = (np.arange(3), np.arange(6), np.arange(0, 40, 4),
                 np.round(np.linspace(0, 31, 8)).astype(np.int64),
                 np.round(np.linspace(0, 31, 8)).astype(np.int64))
+SCALE_VALUES = np.linspace(0.5, 1.0, 6)
+ORIENTATION_VALUES = np.linspace(0.0, 2 * np.pi, 40)  # index 39 = 2 pi, the same image as 0
 IMAGE_SIZE = 64
 PACKED_BYTES = IMAGE_SIZE * IMAGE_SIZE // 8
 
@@ -145,8 +147,8 @@ def latents_values(classes):
     values = np.empty((len(classes), 6), dtype=np.float64)
     values[:, 0] = 1.0
     values[:, 1] = classes[:, 0] + 1.0
-    values[:, 2] = np.linspace(0.5, 1.0, 6)[classes[:, 1]]
-    values[:, 3] = np.linspace(0.0, 2 * np.pi, 40)[classes[:, 2]]
+    values[:, 2] = SCALE_VALUES[classes[:, 1]]
+    values[:, 3] = ORIENTATION_VALUES[classes[:, 2]]
     values[:, 4] = np.linspace(0.0, 1.0, 32)[classes[:, 3]]
     values[:, 5] = np.linspace(0.0, 1.0, 32)[classes[:, 4]]
     return values

@@ -7,13 +7,12 @@ draws the ground-truth plot for the checkpoint's step (unless the run already ha
 appends the scores, with their protocols and library versions, to RUN_DIR/metrics.json.
 """
 import argparse
-import dataclasses
 import logging
 import sys
 
 from dataset import DatasetError
 from metrics import METRIC_NAMES
-from run import Config, ConfigError, metric_list, load_checkpoint
+from run import ConfigError, load_checkpoint, metric_list, stored_config
 
 
 def main(argv=None):
@@ -32,12 +31,12 @@ def main(argv=None):
 
     try:
         checkpoint = load_checkpoint(args.run_dir)
-        config = Config(**checkpoint["config"])
-        if config.dataset != "dsprites":
-            raise ConfigError(f"{args.run_dir} was trained on {config.dataset}, which has no "
+        stored = checkpoint["config"]
+        if stored["dataset"] != "dsprites":
+            raise ConfigError(f"{args.run_dir} was trained on {stored['dataset']}, which has no "
                               f"ground-truth factors to score against")
-        config = dataclasses.replace(config, viz_on=False, cuda=args.cuda and config.cuda,
-                                     data_dir=args.data_dir or config.data_dir)
+        config = stored_config(checkpoint, cuda=args.cuda and stored["cuda"],
+                               data_dir=args.data_dir or stored["data_dir"])
         solver = Solver(config, args.run_dir, checkpoint)
         results = solver.evaluate_representation(tuple(args.eval_metrics.split(",")))
         solver.record_evaluation(results, source="evaluate.py")

@@ -70,7 +70,7 @@ def ground_truth_summary(run_dir):
 
 
 def _reencode(run_dir):
-    from run import Config, ConfigError, load_checkpoint
+    from run import ConfigError, load_checkpoint, stored_config
     from solver import Solver
 
     try:
@@ -78,8 +78,7 @@ def _reencode(run_dir):
     except ConfigError as err:
         raise FigureError(f"{run_dir} has no ground-truth summary (alpha_*_gt_<step>.npz) and "
                           f"no checkpoint to compute one from") from err
-    config = Config(**{**checkpoint["config"], "viz_on": False})
-    solver = Solver(config, run_dir, checkpoint)
+    solver = Solver(stored_config(checkpoint), run_dir, checkpoint)
     solver.evaluate_representation(metric_names=())
     return _numbered(run_dir, r"alpha_.+_gt_(\d+)\.npz")[-1]
 

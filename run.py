@@ -243,6 +243,11 @@ def load_checkpoint(run_dir):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def stored_config(checkpoint, **changes):
+    """The Config a checkpoint was trained with, for re-use outside training (visdom off)."""
+    return Config(**{**checkpoint["config"], "viz_on": False, **changes})
+
+
 def resume_state(run_dir, args, given):
     """Config and checkpoint of the run in ``run_dir``; flags given now may change RESUMABLE
     settings only."""

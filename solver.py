@@ -24,7 +24,8 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dataset import EpochSampler, FACTOR_NAMES, grid_axes, load_dataset
+from dataset import (FACTOR_NAMES, ORIENTATION_VALUES, SCALE_VALUES, EpochSampler, grid_axes,
+                     load_dataset)
 from metrics import EVAL_SEED, evaluate, library_versions, lookup
 from model import MODEL_SPECS, Discriminator, kl_loss, permute_dims
 from synergy import synergy_penalty
@@ -296,11 +297,12 @@ class Solver:
         mus = []
         for start in range(0, len(self.data), batch_size):
             if self._stop_signal is not None:  # a Ctrl-C should not wait for the whole grid
-                break
+                self.model.train(was_training)
+                return None
             index = torch.arange(start, min(start + batch_size, len(self.data)), device=self.device)
             mus.append(self.model.encoder(self.data.images(index))[0].cpu())
         self.model.train(was_training)
-        return torch.cat(mus).numpy() if len(mus) * batch_size >= len(self.data) else None
+        return torch.cat(mus).numpy()
 
     @torch.no_grad()
     def save_traversal(self):
@@ -337,8 +339,8 @@ class Solver:
         if plot and not (plot_path.exists() and summary_path.exists()):  # never redrawn over
             axes = grid_axes(self.data.grid)
             summary = mean_activations(codes.reshape(*sizes, self.config.z_dim),
-                                       scales=np.linspace(0.5, 1.0, 6)[axes[1]],
-                                       orientations=np.linspace(0.0, 2 * np.pi, 40)[axes[2]])
+                                       scales=SCALE_VALUES[axes[1]],
+                                       orientations=ORIENTATION_VALUES[axes[2]])
             if not summary_path.exists():
                 np.savez(summary_path, **summary)
             if not plot_path.exists():
