@@ -18,12 +18,13 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from metrics import METRIC_NAMES, METRICS, PROTOCOLS, lookup
-from run import Config, load_checkpoint, stored_config
-from solver import Solver
+from solver import Config, Solver, Trained, encode_all
 from synergy import greedy_best_set
+from utils import RunFolder
 
 
 def _sync(device):
@@ -93,22 +94,17 @@ def main(argv=None):
 
 
 def benchmark_metrics(args):
-    import numpy as np
-
-    checkpoint = load_checkpoint(args.run) if args.run else None
-    config = (stored_config(checkpoint, cuda=args.cuda) if checkpoint
-              else Config(grid=args.grid, cuda=args.cuda))
-    with tempfile.TemporaryDirectory() as tmp:
-        solver = Solver(config, tmp, checkpoint)
-        start = time.perf_counter()
-        codes = solver.encode_all()
-        timings = {"encoding pass": time.perf_counter() - start}
-    represent, sizes = lookup(codes, solver.data.factor_sizes), solver.data.factor_sizes
+    trained = (Trained.load(RunFolder(args.run), cuda=args.cuda) if args.run
+               else Trained.build(Config(grid=args.grid, cuda=args.cuda)))
+    start = time.perf_counter()
+    codes = encode_all(trained.model, trained.data)
+    timings = {"encoding pass": time.perf_counter() - start}
+    represent, sizes = lookup(codes, trained.data.factor_sizes), trained.data.factor_sizes
     for i, name in enumerate(METRIC_NAMES):
         start = time.perf_counter()
         METRICS[name](represent, sizes, np.random.default_rng([0, i]), **PROTOCOLS[name])
         timings[name] = time.perf_counter() - start
-    print(f"device {solver.device}, {args.grid} grid ({len(codes)} images), threads "
+    print(f"device {trained.device}, {trained.config.grid} grid ({len(codes)} images), threads "
           f"{torch.get_num_threads()}")
     for name, t in timings.items():
         print(f"  {name:14s} {t:7.1f} s")

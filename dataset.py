@@ -16,11 +16,13 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from utils import atomic_file
@@ -200,10 +202,6 @@ class DSprites:
     def images(self, index):
         """Float images (B, 1, 64, 64) for an index tensor on the data's device."""
         return unpack_images(self.packed[index])
-
-    @property
-    def values(self):
-        return latents_values(self.classes)
 
 
 def _candidate_dirs(data_dir):
@@ -389,8 +387,6 @@ CACHE_VERSION = 1
 
 def celeba_image(image, crop):
     """One PIL image -> uint8 (64, 64, 3) following CELEBA_CROPS[crop]."""
-    from PIL import Image
-
     before, size, after = CELEBA_CROPS[crop]
     image = image.convert("RGB")
     if before is not None:
@@ -451,8 +447,6 @@ def _celeba_members(path):
 
 def _read_celeba_chunk(path, names, crop):
     """Decode and crop a list of JPEGs from a zip or folder -> uint8 (n, 64, 64, 3)."""
-    from PIL import Image, UnidentifiedImageError
-
     out = np.empty((len(names), 64, 64, 3), dtype=np.uint8)
     archive = None if path.is_dir() else zipfile.ZipFile(path)
     try:
@@ -492,8 +486,6 @@ def celeba_cache_path(source, crop):
 
 def preprocess_celeba(source, cache, crop, workers=None, chunk=512):
     """Decode every JPEG once into a uint8 (N, 64, 64, 3) .npy at ``cache``, written atomically."""
-    from concurrent.futures import ProcessPoolExecutor
-
     names = _celeba_members(source)
     log.info("Preprocessing %d CelebA images from %s (crop %s) into %s", len(names), source, crop,
              cache)

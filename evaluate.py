@@ -11,8 +11,9 @@ import logging
 import sys
 
 from dataset import DatasetError
-from metrics import METRIC_NAMES
-from run import ConfigError, load_checkpoint, metric_list, stored_config
+from metrics import METRIC_NAMES, metric_list
+from solver import Config, Trained, evaluation_report
+from utils import ConfigError, RunFolder
 
 
 def main(argv=None):
@@ -27,24 +28,24 @@ def main(argv=None):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from solver import Solver
-
+    folder = RunFolder(args.run_dir)
     try:
-        checkpoint = load_checkpoint(args.run_dir)
+        checkpoint = folder.load_checkpoint()
         stored = checkpoint["config"]
         if stored["dataset"] != "dsprites":
-            raise ConfigError(f"{args.run_dir} was trained on {stored['dataset']}, which has no "
+            raise ConfigError(f"{folder} was trained on {stored['dataset']}, which has no "
                               f"ground-truth factors to score against")
-        config = stored_config(checkpoint, cuda=args.cuda and stored["cuda"],
-                               data_dir=args.data_dir or stored["data_dir"])
-        solver = Solver(config, args.run_dir, checkpoint)
-        results = solver.evaluate_representation(tuple(args.eval_metrics.split(",")))
-        solver.record_evaluation(results, source="evaluate.py")
+        trained = Trained.build(Config.from_checkpoint(
+            checkpoint, cuda=args.cuda and stored["cuda"],
+            data_dir=args.data_dir or stored["data_dir"]), checkpoint)
+        results = trained.evaluate(folder, tuple(args.eval_metrics.split(",")))
+        folder.append_evaluation(evaluation_report(trained.step, trained.data, results,
+                                                   source="evaluate.py"))
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"step {solver.step}: " + ", ".join(f"{n} {r['score']:.4f}" for n, r in results.items())
-          + f" -> {solver.run_dir / 'metrics.json'}")
+    print(f"step {trained.step}: " + ", ".join(f"{n} {r['score']:.4f}" for n, r in results.items())
+          + f" -> {folder.path / folder.REPORT}")
     return 0
 
 

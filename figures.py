@@ -18,94 +18,55 @@ ground-truth summaries); a run without a ground-truth summary is re-encoded from
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
-from dataset import FACTOR_NAMES
-
-FACTOR_LABELS = dict(shape="shape", scale="scale", orientation="rotation", posX="position x",
-                     posY="position y")
-EXPLAINED = 0.1  # a factor must explain this share of a latent's variance to name it
+from plotting import latent_labels
+from solver import Trained
+from utils import ConfigError, RunFolder
 
 
 class FigureError(RuntimeError):
     """A run folder lacks what a figure needs; the message names the folder and the file."""
 
 
-def _numbered(run_dir, pattern):
-    """(step, path) of the files in run_dir matching ``pattern`` (one group: the step), sorted."""
-    found = []
-    for path in Path(run_dir).iterdir():
-        match = re.fullmatch(pattern, path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def traversal_images(run_dir):
-    images = _numbered(run_dir, r"alpha_.+_traversal_(\d+)\.png")
+def traversal_images(folder):
+    images = folder.traversals()
     if not images:
-        raise FigureError(f"{run_dir} has no traversal images (alpha_*_traversal_<step>.png)")
+        raise FigureError(f"{folder} has no traversal images (alpha_*_traversal_<step>.png)")
     return images
 
 
-def training_records(run_dir):
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FigureError(f"{run_dir} has no metrics.jsonl")
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [r for r in rows if "recon" in r], [r for r in rows if "scores" in r]
+def training_records(folder):
+    if not (folder.path / folder.LOG).exists():
+        raise FigureError(f"{folder} has no {folder.LOG}")
+    return folder.records("train"), folder.records("eval")
 
 
-def ground_truth_summary(run_dir):
+def ground_truth_summary(folder):
     """(step, arrays) of the run's latest ground-truth summary; re-encodes when there is none."""
-    summaries = _numbered(run_dir, r"alpha_.+_gt_(\d+)\.npz")
-    if not summaries:
-        summaries = [_reencode(run_dir)]
+    summaries = folder.gt_summaries() or [_reencode(folder)]
     step, path = summaries[-1]
     return step, dict(np.load(path))
 
 
-def _reencode(run_dir):
-    from run import ConfigError, load_checkpoint, stored_config
-    from solver import Solver
-
+def _reencode(folder):
     try:
-        checkpoint = load_checkpoint(run_dir)
+        trained = Trained.load(folder)
     except ConfigError as err:
-        raise FigureError(f"{run_dir} has no ground-truth summary (alpha_*_gt_<step>.npz) and "
+        raise FigureError(f"{folder} has no ground-truth summary (alpha_*_gt_<step>.npz) and "
                           f"no checkpoint to compute one from") from err
-    solver = Solver(stored_config(checkpoint), run_dir, checkpoint)
-    solver.evaluate_representation(metric_names=())
-    return _numbered(run_dir, r"alpha_.+_gt_(\d+)\.npz")[-1]
+    trained.evaluate(folder, metric_names=())
+    return folder.gt_summaries()[-1]
 
 
-def latent_labels(summary):
-    """Per latent, the factor whose conditional means explain most of its variance over the
-    data ("none" below EXPLAINED, "inactive" for a latent the ground-truth plot leaves out)."""
-    from solver import ACTIVE_VARIANCE
-
-    labels = []
-    for j, variance in enumerate(summary["variance"]):
-        if variance <= ACTIVE_VARIANCE:
-            labels.append("inactive")
-            continue
-        explained = {name: summary[f"marginal_{name}"][:, j].var() / variance
-                     for name in FACTOR_NAMES}
-        best = max(explained, key=explained.get)
-        labels.append(FACTOR_LABELS[best] if explained[best] >= EXPLAINED else "none")
-    return labels
-
-
-def write_gif(run_dir, path, frame_ms=250):
+def write_gif(folder, path, frame_ms=250):
     """The run's traversal images in step order as a looping GIF, the step written on each."""
-    from PIL import Image, ImageDraw
-
     frames = []
-    for step, image_path in traversal_images(run_dir):
+    for step, image_path in traversal_images(folder):
         image = Image.open(image_path).convert("RGB")
         frame = Image.new("RGB", (image.width, image.height + 16), "white")
         frame.paste(image, (0, 16))
@@ -116,8 +77,6 @@ def write_gif(run_dir, path, frame_ms=250):
 
 
 def _traversal_panel(ax, image_path, labels, title):
-    from PIL import Image
-
     image = np.asarray(Image.open(image_path))
     ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
     rows = 2 + len(labels)
@@ -132,31 +91,29 @@ def _traversal_panel(ax, image_path, labels, title):
 def comparison_figure(runs, path):
     """Per run: its final traversal with latent labels, and its ground-truth plot."""
     from matplotlib.figure import Figure
-    from PIL import Image
-
     fig = Figure(figsize=(9 * len(runs), 11), layout="constrained")
     axes = fig.subplots(1, 2 * len(runs), squeeze=False)[0]
-    for i, (name, run_dir) in enumerate(runs):
-        step, summary = ground_truth_summary(run_dir)
-        traversals = dict(traversal_images(run_dir))
+    for i, (name, folder) in enumerate(runs):
+        step, summary = ground_truth_summary(folder)
+        traversals = dict(traversal_images(folder))
         image_step = step if step in traversals else max(traversals)
         _traversal_panel(axes[2 * i], traversals[image_step], latent_labels(summary),
                          f"{name}: traversal, step {image_step}")
-        plot = _numbered(run_dir, r"alpha_.+_gt_(\d+)\.png")
+        plot = folder.gt_plots()
         if not plot:
-            raise FigureError(f"{run_dir} has no ground-truth plot (alpha_*_gt_<step>.png)")
+            raise FigureError(f"{folder} has no ground-truth plot (alpha_*_gt_<step>.png)")
         axes[2 * i + 1].imshow(np.asarray(Image.open(plot[-1][1])))
         axes[2 * i + 1].set_axis_off()
         axes[2 * i + 1].set_title(f"{name}: mean activations, step {plot[-1][0]}")
     fig.savefig(path, dpi=110)
 
 
-def loss_plot(run_dir, path, max_step=4000):
+def loss_plot(folder, path, max_step=4000):
     from matplotlib.figure import Figure
 
-    rows = [r for r in training_records(run_dir)[0] if r["step"] <= max_step]
+    rows = [r for r in training_records(folder)[0] if r["step"] <= max_step]
     if not rows:
-        raise FigureError(f"{run_dir}/metrics.jsonl has no training record up to step {max_step}")
+        raise FigureError(f"{folder}/{folder.LOG} has no training record up to step {max_step}")
     fig = Figure(figsize=(12, 3.4), layout="constrained")
     steps = [r["step"] for r in rows]
     for ax, key, title in zip(fig.subplots(1, 3), ("recon", "kl", "syn"),
@@ -169,10 +126,8 @@ def loss_plot(run_dir, path, max_step=4000):
     return len(rows)
 
 
-def faces_figure(run_dir, path):
-    from PIL import Image
-
-    step, image_path = traversal_images(run_dir)[-1]
+def faces_figure(folder, path):
+    step, image_path = traversal_images(folder)[-1]
     Image.open(image_path).save(path)
     return step
 
@@ -180,13 +135,13 @@ def faces_figure(run_dir, path):
 def comparison_table(runs, out_dir):
     """Final losses and scores per run, as comparison.md and comparison.json."""
     table = []
-    for name, run_dir in runs:
-        train, evaluations = training_records(run_dir)
+    for name, folder in runs:
+        train, evaluations = training_records(folder)
         if not train:
-            raise FigureError(f"{run_dir}/metrics.jsonl has no training record")
-        config = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+            raise FigureError(f"{folder}/{folder.LOG} has no training record")
+        config = folder.read_config()["config"]
         last = train[-1]
-        table.append(dict(run=name, folder=Path(run_dir).name, metric=config["metric"],
+        table.append(dict(run=name, folder=folder.name, metric=config["metric"],
                           step=last["step"], recon=last["recon"], kl=last["kl"], syn=last["syn"],
                           scores=evaluations[-1]["scores"] if evaluations else {}))
     names = sorted({k for row in table for k in row["scores"]})
@@ -215,18 +170,20 @@ def main(argv=None):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [("Non-Syn VAE", args.nonsyn), ("FactorVAE", args.factor), ("VAE", args.vae)]
+    runs = [("Non-Syn VAE", RunFolder(args.nonsyn)), ("FactorVAE", RunFolder(args.factor)),
+            ("VAE", RunFolder(args.vae))]
+    celeba = [("CelebA", RunFolder(args.celeba))] if args.celeba else []
     try:
-        for _, run_dir in runs + ([("CelebA", args.celeba)] if args.celeba else []):
-            if not Path(run_dir).is_dir():
-                raise FigureError(f"{run_dir} is not a run folder")
-        frames = write_gif(args.nonsyn, out / "traversals.gif")
+        for _, folder in runs + celeba:
+            if not folder.path.is_dir():
+                raise FigureError(f"{folder} is not a run folder")
+        frames = write_gif(runs[0][1], out / "traversals.gif")
         comparison_figure(runs[:2], out / "latents.png")
         comparison_figure(runs[2:], out / "VAE_traversals.png")
-        points = loss_plot(args.nonsyn, out / "plots.png", args.loss_steps)
-        if args.celeba:
-            faces_figure(args.celeba, out / "faces_celeba.png")
-        comparison_table(runs + ([("CelebA", args.celeba)] if args.celeba else []), out)
+        points = loss_plot(runs[0][1], out / "plots.png", args.loss_steps)
+        if celeba:
+            faces_figure(celeba[0][1], out / "faces_celeba.png")
+        comparison_table(runs + celeba, out)
     except FigureError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,12 +15,15 @@ be any function of the factors.
               gradient-boosted trees' feature importances.
   sap         Kumar et al. (2018): separated attribute predictability with 1-D linear SVMs.
 """
+import argparse
+
 import numpy as np
 
 METRIC_NAMES = ("factor_vae", "mig", "beta_vae", "dci", "sap")
 DEFAULT_METRICS = ("factor_vae", "mig")
 
-# disentanglement_lib defaults
+# Each protocol's parameters, disentanglement_lib's defaults: the one place they are written.
+# ``evaluate`` passes them (with any overrides) to the metric functions, which have no defaults.
 PROTOCOLS = {
     "factor_vae": dict(batch_size=64, num_variance_estimate=10000, num_train=10000,
                        num_eval=5000, prune_std=0.05),
@@ -41,8 +44,8 @@ def _sample_points(represent, factor_sizes, n, rng):
     return factors, np.asarray(represent(factors), dtype=np.float64)
 
 
-def factor_vae_score(represent, factor_sizes, rng, batch_size=64, num_variance_estimate=10000,
-                     num_train=10000, num_eval=5000, prune_std=0.05):
+def factor_vae_score(represent, factor_sizes, rng, batch_size, num_variance_estimate, num_train,
+                     num_eval, prune_std):
     _, codes = _sample_points(represent, factor_sizes, num_variance_estimate, rng)
     global_var = codes.var(axis=0, ddof=1)
     active = np.flatnonzero(np.sqrt(global_var) >= prune_std)
@@ -81,7 +84,7 @@ def _discretize(codes, num_bins):
     return out
 
 
-def mig(represent, factor_sizes, rng, num_train=10000, num_bins=20):
+def mig(represent, factor_sizes, rng, num_train, num_bins):
     from sklearn.metrics import mutual_info_score
 
     factors, codes = _sample_points(represent, factor_sizes, num_train, rng)
@@ -95,7 +98,7 @@ def mig(represent, factor_sizes, rng, num_train=10000, num_bins=20):
     return dict(score=float(gaps.mean()), per_factor=gaps.tolist())
 
 
-def beta_vae_score(represent, factor_sizes, rng, batch_size=64, num_train=10000, num_eval=5000):
+def beta_vae_score(represent, factor_sizes, rng, batch_size, num_train, num_eval):
     from sklearn.linear_model import LogisticRegression
 
     def points(n):
@@ -123,7 +126,7 @@ def _entropy(p, base):
     return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=0) / np.log(base)
 
 
-def dci(represent, factor_sizes, rng, num_train=10000, num_test=5000, n_jobs=-1):
+def dci(represent, factor_sizes, rng, num_train, num_test, n_jobs=-1):
     from joblib import Parallel, delayed
     from sklearn.ensemble import GradientBoostingClassifier
 
@@ -160,8 +163,7 @@ def dci(represent, factor_sizes, rng, num_train=10000, num_test=5000, n_jobs=-1)
                 score=disentanglement)
 
 
-def sap(represent, factor_sizes, rng, num_train=10000, num_test=5000, svc_C=0.01,
-        continuous_factors=False):
+def sap(represent, factor_sizes, rng, num_train, num_test, svc_C, continuous_factors):
     """Discrete factors (the default): test accuracy of a LinearSVC on each single latent;
     continuous factors: squared correlation of each latent with each factor."""
     from sklearn.svm import LinearSVC
@@ -188,13 +190,6 @@ def sap(represent, factor_sizes, rng, num_train=10000, num_test=5000, svc_C=0.01
 
 METRICS = {"factor_vae": factor_vae_score, "mig": mig, "beta_vae": beta_vae_score, "dci": dci,
            "sap": sap}
-
-
-def library_versions():
-    """Versions recorded with every score (scikit-learn, numpy and torch among them)."""
-    from utils import package_versions
-
-    return package_versions()
 
 
 EVAL_SEED = 0  # one fixed seed for every evaluation, so that runs are scored on the same samples
@@ -224,3 +219,18 @@ def lookup(codes, factor_sizes):
     def represent(factors):
         return codes[np.ravel_multi_index(np.asarray(factors).T, factor_sizes)]
     return represent
+
+
+def metric_list(text):
+    """argparse type of ``--eval-metrics``: comma-separated names, ``all`` or ``none`` ->
+    the names in METRIC_NAMES order, comma-separated ("" for none)."""
+    if text == "all":
+        return ",".join(METRIC_NAMES)
+    if text == "none":
+        return ""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METRIC_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {', '.join(unknown)}; choose from "
+                                         f"{', '.join(METRIC_NAMES)}, all or none")
+    return ",".join(n for n in METRIC_NAMES if n in names)

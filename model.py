@@ -5,6 +5,7 @@ Layer sizes follow the original exactly (498,005 parameters for dSprites with z_
 losses keep its scaling (summed over pixels and latents, averaged over the batch) so that
 published alpha, omega and gamma values transfer.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -55,19 +56,35 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+def reparameterise(mu, logvar, noise):
+    """z = mu + noise * sigma, the reparameterised posterior sample (noise ~ N(0, I), like mu)."""
+    return mu + noise * (0.5 * logvar).exp()
+
+
 class VAE(nn.Module):
     """Encoder + reparameterisation + decoder. ``forward`` returns (logits, mu, logvar, z)."""
 
     def __init__(self, z_dim=10, nc=1, hidden=128, hidden_relu=False):
         super().__init__()
-        self.z_dim = z_dim
         self.encoder = Encoder(z_dim, nc, hidden, hidden_relu)
         self.decoder = Decoder(z_dim, nc, hidden)
 
     def forward(self, x):
         mu, logvar = self.encoder(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        z = reparameterise(mu, logvar, torch.randn_like(mu))
         return self.decoder(z), mu, logvar, z
+
+
+@contextmanager
+def evaluating(model):
+    """Run ``model`` in eval mode without autograd; its train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 class Discriminator(nn.Module):

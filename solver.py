@@ -1,21 +1,22 @@
-"""The Solver: owns one run (model, optimisers, data, objective, outputs) and its training loop.
+"""The Solver: owns one run (model, optimisers, data, objective, outputs) and its training loop,
+and the validated Config it runs from.
 
 Datasets differ by a ModelSpec (channels, hidden width, likelihood); objectives (``--metric``)
 differ only by their train step:
   Test_gt, test  Non-Syn VAE: recon + KL, plus the synergy penalty alpha * KL(worst set)
-                 applied as a second Adam step (``two-step``, faithful) or in one loss (``joint``)
+                 applied as a second Adam step (``two-step``) or in one loss (``joint``)
   VAE, BVAE      recon + beta * KL (beta = 1 for VAE); synergy logged, not optimised
   Factor         FactorVAE: recon + KL + gamma * TC with a density-ratio discriminator
 Every train step returns (values, best): a dict of detached 0-dim tensors and the bool best-set
 mask. They are read on the host only at log time, so the step never synchronises with the device.
 """
-import json
+import dataclasses
 import logging
 import signal
 import threading
 import time
 from datetime import datetime
-from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,25 +25,156 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dataset import (FACTOR_NAMES, ORIENTATION_VALUES, SCALE_VALUES, EpochSampler, grid_axes,
-                     load_dataset)
-from metrics import EVAL_SEED, evaluate, library_versions, lookup
-from model import MODEL_SPECS, Discriminator, kl_loss, permute_dims
+from dataset import (CELEBA_CROPS, FACTOR_NAMES, GRIDS, ORIENTATION_VALUES, SCALE_VALUES,
+                     EpochSampler, grid_axes, load_dataset)
+from metrics import DEFAULT_METRICS, EVAL_SEED, METRIC_NAMES, evaluate, lookup
+from model import MODEL_SPECS, Discriminator, evaluating, kl_loss, permute_dims, reparameterise
+from monitor import VisdomMonitor
+from plotting import image_grid, mean_activations, save_ground_truth_plot
 from synergy import synergy_penalty
-from utils import (VisdomMonitor, atomic_torch_save, git_commit, package_versions, rng_state,
-                   set_rng_state, write_json)
+from utils import ConfigError, RunFolder, git_commit, package_versions, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoints/last.pt"
-CHECKPOINT_FORMAT = 1
+# --- the configuration ----------------------------------------------------------------------------
 
+OBJECTIVES = ("Test_gt", "test", "VAE", "BVAE", "Factor")  # --metric
+UPDATES = ("two-step", "joint")
+SAMPLES = ("no_sample", "sample")
+DATASETS = ("dsprites", "celeba")
+# Settings that may change when a run is resumed; everything else is fixed by the checkpoint.
+RESUMABLE = ("steps", "log_interval", "save_interval", "gt_interval", "viz_on", "viz_port",
+             "viz_il_iter", "viz_la_iter", "cuda", "data_dir", "eval_metrics")
+
+
+class Bound(NamedTuple):
+    """The values a numeric setting may take: ``kind`` (int or float) within [low, high], or
+    (low, high] with ``low_open``."""
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def problem(self, value):
+        """Why ``value`` is out of bounds (text), or None when it is fine."""
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return f"must be {'>' if self.low_open else '>='} {self.low}, got {value}"
+        if self.high is not None and value > self.high:
+            return f"must be <= {self.high}, got {value}"
+        return None
+
+
+# Every numeric setting's bounds, checked for flags (run.py) and for every Config alike.
+BOUNDS = dict(
+    z_dim=Bound(int, 1), alpha=Bound(float, 0), omega=Bound(float, 0, 1, low_open=True),
+    gamma=Bound(float, 0), beta=Bound(float, 0),
+    lr_VAE=Bound(float, 0, low_open=True), beta1_VAE=Bound(float, 0, 1),
+    beta2_VAE=Bound(float, 0, 1), lr_D=Bound(float, 0, low_open=True),
+    beta1_D=Bound(float, 0, 1), beta2_D=Bound(float, 0, 1),
+    batch_size=Bound(int, 2), steps=Bound(int, 1), nb_test=Bound(int, 1), seed=Bound(int, 0),
+    log_interval=Bound(int, 1), save_interval=Bound(int, 1), gt_interval=Bound(int, 1),
+    viz_port=Bound(int, 1, 65535), viz_il_iter=Bound(int, 1), viz_la_iter=Bound(int, 1),
+)
+CHOICES = dict(metric=OBJECTIVES, update=UPDATES, sample=SAMPLES, dataset=DATASETS, grid=GRIDS,
+               celeba_crop=tuple(CELEBA_CROPS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    metric: str = "Test_gt"  # experiment: Test_gt/test (Non-Syn VAE), VAE, BVAE, Factor
+    update: str = "two-step"  # Non-Syn update: two Adam steps (original) or one joint loss
+    sample: str = "no_sample"  # synergy on the training batch, or on a second batch
+    z_dim: int = 10  # latent dimensions
+    alpha: float = 1.5  # weight of the synergy penalty
+    omega: float = 0.8  # greedy policy: a latent joins the best set if omega * I(new) > I(old)
+    gamma: float = 6.4  # FactorVAE total-correlation weight
+    beta: float = 4.0  # beta-VAE KL weight
+    lr_VAE: float = 1e-4
+    beta1_VAE: float = 0.9
+    beta2_VAE: float = 0.999
+    lr_D: float = 1e-4
+    beta1_D: float = 0.5
+    beta2_D: float = 0.9
+    batch_size: int = 64
+    steps: int = 300000  # optimisation steps, exactly
+    dataset: str = "dsprites"
+    grid: str = "full"  # dSprites factor grid: full (737,280 images) or reduced (11,520)
+    celeba_crop: str = "original"  # how CelebA photos become 64x64
+    data_dir: str | None = None  # where the official npz is looked for (default ./, ./datasets)
+    output_dir: str = "outputs"
+    run_name: str | None = None
+    cuda: bool = True  # use a GPU when one is available
+    nb_test: int = 9  # test images, and points per latent traversal
+    seed: int = 120  # the original's hard-coded seed, now really the --seed default
+    log_interval: int = 500
+    save_interval: int = 2000  # traversal image + checkpoint
+    gt_interval: int = 10000  # ground-truth mean-activation plot
+    viz_on: bool = False
+    viz_port: int = 8097
+    viz_il_iter: int = 20  # gather visdom values every N steps
+    viz_la_iter: int = 100  # push them every N steps
+    eval_metrics: str = ",".join(DEFAULT_METRICS)  # disentanglement metrics at every gt-interval
+
+    def __post_init__(self):
+        """Check every setting as its flag would, so that a Config built in code or read from a
+        checkpoint is as valid as one from the command line; ints pass for floats."""
+        for field in dataclasses.fields(self):
+            name, value = field.name, getattr(self, field.name)
+            if name in BOUNDS:
+                bound = BOUNDS[name]
+                numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if not numeric or (bound.kind is int and not float(value).is_integer()):
+                    raise ConfigError(f"{name} must be {'a whole number' if bound.kind is int else 'a number'}"
+                                      f", got {value!r}")
+                object.__setattr__(self, name, bound.kind(value))
+                if problem := bound.problem(value):
+                    raise ConfigError(f"{name} {problem}")
+            elif name in CHOICES:
+                if value not in CHOICES[name]:
+                    raise ConfigError(f"{name} must be one of {', '.join(CHOICES[name])}, "
+                                      f"got {value!r}")
+            elif field.type is bool:
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{name} must be True or False, got {value!r}")
+            elif name == "eval_metrics":
+                unknown = [n for n in self.metric_names if n not in METRIC_NAMES]
+                if not isinstance(value, str) or unknown:
+                    raise ConfigError(f"eval_metrics must name metrics from "
+                                      f"{', '.join(METRIC_NAMES)}, got {value!r}")
+            elif not (isinstance(value, str) or (value is None and field.default is None)):
+                raise ConfigError(f"{name} must be text, got {value!r}")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @property
+    def metric_names(self):
+        return tuple(n for n in self.eval_metrics.split(",") if n)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, **changes):
+        """The Config a checkpoint was trained with (visdom off), with ``changes`` applied."""
+        return cls(**{**checkpoint["config"], "viz_on": False, **changes})
+
+
+def run_metadata(config, data):
+    """What config.json records besides the settings: data source and size, versions, commit."""
+    return dict(config=config.to_dict(), data_source=data.source, n_images=len(data),
+                versions=package_versions(), git_commit=git_commit(),
+                factors=list(FACTOR_NAMES) if data.has_factors else None)
+
+
+def pick_device(config):
+    return torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
+
+
+# --- the Solver -----------------------------------------------------------------------------------
 
 class Solver:
-    def __init__(self, config, run_dir, checkpoint=None):
+    def __init__(self, config, folder, checkpoint=None):
         self.config = c = config
-        self.run_dir = Path(run_dir)
-        self.device = torch.device("cuda" if c.cuda and torch.cuda.is_available() else "cpu")
+        self.folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
+        self.device = pick_device(c)
         torch.manual_seed(c.seed)
 
         self.data = load_dataset(c.dataset, c.data_dir, c.grid, c.celeba_crop).to(self.device)
@@ -59,8 +191,9 @@ class Solver:
             self.D = Discriminator(c.z_dim).to(self.device)
             self.optim_D = torch.optim.Adam(self.D.parameters(), lr=c.lr_D,
                                             betas=(c.beta1_D, c.beta2_D))
+        nonsyn = self.step_joint if c.update == "joint" else self.step_two_step
         self.train_step = {"VAE": self.step_vae, "BVAE": self.step_vae, "Factor": self.step_factor,
-                           "Test_gt": self.step_nonsyn, "test": self.step_nonsyn}[c.metric]
+                           "Test_gt": nonsyn, "test": nonsyn}[c.metric]
 
         self.sampler = EpochSampler(len(self.data), c.batch_size, c.seed, 0, self.device)
         # A second, independent stream: the synergy batch of --sample sample, FactorVAE's z'.
@@ -76,7 +209,7 @@ class Solver:
             self.load_state(checkpoint)
         self.viz = None
         if c.viz_on:
-            self.viz = VisdomMonitor(self.run_dir.name, c.viz_port, c.viz_il_iter, c.viz_la_iter,
+            self.viz = VisdomMonitor(self.folder.name, c.viz_port, c.viz_il_iter, c.viz_la_iter,
                                      c.z_dim)
         self._stop_signal = None
 
@@ -90,41 +223,54 @@ class Solver:
         logits, mu, logvar, z = self.model(x)
         return self.reconstruction_loss(logits, x), kl_loss(mu, logvar), mu, logvar, z
 
-    def step_nonsyn(self):
-        """Non-Syn VAE step. two-step: Adam on recon + KL, then Adam on alpha * KL(worst) with
-        the synergy gradient taken at the pre-step parameters (or, with --sample sample, from a
-        fresh encoder pass on a second batch after the first step) and zero gradients on the
-        decoder, whose Adam moments still move as in PyTorch 0.4.1. joint: one Adam step on
-        recon + KL + alpha * KL(worst)."""
+    def _penalty_posterior(self, mu, logvar):
+        """The posterior (mu, logvar) that feeds the synergy penalty: the training batch's own,
+        or with --sample sample an encoder pass of the partner batch at the current parameters."""
+        if self.config.sample == "no_sample":
+            return mu, logvar
+        return self.model.encoder(self._batch(self.partner))
+
+    def _synergy_gradient(self, mu, logvar, retain_graph=False):
+        """(syn, best, d syn / d encoder parameters) of the penalty on this posterior."""
+        syn, best = synergy_penalty(mu, logvar, self.config.omega, self.config.alpha)
+        grads = torch.autograd.grad(syn, list(self.model.encoder.parameters()),
+                                    retain_graph=retain_graph)
+        return syn, best, grads
+
+    def step_two_step(self):
+        """Non-Syn VAE, the two Adam steps of the original's algorithm box, both gradients taken
+        at the parameters they belong to (see README, deviations)."""
+        c = self.config
+        # 1. ELBO terms at θ_t.
+        recon, kl, mu, logvar, _ = self._elbo_terms(self._batch(self.sampler))
+        # 2. The synergy gradient of the encoder at θ_t, taken before step 3 changes θ ...
+        if c.sample == "no_sample":
+            syn, best, syn_grads = self._synergy_gradient(mu, logvar, retain_graph=True)
+        # 3. Adam on recon + KL: θ_t -> θ_t+½.
+        self.optim.zero_grad(set_to_none=True)
+        (recon + kl).backward()
+        self.optim.step()
+        # 2. ... or, with --sample sample, on the partner batch at θ_t+½, as the original.
+        if c.sample == "sample":
+            syn, best, syn_grads = self._synergy_gradient(*self._penalty_posterior(mu, logvar))
+        # 4. Adam on the synergy gradient. The decoder gets explicit zero gradients, as PyTorch
+        #    0.4.1's zero_grad left them, so its Adam moments still decay and move it.
+        for p, g in zip(self.model.encoder.parameters(), syn_grads, strict=True):
+            p.grad = g
+        for p in self.model.decoder.parameters():
+            p.grad.zero_()
+        self.optim.step()
+        return dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
+                    total=(recon + kl + syn).detach()), best
+
+    def step_joint(self):
+        """Non-Syn VAE, one Adam step on recon + KL + alpha * KL(worst set) at θ_t."""
         c = self.config
         recon, kl, mu, logvar, _ = self._elbo_terms(self._batch(self.sampler))
-        if c.sample == "sample":
-            x_syn = self._batch(self.partner)
-            if c.update == "joint":
-                mu_s, logvar_s = self.model.encoder(x_syn)
-                syn, best = synergy_penalty(mu_s, logvar_s, c.omega, c.alpha)
-        else:
-            syn, best = synergy_penalty(mu, logvar, c.omega, c.alpha)
-
+        syn, best = synergy_penalty(*self._penalty_posterior(mu, logvar), c.omega, c.alpha)
         self.optim.zero_grad(set_to_none=True)
-        if c.update == "joint":
-            (recon + kl + syn).backward()
-            self.optim.step()
-        else:
-            encoder = list(self.model.encoder.parameters())
-            if c.sample == "no_sample":
-                syn_grads = torch.autograd.grad(syn, encoder, retain_graph=True)
-            (recon + kl).backward()
-            self.optim.step()
-            if c.sample == "sample":
-                mu_s, logvar_s = self.model.encoder(x_syn)
-                syn, best = synergy_penalty(mu_s, logvar_s, c.omega, c.alpha)
-                syn_grads = torch.autograd.grad(syn, encoder)
-            for p, g in zip(encoder, syn_grads, strict=True):
-                p.grad = g
-            for p in self.model.decoder.parameters():
-                p.grad.zero_()
-            self.optim.step()
+        (recon + kl + syn).backward()
+        self.optim.step()
         return dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
                     total=(recon + kl + syn).detach()), best
 
@@ -157,7 +303,7 @@ class Solver:
 
         with torch.no_grad():
             mu2, logvar2 = self.model.encoder(self._batch(self.partner))
-            z_perm = permute_dims(mu2 + torch.randn_like(mu2) * (0.5 * logvar2).exp())
+            z_perm = permute_dims(reparameterise(mu2, logvar2, torch.randn_like(mu2)))
         zeros = torch.zeros(len(z), dtype=torch.long, device=self.device)
         d_loss = 0.5 * (F.cross_entropy(self.D(z.detach()), zeros)
                         + F.cross_entropy(self.D(z_perm), torch.ones_like(zeros)))
@@ -176,7 +322,7 @@ class Solver:
         self.model.train()
         start_step, started = self.step, time.perf_counter() - self.elapsed
         handlers = self._install_signal_handlers()
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        log_file = self.folder.open_log()
         try:
             with logging_redirect_tqdm(), tqdm(total=c.steps, initial=self.step, unit="step",
                                                dynamic_ncols=True, desc="training") as bar:
@@ -185,15 +331,15 @@ class Solver:
                     bar.update(1)
                     self.elapsed = time.perf_counter() - started
                     if self.step % c.log_interval == 0 or self.step == c.steps:
-                        self._log(metrics_file, values, best)
+                        self._log(log_file, values, best)
                     if self.step % c.save_interval == 0 or self.step == c.steps:
                         self.save_traversal()
                         self.save_checkpoint()
                     if self.data.has_factors and (self.step % c.gt_interval == 0
                                                   or self.step == c.steps):
-                        self._evaluate(metrics_file)
+                        self._evaluate(log_file)
         finally:
-            metrics_file.close()
+            log_file.close()
             self._restore_signal_handlers(handlers)
             if self.viz is not None:
                 self.viz.push()
@@ -201,10 +347,10 @@ class Solver:
             self.save_checkpoint()
             name = signal.Signals(self._stop_signal).name
             log.warning("%s at step %d: checkpoint saved in %s. Resume with:\n  python run.py "
-                        "--resume %s", name, self.step, self.run_dir / CHECKPOINT, self.run_dir)
+                        "--resume %s", name, self.step, self.folder.checkpoint_path, self.folder)
             return False
         log.info("Finished %d steps in %.1f s (%d this session); outputs in %s", self.step,
-                 self.elapsed, self.step - start_step, self.run_dir)
+                 self.elapsed, self.step - start_step, self.folder)
         return True
 
     def advance(self):
@@ -217,30 +363,31 @@ class Solver:
             self.viz.gather(self.step, values, self.best_counts / self.step)
         return values, best
 
-    def _log(self, metrics_file, values, best):
+    def _log(self, log_file, values, best):
         row = {name: float(v) for name, v in values.items()}
         best = best.cpu()
         record = dict(step=self.step, **row,
                       best=best.nonzero().flatten().tolist(), worst=(~best).nonzero().flatten().tolist(),
                       best_freq=[round(f, 6) for f in (self.best_counts / self.step).tolist()],
                       seconds=round(self.elapsed, 3))
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        self.folder.write_record(log_file, "train", record)
         terms = " | ".join(f"{k} {v:.4g}" for k, v in row.items())
         log.info("step %d/%d | %s | best %s | %.1f s", self.step, self.config.steps, terms,
                  record["best"], self.elapsed)
 
-    def _evaluate(self, metrics_file):
+    def _evaluate(self, log_file):
         started = time.perf_counter()
-        results = self.evaluate_representation(self.config.metric_names)
+        results = evaluate_representation(self.model, self.data, self.config, self.folder,
+                                          self.step, self.config.metric_names,
+                                          should_stop=lambda: self._stop_signal is not None)
         if not results:
             return
-        record = dict(step=self.step, scores={n: r["score"] for n, r in results.items()},
-                      eval_seconds=round(time.perf_counter() - started, 3))
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        self.folder.write_record(log_file, "eval", dict(
+            step=self.step, scores={n: r["score"] for n, r in results.items()},
+            eval_seconds=round(time.perf_counter() - started, 3)))
         if self.step == self.config.steps:
-            self.record_evaluation(results, source="end of training")
+            self.folder.append_evaluation(evaluation_report(self.step, self.data, results,
+                                                            source="end of training"))
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -263,15 +410,12 @@ class Solver:
     # --- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self):
-        state = dict(format=CHECKPOINT_FORMAT, step=self.step, elapsed=self.elapsed,
-                     config=self.config.to_dict(), model=self.model.state_dict(),
-                     optim=self.optim.state_dict(), best_counts=self.best_counts,
-                     rng=rng_state(self.device))
+        state = dict(step=self.step, elapsed=self.elapsed, config=self.config.to_dict(),
+                     model=self.model.state_dict(), optim=self.optim.state_dict(),
+                     best_counts=self.best_counts, rng=rng_state(self.device))
         if self.D is not None:
             state.update(D=self.D.state_dict(), optim_D=self.optim_D.state_dict())
-        path = self.run_dir / CHECKPOINT
-        path.parent.mkdir(exist_ok=True)
-        atomic_torch_save(state, path)
+        self.folder.save_checkpoint(state)
 
     def load_state(self, state):
         self.model.load_state_dict(state["model"])
@@ -285,166 +429,112 @@ class Solver:
 
     # --- figures -----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode_all(self, batch_size=None):
-        """Posterior means of every image in dataset order: float32 array (N, z_dim).
-
-        On the CPU small batches keep the activations in cache (96: ~65 s for the full grid on
-        2 cores, against ~160 s at 2048); a GPU wants large ones."""
-        batch_size = batch_size or (4096 if self.device.type == "cuda" else 96)
-        was_training = self.model.training
-        self.model.eval()
-        mus = []
-        for start in range(0, len(self.data), batch_size):
-            if self._stop_signal is not None:  # a Ctrl-C should not wait for the whole grid
-                self.model.train(was_training)
-                return None
-            index = torch.arange(start, min(start + batch_size, len(self.data)), device=self.device)
-            mus.append(self.model.encoder(self.data.images(index))[0].cpu())
-        self.model.train(was_training)
-        return torch.cat(mus).numpy()
-
-    @torch.no_grad()
     def save_traversal(self):
         """alpha_<alpha>_traversal_<step>.png: test images, their reconstructions, then one row
         per latent traversed over linspace(-3, 3, nb_test) from test image 0's mean."""
         c = self.config
-        was_training = self.model.training
-        self.model.eval()
-        x = self.data.images(self.test_index.to(self.device))  # T, 1, 64, 64
-        mu, _ = self.model.encoder(x)
-        recon = torch.sigmoid(self.model.decoder(mu))
-        z = mu[:1].repeat(c.z_dim * c.nb_test, 1).view(c.z_dim, c.nb_test, c.z_dim)
-        z[torch.arange(c.z_dim), :, torch.arange(c.z_dim)] = torch.linspace(-3, 3, c.nb_test,
-                                                                             device=self.device)
-        traversal = torch.sigmoid(self.model.decoder(z.view(-1, c.z_dim)))
-        self.model.train(was_training)
+        x = self.data.images(self.test_index.to(self.device))  # T, ch, 64, 64
+        with evaluating(self.model):
+            mu, _ = self.model.encoder(x)
+            recon = torch.sigmoid(self.model.decoder(mu))
+            z = mu[:1].repeat(c.z_dim * c.nb_test, 1).view(c.z_dim, c.nb_test, c.z_dim)
+            z[torch.arange(c.z_dim), :, torch.arange(c.z_dim)] = torch.linspace(
+                -3, 3, c.nb_test, device=self.device)
+            traversal = torch.sigmoid(self.model.decoder(z.view(-1, c.z_dim)))
         rows = torch.cat([x, recon, traversal]).view(c.z_dim + 2, c.nb_test, *x.shape[1:])
         pixels = image_grid(rows.cpu())
-        Image.fromarray(pixels).save(self.run_dir / f"alpha_{c.alpha}_traversal_{self.step}.png")
+        Image.fromarray(pixels).save(self.folder.traversal_path(c.alpha, self.step))
         if self.viz is not None:
             self.viz.image(pixels, self.step)
 
-    def evaluate_representation(self, metric_names, plot=True):
-        """Encode the whole grid once; from those means draw the ground-truth plot and compute
-        the disentanglement metrics. Returns {metric: result}, or None when interrupted."""
-        started = time.perf_counter()
-        codes = self.encode_all()
-        if codes is None:
-            log.warning("evaluation at step %d skipped: interrupted", self.step)
-            return None
-        sizes = self.data.factor_sizes
-        plot_path = self.run_dir / f"alpha_{self.config.alpha}_gt_{self.step}.png"
-        summary_path = plot_path.with_suffix(".npz")
-        if plot and not (plot_path.exists() and summary_path.exists()):  # never redrawn over
-            axes = grid_axes(self.data.grid)
-            summary = mean_activations(codes.reshape(*sizes, self.config.z_dim),
-                                       scales=SCALE_VALUES[axes[1]],
-                                       orientations=ORIENTATION_VALUES[axes[2]])
-            if not summary_path.exists():
-                np.savez(summary_path, **summary)
-            if not plot_path.exists():
-                save_ground_truth_plot(summary, plot_path, f"{self.config.metric}, step {self.step}")
-        encoded = time.perf_counter()
-        results = evaluate(lookup(codes, sizes), sizes, metric_names) if metric_names else {}
-        if results:
-            log.info("step %d | %s | encoding %.1f s, metrics %.1f s", self.step,
-                     " | ".join(f"{name} {r['score']:.3f}" for name, r in results.items()),
-                     encoded - started, time.perf_counter() - encoded)
-        return results
 
-    def record_evaluation(self, results, source):
-        """Append one evaluation, with its protocols and library versions, to metrics.json."""
-        path = self.run_dir / "metrics.json"
-        report = json.loads(path.read_text()) if path.exists() else {"evaluations": []}
-        report["evaluations"].append(dict(
-            step=self.step, source=source, scores=results, eval_seed=EVAL_SEED,
-            data=dict(source=self.data.source, grid=self.data.grid, factors=list(FACTOR_NAMES),
-                      factor_sizes=list(self.data.factor_sizes), representation="posterior mean"),
-            versions=library_versions(), at=datetime.now().isoformat(timespec="seconds")))
-        write_json(path, report)
+# --- a trained representation: evaluation without a Solver ---------------------------------------
+
+@dataclasses.dataclass
+class Trained:
+    """A model and its data rebuilt from a stored config, for scripts that evaluate or draw
+    (evaluate.py, figures.py, benchmark.py): no optimisers, no discriminator, no run loop."""
+    config: Config
+    model: torch.nn.Module
+    data: object
+    device: torch.device
+    step: int = 0
+
+    @classmethod
+    def build(cls, config, checkpoint=None):
+        """The model of ``config`` with the checkpoint's weights (or freshly initialised)."""
+        device = pick_device(config)
+        torch.manual_seed(config.seed)
+        model = MODEL_SPECS[config.dataset].build(config.z_dim).to(device)
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+        data = load_dataset(config.dataset, config.data_dir, config.grid,
+                            config.celeba_crop).to(device)
+        return cls(config, model, data, device, checkpoint["step"] if checkpoint else 0)
+
+    @classmethod
+    def load(cls, folder, **changes):
+        """The run in ``folder`` at its checkpoint; ``changes`` override stored settings."""
+        checkpoint = folder.load_checkpoint()
+        return cls.build(Config.from_checkpoint(checkpoint, **changes), checkpoint)
+
+    def evaluate(self, folder, metric_names, plot=True):
+        return evaluate_representation(self.model, self.data, self.config, folder, self.step,
+                                       metric_names, plot)
 
 
-def run_metadata(config, data):
-    """What config.json records besides the settings: data source and size, versions, commit."""
-    return dict(config=config.to_dict(), data_source=data.source, n_images=len(data),
-                versions=package_versions(), git_commit=git_commit(),
-                factors=list(FACTOR_NAMES) if data.has_factors else None)
+def encode_all(model, data, should_stop=None, batch_size=None):
+    """Posterior means of every image in dataset order: float32 array (N, z_dim), or None when
+    ``should_stop()`` turns true on the way (a Ctrl-C should not wait for the whole grid).
+
+    On the CPU small batches keep the activations in cache (96: ~65 s for the full grid on
+    2 cores, against ~160 s at 2048); a GPU wants large ones."""
+    device = next(model.parameters()).device
+    batch_size = batch_size or (4096 if device.type == "cuda" else 96)
+    mus = []
+    with evaluating(model):
+        for start in range(0, len(data), batch_size):
+            if should_stop is not None and should_stop():
+                return None
+            index = torch.arange(start, min(start + batch_size, len(data)), device=device)
+            mus.append(model.encoder(data.images(index))[0].cpu())
+    return torch.cat(mus).numpy()
 
 
-# --- plotting ---------------------------------------------------------------------------------
+def evaluate_representation(model, data, config, folder, step, metric_names, plot=True,
+                            should_stop=None):
+    """Encode the whole grid once; from those means draw the ground-truth plot (unless the run
+    already has it) and compute the disentanglement metrics. Returns {metric: result}, or None
+    when interrupted."""
+    started = time.perf_counter()
+    codes = encode_all(model, data, should_stop)
+    if codes is None:
+        log.warning("evaluation at step %d skipped: interrupted", step)
+        return None
+    sizes = data.factor_sizes
+    plot_path = folder.gt_plot_path(config.alpha, step)
+    summary_path = folder.gt_summary_path(config.alpha, step)
+    if plot and not (plot_path.exists() and summary_path.exists()):  # never redrawn over
+        axes = grid_axes(data.grid)
+        summary = mean_activations(codes.reshape(*sizes, config.z_dim),
+                                   scales=SCALE_VALUES[axes[1]],
+                                   orientations=ORIENTATION_VALUES[axes[2]])
+        if not summary_path.exists():
+            np.savez(summary_path, **summary)
+        if not plot_path.exists():
+            save_ground_truth_plot(summary, plot_path, f"{config.metric}, step {step}")
+    encoded = time.perf_counter()
+    results = evaluate(lookup(codes, sizes), sizes, metric_names) if metric_names else {}
+    if results:
+        log.info("step %d | %s | encoding %.1f s, metrics %.1f s", step,
+                 " | ".join(f"{name} {r['score']:.3f}" for name, r in results.items()),
+                 encoded - started, time.perf_counter() - encoded)
+    return results
 
-def image_grid(rows, padding=2):
-    """Images (R, C, ch, H, W) in [0, 1] -> one uint8 grid (H', W') or (H', W', 3), black padding."""
-    n_rows, n_cols, ch, h, w = rows.shape
-    canvas = torch.zeros(ch, n_rows * (h + padding) + padding, n_cols * (w + padding) + padding)
-    for r in range(n_rows):
-        for col in range(n_cols):
-            top, left = padding + r * (h + padding), padding + col * (w + padding)
-            canvas[:, top:top + h, left:left + w] = rows[r, col]
-    pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return pixels[:, :, 0] if ch == 1 else pixels
 
-
-ACTIVE_VARIANCE = 1e-2  # a latent whose mean varies less than this over the data is inactive
-
-
-def mean_activations(mu, scales, orientations):
-    """What the ground-truth plot shows, from posterior means mu over the factor grid (shape,
-    scale, orientation, posX, posY, z_dim): a few small arrays, saved beside the plot."""
-    z_dim = mu.shape[-1]
-    return dict(
-        variance=mu.reshape(-1, z_dim).var(0),  # z
-        pos=mu.mean(axis=(0, 1, 2)),  # posX, posY, z
-        by_scale=mu.mean(axis=(2, 3, 4)),  # shape, scale, z
-        by_rotation=mu.mean(axis=(1, 3, 4)),  # shape, orientation, z
-        scales=np.asarray(scales), orientations=np.asarray(orientations),
-        **{f"marginal_{name}": mu.mean(axis=tuple(a for a in range(5) if a != axis))  # values, z
-           for axis, name in enumerate(FACTOR_NAMES)})
-
-
-def save_ground_truth_plot(summary, path, title=""):
-    """The original's "mean activation" figure from mean_activations(). One row per active
-    latent: a posX x posY heatmap of mu_j averaged over shape, scale and orientation (one colour
-    scale for all rows); mu_j against scale and against orientation, one line per shape (shared
-    y-limits per column)."""
-    from matplotlib.figure import Figure
-
-    scales, orientations = summary["scales"], summary["orientations"]
-    active = np.flatnonzero(summary["variance"] > ACTIVE_VARIANCE)
-    n_rows = max(len(active), 1)
-    fig = Figure(figsize=(9, 2.2 * n_rows + 0.6), layout="constrained")
-    fig.suptitle(title)
-    axes = fig.subplots(n_rows, 3, squeeze=False)
-    if not len(active):
-        for ax in axes[0]:
-            ax.set_axis_off()
-        axes[0, 1].text(0.5, 0.5, f"no active latent (variance of mu > {ACTIVE_VARIANCE})",
-                        ha="center", va="center")
-        fig.savefig(path)
-        return
-    pos = summary["pos"][..., active]  # posX, posY, A
-    by_scale = summary["by_scale"][..., active]  # shape, scale, A
-    by_rotation = summary["by_rotation"][..., active]  # shape, orientation, A
-    limit = np.abs(pos).max()
-    ylims = [(a.min() - 0.1 * np.ptp(a) - 1e-3, a.max() + 0.1 * np.ptp(a) + 1e-3)
-             for a in (by_scale, by_rotation)]
-    for row, j in enumerate(active):
-        ax_pos, ax_scale, ax_rot = axes[row]
-        image = ax_pos.imshow(pos[:, :, row].T, cmap="coolwarm", vmin=-limit, vmax=limit,
-                              origin="upper", extent=(0, 1, 1, 0))
-        ax_pos.set_ylabel(f"z{j}")
-        for shape_index, name in enumerate(("square", "ellipse", "heart")):
-            ax_scale.plot(scales, by_scale[shape_index, :, row], label=name)
-            ax_rot.plot(orientations, by_rotation[shape_index, :, row], label=name)
-        ax_scale.set_ylim(*ylims[0])
-        ax_rot.set_ylim(*ylims[1])
-    axes[0, 0].set_title("pos")
-    axes[0, 1].set_title("scale")
-    axes[0, 2].set_title("rotation")
-    axes[0, 2].legend(fontsize="small")
-    axes[-1, 0].set_xlabel("posX")
-    axes[-1, 1].set_xlabel("scale")
-    axes[-1, 2].set_xlabel("orientation (rad)")
-    fig.colorbar(image, ax=axes[:, 0], shrink=0.8)
-    fig.savefig(path)
+def evaluation_report(step, data, results, source):
+    """One metrics.json entry: the scores with their protocols, the data and library versions."""
+    return dict(step=step, source=source, scores=results, eval_seed=EVAL_SEED,
+                data=dict(source=data.source, grid=data.grid, factors=list(FACTOR_NAMES),
+                          factor_sizes=list(data.factor_sizes), representation="posterior mean"),
+                versions=package_versions(), at=datetime.now().isoformat(timespec="seconds"))

@@ -1,13 +1,14 @@
-"""Small shared helpers: atomic files, run folders, provenance, and the optional visdom monitor."""
+"""Small shared helpers: atomic files, provenance, RNG state, and the owner of a run folder."""
 import json
 import logging
 import os
 import platform
 import subprocess
+import re
 import tempfile
-import time
-import warnings
 from contextlib import contextmanager
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -60,12 +61,8 @@ def git_commit():
 
 def package_versions():
     """Versions of Python and of the packages a result depends on (None when not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import numpy
-
     versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "numpy": numpy.__version__}
+                "numpy": np.__version__}
     for name in ("scikit-learn", "visdom", "tqdm", "matplotlib", "pillow"):
         try:
             versions[name] = version(name)
@@ -87,111 +84,176 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-class VisdomMonitor:
-    """Live plots in visdom, as the original: one window per loss term (``recon``, ``kl``,
-    ``syn``, ``total``, and FactorVAE's ``tc``, ``d_loss``) plus the latest traversal image in
-    env ``<run>``, and one "% of steps in the best set" window per latent in env
-    ``<run>_latents``.
+# --- the run folder ------------------------------------------------------------------------------
 
-    Values are gathered as device tensors every ``gather_every`` steps and sent every
-    ``push_every`` steps in one batch, so the training step never waits on the host. A server
-    that is down at start, or stops answering, costs one warning; the run goes on, keeps what it
-    gathered (up to MAX_PENDING points) and tries to reconnect at most RETRIES times, at most
-    once every RETRY_SECONDS. metrics.jsonl keeps every logged value in any case.
+class ConfigError(ValueError):
+    """A setting, a run folder or a checkpoint is unusable; the message says what to do."""
+
+
+CHECKPOINT_FORMAT = 1  # bumped whenever the checkpoint's layout changes
+
+
+class RunFolder:
+    """Owner of one run folder: its file names, the checkpoint (with its format version), the
+    metrics log and the evaluation report. Nothing else builds a path inside a run folder.
+
+    Files: ``config.json`` (settings, data source, versions, resumes), ``metrics.jsonl`` (one
+    record per log interval, ``"kind": "train"``, and per evaluation, ``"kind": "eval"``),
+    ``metrics.json`` (evaluations with their protocols, appended), ``checkpoints/last.pt``,
+    ``alpha_<alpha>_traversal_<step>.png`` and ``alpha_<alpha>_gt_<step>.png`` / ``.npz``.
     """
 
-    RETRIES = 20
-    RETRY_SECONDS = 30.0
-    MAX_PENDING = 5000
+    CONFIG = "config.json"
+    LOG = "metrics.jsonl"
+    REPORT = "metrics.json"
+    CHECKPOINT = "checkpoints/last.pt"
+    _NUMBERED = re.compile(r"alpha_.+_(traversal|gt)_(\d+)\.(png|npz)")
 
-    def __init__(self, run_name, port, gather_every, push_every, z_dim, server="http://localhost"):
-        self.env, self.latent_env = run_name, f"{run_name}_latents"
-        self.server, self.port = server, port
-        self.gather_every, self.push_every, self.z_dim = gather_every, push_every, z_dim
-        self.names, self.pending = None, []  # pending: (step, values (n,), best_freq (z,))
-        self.vis, self.retries_left, self.last_attempt = None, 0, 0.0
-        try:
-            import visdom
-        except ImportError as err:
-            warnings.warn(f"visdom is not installed ({err}); training goes on without live "
-                          f"plots, metrics.jsonl has every logged value", stacklevel=2)
-            return
-        self._visdom = visdom
-        error = self._connect()
-        if error is not None:
-            self._lost(f"visdom is not reachable at {server}:{port} ({error}); training goes on. "
-                       f"Start the server (python -m visdom.server -port {port}) and the run "
-                       f"connects within {self.RETRY_SECONDS:.0f} s")
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __str__(self):
+        return str(self.path)
 
     @property
-    def enabled(self):
-        return self.vis is not None or self.retries_left > 0
+    def name(self):
+        return self.path.name
 
-    def _connect(self):
-        self.last_attempt = time.monotonic()
+    @classmethod
+    def create(cls, output_dir, run_name, default_name):
+        """A new, empty, writable run folder ``output_dir/run_name``. An existing ``run_name``
+        is an error (runs are never overwritten); a generated ``default_name`` gets a numeric
+        suffix instead."""
+        parent = Path(output_dir)
         try:
-            self.vis = self._visdom.Visdom(server=self.server, port=self.port, env=self.env,
-                                           raise_exceptions=True, use_incoming_socket=False)
-        except Exception as err:  # requests' ConnectionError and the like
-            self.vis = None
-            return err
-        return None
-
-    def _lost(self, message):
-        warnings.warn(f"{message}; metrics.jsonl has every logged value", stacklevel=3)
-        self.vis, self.retries_left = None, self.RETRIES
-
-    def _ready(self):
-        """Connected now, or reconnected by a (bounded, rate-limited) retry."""
-        if self.vis is not None:
-            return True
-        if self.retries_left <= 0 or time.monotonic() - self.last_attempt < self.RETRY_SECONDS:
-            return False
-        self.retries_left -= 1
-        if self._connect() is not None:
-            return False
-        log.info("visdom connected at %s:%s, env %s", self.server, self.port, self.env)
-        return True
-
-    def gather(self, step, values, best_freq):
-        """Keep this step's values (dict of 0-dim tensors) and the per-latent best frequency."""
-        if step % self.gather_every or not self.enabled:
-            return
-        self.names = list(values)
-        self.pending.append((step, torch.stack([v.detach().float() for v in values.values()]),
-                             best_freq.detach().float().clone()))
-        del self.pending[:-self.MAX_PENDING]
-        if step % self.push_every == 0:
-            self.push()
-
-    def push(self):
-        """Send everything gathered since the last successful push (one host sync)."""
-        if not self.pending or not self._ready():
-            return
-        steps = np.array([p[0] for p in self.pending], dtype=np.float64)
-        values = torch.stack([p[1] for p in self.pending]).cpu().numpy()  # T, n_values
-        freq = torch.stack([p[2] for p in self.pending]).cpu().numpy() * 100  # T, z
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create --output_dir {parent}: {err.strerror or err}; "
+                              f"choose a writable folder") from err
+        path = parent / (run_name or default_name)
+        if run_name is None:
+            suffix = 1
+            while path.exists():
+                suffix += 1
+                path = parent / f"{default_name}_{suffix}"
+        elif path.exists():
+            raise ConfigError(f"run folder {path} already exists and is never overwritten; "
+                              f"use --resume {path} to continue it, or another --run-name")
         try:
-            for i, name in enumerate(self.names):
-                self.vis.line(X=steps, Y=values[:, i], env=self.env, win=name, update="append",
-                              opts=dict(title=name, xlabel="iteration", ylabel=name))
-            for j in range(self.z_dim):
-                self.vis.line(X=steps, Y=freq[:, j], env=self.latent_env, win=f"z{j}",
-                              update="append", opts=dict(title=f"z{j}: % of steps in the best set",
-                                                         xlabel="iteration", ylabel="%"))
-        except Exception as err:
-            self._lost(f"visdom stopped answering ({err}); training goes on, retrying every "
-                       f"{self.RETRY_SECONDS:.0f} s at most {self.RETRIES} times")
-            return
-        self.pending.clear()
+            path.mkdir()
+            (path / ".write-test").touch()
+            (path / ".write-test").unlink()
+        except OSError as err:
+            raise ConfigError(f"cannot write the run folder {path}: {err.strerror or err}; "
+                              f"choose a writable --output_dir") from err
+        return cls(path)
 
-    def image(self, pixels, step):
-        """Show the latest traversal grid (uint8 array, H x W or H x W x 3) in one window."""
-        if self.vis is None:
+    # --- files named by step --------------------------------------------------------------------
+
+    def traversal_path(self, alpha, step):
+        return self.path / f"alpha_{alpha}_traversal_{step}.png"
+
+    def gt_plot_path(self, alpha, step):
+        return self.path / f"alpha_{alpha}_gt_{step}.png"
+
+    def gt_summary_path(self, alpha, step):
+        return self.path / f"alpha_{alpha}_gt_{step}.npz"
+
+    def _numbered(self, kind, suffix):
+        found = []
+        for path in self.path.iterdir():
+            match = self._NUMBERED.fullmatch(path.name)
+            if match and match.group(1) == kind and match.group(3) == suffix:
+                found.append((int(match.group(2)), path))
+        return sorted(found)
+
+    def traversals(self):
+        """(step, path) of every traversal image, in step order."""
+        return self._numbered("traversal", "png")
+
+    def gt_plots(self):
+        return self._numbered("gt", "png")
+
+    def gt_summaries(self):
+        return self._numbered("gt", "npz")
+
+    # --- the checkpoint ---------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self):
+        return self.path / self.CHECKPOINT
+
+    def save_checkpoint(self, state):
+        """Write ``state`` (tensors and plain values) atomically, tagged with its format."""
+        self.checkpoint_path.parent.mkdir(exist_ok=True)
+        atomic_torch_save(dict(state, format=CHECKPOINT_FORMAT), self.checkpoint_path)
+
+    def load_checkpoint(self):
+        """The run's checkpoint (tensors and plain values only), format version checked."""
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise ConfigError(f"{self.path}: no checkpoint at {path}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+        if found != CHECKPOINT_FORMAT:
+            raise ConfigError(f"{path} has checkpoint format {found!r}; this version of the code "
+                              f"reads format {CHECKPOINT_FORMAT}. Use the code the run was "
+                              f"trained with (config.json records its git commit)")
+        return checkpoint
+
+    # --- config.json ------------------------------------------------------------------------------
+
+    def write_config(self, metadata):
+        write_json(self.path / self.CONFIG, metadata)
+
+    def read_config(self):
+        path = self.path / self.CONFIG
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def record_resume(self, step, changed):
+        """Append one resumption (its step and the settings changed) to config.json."""
+        metadata = self.read_config()
+        metadata.setdefault("resumes", []).append(
+            dict(step=step, changed=changed, at=datetime.now().isoformat(timespec="seconds")))
+        self.write_config(metadata)
+
+    # --- metrics.jsonl and metrics.json -----------------------------------------------------------
+
+    def open_log(self):
+        """metrics.jsonl opened for appending records (see ``write_record``)."""
+        return open(self.path / self.LOG, "a")
+
+    @staticmethod
+    def write_record(log_file, kind, record):
+        """One metrics.jsonl line: ``{"kind": kind, **record}``, flushed at once."""
+        log_file.write(json.dumps(dict(kind=kind, **record)) + "\n")
+        log_file.flush()
+
+    def records(self, kind=None):
+        """metrics.jsonl records in order, all or only those of ``kind`` ("train" / "eval")."""
+        path = self.path / self.LOG
+        if not path.exists():
+            return []
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return rows if kind is None else [r for r in rows if r["kind"] == kind]
+
+    def trim_log(self, step):
+        """Drop records written after ``step`` (the checkpoint's): the resumed run rewrites them."""
+        path = self.path / self.LOG
+        if not path.exists():
             return
-        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        try:
-            self.vis.image(chw, env=self.env, win="traversal",
-                           opts=dict(title=f"traversal, step {step}", caption=f"step {step}"))
-        except Exception as err:
-            self._lost(f"visdom stopped answering ({err}); training goes on")
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            log.warning("%s: %d records after the checkpoint (step %d) will be recomputed",
+                        self.LOG, len(lines) - len(kept), step)
+            atomic_write_bytes(path, "".join(kept).encode())
+
+    def evaluations(self):
+        """The evaluations appended to metrics.json so far."""
+        path = self.path / self.REPORT
+        return json.loads(path.read_text())["evaluations"] if path.exists() else []
+
+    def append_evaluation(self, evaluation):
+        write_json(self.path / self.REPORT,
+                   {"evaluations": self.evaluations() + [evaluation]})

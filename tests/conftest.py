@@ -1,13 +1,22 @@
-"""Shared test setup: the repository root on sys.path, small deterministic torch."""
+"""Shared test setup: the repository root on sys.path, small deterministic torch, and the
+fixtures several test files use (an action at a given training step, a metrics-log reader,
+a synthetic CelebA zip)."""
+import io
 import sys
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 FIXTURES = Path(__file__).resolve().parent / "data"
+
+import solver as solver_module  # noqa: E402  (needs ROOT on sys.path)
+from utils import RunFolder  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +25,58 @@ def _few_threads():
     torch.set_num_threads(min(threads, 2))
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def at_step(monkeypatch):
+    """``at_step(n, action)``: every Solver made afterwards calls ``action()`` once, right after
+    its n-th training step of this process (e.g. to send SIGTERM or stop a server)."""
+    def install(n, action):
+        init = solver_module.Solver.__init__
+
+        def patched(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            train_step, count = self.train_step, [0]
+
+            def counted():
+                out = train_step()
+                count[0] += 1
+                if count[0] == n:
+                    action()
+                return out
+            self.train_step = counted
+        monkeypatch.setattr(solver_module.Solver, "__init__", patched)
+    return install
+
+
+def records(run_dir, kind="train"):
+    """The ``kind`` records ("train" or "eval") of a run's metrics.jsonl."""
+    return RunFolder(run_dir).records(kind)
+
+
+def photo(seed):
+    """A 178x218 test photo: dark background, a white band on rows 100..139, a red band on
+    columns 40..59, a green band on rows 0..14 (only the full-height crops keep it)."""
+    rng = np.random.default_rng(seed)
+    pixels = np.full((218, 178, 3), 20, dtype=np.uint8)
+    pixels += rng.integers(0, 10, pixels.shape, dtype=np.uint8)
+    pixels[100:140] = 255
+    pixels[:, 40:60] = (255, 0, 0)
+    pixels[:15] = (0, 255, 0)
+    return Image.fromarray(pixels)
+
+
+def jpeg_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def write_celeba_zip(path, n_images, broken=()):
+    """A small img_align_celeba.zip of ``photo``s; the 1-based indices in ``broken`` hold bytes
+    that are not a JPEG."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for i in range(1, n_images + 1):
+            data = b"\xff\xd8 not a jpeg" if i in broken else jpeg_bytes(photo(i))
+            archive.writestr(f"img_align_celeba/{i:06d}.jpg", data)
+    return path

@@ -1,6 +1,5 @@
 """CelebA on a small synthetic img_align_celeba.zip: geometry of every crop, the cache, bad
 input, and a short training run."""
-import io
 import json
 import zipfile
 
@@ -9,37 +8,16 @@ import pytest
 from PIL import Image
 
 import dataset
+from conftest import write_celeba_zip
 from dataset import CELEBA_ZIP, DatasetError, load_celeba, preprocess_celeba
 from run import main
 
 N_IMAGES = 24
 
 
-def photo(seed):
-    """A 178x218 test photo: dark background, a white band on rows 100..139, a red band on
-    columns 40..59, a green band on rows 0..14 (only the full-height crops keep it)."""
-    rng = np.random.default_rng(seed)
-    pixels = np.full((218, 178, 3), 20, dtype=np.uint8)
-    pixels += rng.integers(0, 10, pixels.shape, dtype=np.uint8)
-    pixels[100:140] = 255
-    pixels[:, 40:60] = (255, 0, 0)
-    pixels[:15] = (0, 255, 0)
-    return Image.fromarray(pixels)
-
-
-def jpeg_bytes(image):
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def celeba_zip(tmp_path):
-    path = tmp_path / CELEBA_ZIP
-    with zipfile.ZipFile(path, "w") as archive:
-        for i in range(1, N_IMAGES + 1):
-            archive.writestr(f"img_align_celeba/{i:06d}.jpg", jpeg_bytes(photo(i)))
-    return path
+    return write_celeba_zip(tmp_path / CELEBA_ZIP, N_IMAGES)
 
 
 # crop -> (a row inside the white band, a row outside it, a column inside the red band,
@@ -119,11 +97,7 @@ def test_truncated_zip(celeba_zip):
 
 
 def test_unreadable_jpeg_is_named(tmp_path):
-    path = tmp_path / CELEBA_ZIP
-    with zipfile.ZipFile(path, "w") as archive:
-        for i in range(1, 6):
-            data = b"\xff\xd8 not a jpeg" if i == 4 else jpeg_bytes(photo(i))
-            archive.writestr(f"img_align_celeba/{i:06d}.jpg", data)
+    write_celeba_zip(tmp_path / CELEBA_ZIP, 5, broken={4})
     with pytest.raises(DatasetError, match="000004.jpg is not a readable JPEG"):
         load_celeba(tmp_path)
     assert no_cache_left(tmp_path)

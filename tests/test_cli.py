@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dataset
-import solver as solver_module
+from conftest import records
 from run import main
 
 QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "6", "--log-interval", "2",
@@ -21,13 +21,6 @@ def run_cli(tmp_path, name, *flags):
     code = main([*QUICK, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
                  str(tmp_path / "no-data"), *flags])
     return code, tmp_path / name
-
-
-def records(run_dir, kind="recon"):
-    """metrics.jsonl records holding ``kind``: training records ("recon") or evaluations
-    ("scores")."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if kind in r]
 
 
 def final_weights(run_dir):
@@ -89,25 +82,13 @@ def test_same_seed_same_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("metric", ["Test_gt", "Factor"])
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, metric):
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, at_step,
+                                                                metric):
     flags = ["--metric", metric, "--steps", "9", "--save-interval", "4", "--seed", "5"]
     assert run_cli(tmp_path, "straight", *flags)[0] == 0
 
-    init = solver_module.Solver.__init__
-
-    def init_with_interruption(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        step, calls = self.train_step, []
-
-        def interrupted_step():
-            out = step()
-            calls.append(1)
-            if len(calls) == 6:  # SIGTERM between steps 6 and 7, off the save interval
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
-        self.train_step = interrupted_step
-
-    monkeypatch.setattr(solver_module.Solver, "__init__", init_with_interruption)
+    # SIGTERM between steps 6 and 7, off the save interval
+    at_step(6, lambda: os.kill(os.getpid(), signal.SIGTERM))
     code, run_dir = run_cli(tmp_path, "resumed", *flags)
     assert code == 130
     assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["step"] == 6
@@ -204,7 +185,7 @@ def test_metrics_during_training_and_evaluate_command(tmp_path):
     code, run_dir = run_cli(tmp_path, "scored", "--gt-interval", "3", "--eval-metrics",
                             "factor_vae,mig")
     assert code == 0
-    evaluations = records(run_dir, "scores")
+    evaluations = records(run_dir, "eval")
     assert [r["step"] for r in evaluations] == [3, 6]
     assert set(evaluations[0]["scores"]) == {"factor_vae", "mig"}
     assert all(0 <= v <= 1 for r in evaluations for v in r["scores"].values())
@@ -228,3 +209,86 @@ def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
     import evaluate
     assert evaluate.main([str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("omega", 0.0, "omega must be > 0"),
+    ("omega", 1.5, "omega must be <= 1"),
+    ("alpha", -1, "alpha must be >= 0"),
+    ("z_dim", 2.5, "z_dim must be a whole number"),
+    ("batch_size", 1, "batch_size must be >= 2"),
+    ("steps", "10", "steps must be a whole number"),
+    ("viz_port", 70000, "viz_port must be <= 65535"),
+    ("metric", "beta", "metric must be one of Test_gt"),
+    ("grid", "tiny", "grid must be one of full, reduced"),
+    ("viz_on", "False", "viz_on must be True or False"),
+    ("eval_metrics", "mig,foo", "eval_metrics must name metrics from"),
+    ("run_name", 3, "run_name must be text"),
+])
+def test_config_built_in_code_is_checked_like_the_flags(setting, value, message):
+    from solver import Config
+    from utils import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        Config(**{setting: value})
+
+
+def test_config_takes_ints_for_floats_and_whole_floats_for_ints():
+    from solver import Config
+    config = Config(alpha=5, steps=1e3)
+    assert config.alpha == 5.0 and isinstance(config.alpha, float)
+    assert config.steps == 1000 and isinstance(config.steps, int)
+
+
+def test_a_checkpoint_with_a_bad_stored_setting_is_refused(tmp_path, capsys):
+    _, run_dir = run_cli(tmp_path, "stored")
+    path = run_dir / "checkpoints/last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["config"]["omega"] = 7.0
+    torch.save(checkpoint, path)
+    assert main(["--resume", str(run_dir), "--steps", "8"]) == 2
+    assert "omega must be <= 1" in capsys.readouterr().err
+
+
+def test_unknown_checkpoint_format_is_refused_with_a_clear_error(tmp_path, capsys):
+    import evaluate
+    _, run_dir = run_cli(tmp_path, "old")
+    path = run_dir / "checkpoints/last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["format"] = 99
+    torch.save(checkpoint, path)
+    before = path.read_bytes()
+    assert main(["--resume", str(run_dir), "--steps", "8"]) == 2
+    assert "checkpoint format 99" in capsys.readouterr().err
+    assert evaluate.main([str(run_dir)]) == 2
+    assert "reads format 1" in capsys.readouterr().err
+    assert path.read_bytes() == before
+
+
+def test_every_multi_word_flag_takes_both_spellings():
+    from run import build_parser
+    parser = build_parser()
+    original = parser.parse_args(["--batch_size", "8", "--data-dir", "d", "--output_dir", "o",
+                                  "--run-name", "r", "--nb-test", "3", "--viz_il_iter", "7",
+                                  "--lr_VAE", "0.001", "--no-cuda", "--eval-metrics", "mig"])
+    other = parser.parse_args(["--batch-size", "8", "--data_dir", "d", "--output-dir", "o",
+                               "--run_name", "r", "--nb_test", "3", "--viz-il-iter", "7",
+                               "--lr-VAE", "0.001", "--no_cuda", "--eval_metrics", "mig"])
+    assert vars(original) == vars(other)
+    multi_word = [s for a in parser._actions for s in a.option_strings
+                  if s.startswith("--") and ("_" in s[2:] or "-" in s[2:])]
+    for flag in multi_word:  # every multi-word flag has its twin
+        twin = "--" + (flag[2:].replace("_", "-") if "_" in flag[2:] else flag[2:].replace("-", "_"))
+        assert twin in multi_word, flag
+    help_text = parser.format_help()
+    options = help_text.split("\noptions:")[1]
+    assert "--batch_size" in options and "--batch-size" not in options  # original shown
+    for title in ("objective", "optimiser", "data", "run folder", "monitoring"):
+        assert f"\n{title}:" in help_text
+
+
+def test_metric_test_with_viz_on_false_is_an_error_naming_both(tmp_path, capsys):
+    assert main([*QUICK, "--output_dir", str(tmp_path), "--metric", "test",
+                 "--viz_on", "False"]) == 2
+    err = capsys.readouterr().err
+    assert "--metric test" in err and "--viz_on False" in err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run folder made

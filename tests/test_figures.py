@@ -6,7 +6,11 @@ import pytest
 from PIL import Image
 
 import figures
+from conftest import write_celeba_zip
+from dataset import FACTOR_NAMES
+from plotting import latent_labels
 from run import main
+from utils import RunFolder
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +29,8 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def celeba_run(tmp_path_factory):
-    import zipfile
-    from test_celeba import jpeg_bytes, photo
-
     root = tmp_path_factory.mktemp("celeba")
-    with zipfile.ZipFile(root / "img_align_celeba.zip", "w") as archive:
-        for i in range(1, 17):
-            archive.writestr(f"img_align_celeba/{i:06d}.jpg", jpeg_bytes(photo(i)))
+    write_celeba_zip(root / "img_align_celeba.zip", 16)
     assert main(["--dataset", "celeba", "--data-dir", str(root), "--steps", "2", "--batch_size",
                  "8", "--log-interval", "1", "--save-interval", "2", "--nb-test", "5", "--no-cuda",
                  "--alpha", "5.0", "--output_dir", str(root), "--run-name", "faces"]) == 0
@@ -61,11 +60,11 @@ def test_figures_from_tiny_runs(runs, celeba_run, tmp_path):
 
 def test_latent_labels_name_the_factor_with_most_explained_variance():
     summary = {"variance": np.array([1.0, 1.0, 1e-4])}
-    for name, size in zip(figures.FACTOR_NAMES, (3, 6, 10, 8, 8), strict=True):
+    for name, size in zip(FACTOR_NAMES, (3, 6, 10, 8, 8), strict=True):
         summary[f"marginal_{name}"] = np.zeros((size, 3))
     summary["marginal_posY"][:, 0] = np.linspace(-1, 1, 8)  # z0 follows position y
     summary["marginal_scale"][:, 1] = [0.0, 0.0, 0.0, 0.0, 0.0, 0.1]  # z1: weak, under 10 %
-    assert figures.latent_labels(summary) == ["position y", "none", "inactive"]
+    assert latent_labels(summary) == ["position y", "none", "inactive"]
 
 
 def test_missing_pieces_are_named(runs, tmp_path, capsys):
@@ -80,5 +79,5 @@ def test_missing_pieces_are_named(runs, tmp_path, capsys):
 def test_a_run_without_summary_is_reencoded_from_its_checkpoint(runs):
     for path in runs["VAE"].glob("alpha_*_gt_*.npz"):
         path.unlink()
-    step, summary = figures.ground_truth_summary(runs["VAE"])
+    step, summary = figures.ground_truth_summary(RunFolder(runs["VAE"]))
     assert step == 8 and summary["pos"].shape == (8, 8, 10)

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from model import VAE, bernoulli_loss, kl_loss
-from run import Config
-from solver import Solver
+from solver import Config, Solver
 from synergy import synergy_penalty
 
 
@@ -118,6 +117,20 @@ def test_joint_update_is_one_step_on_the_sum(tmp_path):
     assert len(calls) == 1
     recon, kl, mu, logvar = replay_first_batch(solver, before, rng)
     syn, _ = synergy_penalty(mu, logvar, 0.9, 5.0)
+    assert_step_used(calls[0], grads(recon + kl + syn, before.parameters()))
+
+
+def test_joint_update_with_sample_takes_the_penalty_on_the_partner_batch_at_the_same_step(tmp_path):
+    solver = make_solver(tmp_path, update="joint", sample="sample")
+    before = copy.deepcopy(solver.model)
+    rng = torch.get_rng_state()
+    calls = spy_on_steps(solver, solver.optim)
+    solver.train_step()
+    assert len(calls) == 1
+    recon, kl, _, _ = replay_first_batch(solver, before, rng)
+    mu2, logvar2 = before.encoder(solver.data.images(solver.partner.indices(0)))
+    syn, _ = synergy_penalty(mu2, logvar2, 0.9, 5.0)
+    assert syn > 0
     assert_step_used(calls[0], grads(recon + kl + syn, before.parameters()))
 
 

@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
-import solver as solver_module
-import utils
+import monitor
+from conftest import records
 from run import main
 from visdom_assets import assets_installed
 
@@ -84,17 +84,13 @@ def train(tmp_path, name, port, *flags):
                  "--viz_port", str(port), *flags])
 
 
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("metric, terms", [("Test_gt", ["recon", "kl", "syn", "total"]),
                                            ("Factor", ["recon", "kl", "syn", "tc", "d_loss"])])
 def test_plotted_series_equal_metrics_jsonl(tmp_path, server, metric, terms):
     assert train(tmp_path, "live", server, "--metric", metric, "--steps", "12",
                  "--log-interval", "2", "--viz_il_iter", "2", "--viz_la_iter", "4",
                  "--save-interval", "6") == 0
-    rows = metrics(tmp_path / "live")
+    rows = records(tmp_path / "live")
     vis = client(server)
     for term in terms:
         x, y = window(vis, "live", term)
@@ -107,49 +103,31 @@ def test_plotted_series_equal_metrics_jsonl(tmp_path, server, metric, terms):
     assert vis.win_exists("traversal", "live")
 
 
-def kill_at_step(monkeypatch, step, action):
-    """Make every Solver call ``action()`` once, right after its training step ``step``."""
-    init = solver_module.Solver.__init__
-
-    def patched(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        train_step, count = self.train_step, [0]
-
-        def wrapped():
-            out = train_step()
-            count[0] += 1
-            if count[0] == step:
-                action()
-            return out
-        self.train_step = wrapped
-    monkeypatch.setattr(solver_module.Solver, "__init__", patched)
-
-
-def test_server_dying_mid_run_costs_one_warning(tmp_path, monkeypatch):
+def test_server_dying_mid_run_costs_one_warning(tmp_path, at_step):
     port = free_port()
     process = start_server(port, tmp_path / "envs")
-    kill_at_step(monkeypatch, 5, lambda: stop_server(process))
+    at_step(5, lambda: stop_server(process))
     with pytest.warns(UserWarning) as caught:
         code = train(tmp_path, "dies", port, "--steps", "20", "--log-interval", "2",
                      "--viz_il_iter", "2", "--viz_la_iter", "4", "--save-interval", "10")
     assert code == 0
     visdom_warnings = [w for w in caught if "visdom" in str(w.message)]
     assert len(visdom_warnings) == 1 and "stopped answering" in str(visdom_warnings[0].message)
-    assert [r["step"] for r in metrics(tmp_path / "dies")] == list(range(2, 21, 2))
+    assert [r["step"] for r in records(tmp_path / "dies")] == list(range(2, 21, 2))
 
 
-def test_server_started_late_receives_everything_gathered(tmp_path, monkeypatch):
+def test_server_started_late_receives_everything_gathered(tmp_path, monkeypatch, at_step):
     port = free_port()
-    monkeypatch.setattr(utils.VisdomMonitor, "RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(monitor.VisdomMonitor, "RETRY_SECONDS", 0.0)
     started = []
-    kill_at_step(monkeypatch, 6, lambda: started.append(start_server(port, tmp_path / "envs")))
+    at_step(6, lambda: started.append(start_server(port, tmp_path / "envs")))
     try:
         with pytest.warns(UserWarning, match="not reachable"):
             code = train(tmp_path, "late", port, "--steps", "16", "--log-interval", "2",
                          "--viz_il_iter", "2", "--viz_la_iter", "4", "--save-interval", "100")
         assert code == 0
         x, y = window(client(port), "late", "recon")
-        rows = metrics(tmp_path / "late")
+        rows = records(tmp_path / "late")
         assert x == [r["step"] for r in rows]  # the points gathered while down came too
         assert y == [r["recon"] for r in rows]
     finally:

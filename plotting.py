@@ -1,0 +1,100 @@
+"""Drawing: the traversal grid, the ground-truth "mean activation" plot and what it shows, and
+the labels that name the factor each latent tracks. matplotlib is imported only to draw.
+"""
+import numpy as np
+import torch
+
+from dataset import FACTOR_NAMES
+
+ACTIVE_VARIANCE = 1e-2  # a latent whose mean varies less than this over the data is inactive
+FACTOR_LABELS = dict(shape="shape", scale="scale", orientation="rotation", posX="position x",
+                     posY="position y")
+EXPLAINED = 0.1  # a factor must explain this share of a latent's variance to name it
+
+
+def image_grid(rows, padding=2):
+    """Images (R, C, ch, H, W) in [0, 1] -> one uint8 grid (H', W') or (H', W', 3), black padding."""
+    n_rows, n_cols, ch, h, w = rows.shape
+    canvas = torch.zeros(ch, n_rows * (h + padding) + padding, n_cols * (w + padding) + padding)
+    for r in range(n_rows):
+        for col in range(n_cols):
+            top, left = padding + r * (h + padding), padding + col * (w + padding)
+            canvas[:, top:top + h, left:left + w] = rows[r, col]
+    pixels = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return pixels[:, :, 0] if ch == 1 else pixels
+
+
+def mean_activations(mu, scales, orientations):
+    """What the ground-truth plot shows, from posterior means mu over the factor grid (shape,
+    scale, orientation, posX, posY, z_dim): a few small arrays, saved beside the plot."""
+    z_dim = mu.shape[-1]
+    return dict(
+        variance=mu.reshape(-1, z_dim).var(0),  # z
+        pos=mu.mean(axis=(0, 1, 2)),  # posX, posY, z
+        by_scale=mu.mean(axis=(2, 3, 4)),  # shape, scale, z
+        by_rotation=mu.mean(axis=(1, 3, 4)),  # shape, orientation, z
+        scales=np.asarray(scales), orientations=np.asarray(orientations),
+        **{f"marginal_{name}": mu.mean(axis=tuple(a for a in range(5) if a != axis))  # values, z
+           for axis, name in enumerate(FACTOR_NAMES)})
+
+
+def save_ground_truth_plot(summary, path, title=""):
+    """The original's "mean activation" figure from mean_activations(). One row per active
+    latent: a posX x posY heatmap of mu_j averaged over shape, scale and orientation (one colour
+    scale for all rows); mu_j against scale and against orientation, one line per shape (shared
+    y-limits per column)."""
+    from matplotlib.figure import Figure
+
+    scales, orientations = summary["scales"], summary["orientations"]
+    active = np.flatnonzero(summary["variance"] > ACTIVE_VARIANCE)
+    n_rows = max(len(active), 1)
+    fig = Figure(figsize=(9, 2.2 * n_rows + 0.6), layout="constrained")
+    fig.suptitle(title)
+    axes = fig.subplots(n_rows, 3, squeeze=False)
+    if not len(active):
+        for ax in axes[0]:
+            ax.set_axis_off()
+        axes[0, 1].text(0.5, 0.5, f"no active latent (variance of mu > {ACTIVE_VARIANCE})",
+                        ha="center", va="center")
+        fig.savefig(path)
+        return
+    pos = summary["pos"][..., active]  # posX, posY, A
+    by_scale = summary["by_scale"][..., active]  # shape, scale, A
+    by_rotation = summary["by_rotation"][..., active]  # shape, orientation, A
+    limit = np.abs(pos).max()
+    ylims = [(a.min() - 0.1 * np.ptp(a) - 1e-3, a.max() + 0.1 * np.ptp(a) + 1e-3)
+             for a in (by_scale, by_rotation)]
+    for row, j in enumerate(active):
+        ax_pos, ax_scale, ax_rot = axes[row]
+        image = ax_pos.imshow(pos[:, :, row].T, cmap="coolwarm", vmin=-limit, vmax=limit,
+                              origin="upper", extent=(0, 1, 1, 0))
+        ax_pos.set_ylabel(f"z{j}")
+        for shape_index, name in enumerate(("square", "ellipse", "heart")):
+            ax_scale.plot(scales, by_scale[shape_index, :, row], label=name)
+            ax_rot.plot(orientations, by_rotation[shape_index, :, row], label=name)
+        ax_scale.set_ylim(*ylims[0])
+        ax_rot.set_ylim(*ylims[1])
+    axes[0, 0].set_title("pos")
+    axes[0, 1].set_title("scale")
+    axes[0, 2].set_title("rotation")
+    axes[0, 2].legend(fontsize="small")
+    axes[-1, 0].set_xlabel("posX")
+    axes[-1, 1].set_xlabel("scale")
+    axes[-1, 2].set_xlabel("orientation (rad)")
+    fig.colorbar(image, ax=axes[:, 0], shrink=0.8)
+    fig.savefig(path)
+
+
+def latent_labels(summary):
+    """Per latent, the factor whose conditional means explain most of its variance over the
+    data ("none" below EXPLAINED, "inactive" for a latent the ground-truth plot leaves out)."""
+    labels = []
+    for j, variance in enumerate(summary["variance"]):
+        if variance <= ACTIVE_VARIANCE:
+            labels.append("inactive")
+            continue
+        explained = {name: summary[f"marginal_{name}"][:, j].var() / variance
+                     for name in FACTOR_NAMES}
+        best = max(explained, key=explained.get)
+        labels.append(FACTOR_LABELS[best] if explained[best] >= EXPLAINED else "none")
+    return labels
