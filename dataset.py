@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils import atomic_file
+from utils import atomic_file, derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +355,8 @@ class EpochSampler:
         self._epoch, self._perm = None, None
 
     def permutation(self, epoch):
-        seed = int(np.random.SeedSequence([self.seed, self.stream, epoch]).generate_state(1)[0])
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.stream, epoch))
+        return torch.randperm(self.n, generator=generator)
 
     def indices(self, step):
         """Dataset indices (batch_size,) for ``step`` (0-based), on the data's device."""
@@ -364,6 +364,48 @@ class EpochSampler:
         if epoch != self._epoch:
             self._epoch, self._perm = epoch, self.permutation(epoch).to(self.device)
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+
+class PartnerSampler:
+    """Batches drawn per item with replacement, as the original's ``np.random.randint`` picks
+    the partner images (the synergy batch of --sample sample, FactorVAE's z').
+
+    The indices of a step are a pure function of (seed, step): they are drawn a block of steps
+    at a time from a generator seeded with (seed, block) and kept on the data's device, so
+    resuming at any step reproduces them and no step copies anything to the device.
+    """
+
+    STREAM = 1  # keeps these draws independent of EpochSampler's (stream 0)
+
+    def __init__(self, n, batch_size, seed, device="cpu", block=1024):
+        self.n, self.batch_size, self.seed, self.device, self.block = n, batch_size, seed, device, block
+        self._block_index, self._indices = None, None
+
+    def indices(self, step):
+        """Dataset indices (batch_size,) for ``step`` (0-based), on the data's device."""
+        block, pos = divmod(step, self.block)
+        if block != self._block_index:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, self.STREAM, block))
+            draws = torch.randint(self.n, (self.block, self.batch_size), generator=generator)
+            self._block_index, self._indices = block, draws.to(self.device)
+        return self._indices[pos]
+
+
+class Batches:
+    """Where a step's images come from: the training batch (shuffled epochs, as a DataLoader)
+    and the partner batch (drawn per item with replacement). A replay can hand the Solver any
+    object with these two methods instead."""
+
+    def __init__(self, data, batch_size, seed, device):
+        self.data = data
+        self.sampler = EpochSampler(len(data), batch_size, seed, 0, device)
+        self.partners = PartnerSampler(len(data), batch_size, seed, device)
+
+    def train(self, step):
+        return self.data.images(self.sampler.indices(step))
+
+    def partner(self, step):
+        return self.data.images(self.partners.indices(step))
 
 
 # --- CelebA -------------------------------------------------------------------------------------

@@ -49,7 +49,9 @@ def factor_vae_score(represent, factor_sizes, rng, batch_size, num_variance_esti
     _, codes = _sample_points(represent, factor_sizes, num_variance_estimate, rng)
     global_var = codes.var(axis=0, ddof=1)
     active = np.flatnonzero(np.sqrt(global_var) >= prune_std)
-    result = dict(num_active=int(len(active)))
+    # num_active: latents kept after pruning. num_active_dims is what disentanglement_lib
+    # reports under that name: the length of its boolean mask, i.e. every latent.
+    result = dict(num_active=int(len(active)), num_active_dims=int(len(global_var)))
     if not len(active):
         return dict(result, train_accuracy=0.0, eval_accuracy=0.0, score=0.0)
 
@@ -165,19 +167,20 @@ def dci(represent, factor_sizes, rng, num_train, num_test, n_jobs=-1):
 
 def sap(represent, factor_sizes, rng, num_train, num_test, svc_C, continuous_factors):
     """Discrete factors (the default): test accuracy of a LinearSVC on each single latent;
-    continuous factors: squared correlation of each latent with each factor."""
+    continuous factors: squared correlation of each latent with each factor. As in
+    disentanglement_lib, a constant latent is fitted like any other (its classifier scores
+    about chance), so it can be the runner-up that sets a factor's gap."""
     from sklearn.svm import LinearSVC
 
     factors, codes = _sample_points(represent, factor_sizes, num_train, rng)
     test_factors, test_codes = _sample_points(represent, factor_sizes, num_test, rng)
     scores = np.zeros((codes.shape[1], factors.shape[1]))
     for k in range(codes.shape[1]):
-        if np.ptp(codes[:, k]) == 0:  # a constant latent predicts nothing
-            continue
         for f in range(factors.shape[1]):
             if continuous_factors:
                 cov = np.cov(codes[:, k], factors[:, f], ddof=1)
-                scores[k, f] = cov[0, 1] ** 2 / (cov[0, 0] * cov[1, 1]) if cov[1, 1] > 0 else 0.0
+                # as disentanglement_lib: 0 for a (near-)constant latent
+                scores[k, f] = cov[0, 1] ** 2 / (cov[0, 0] * cov[1, 1]) if cov[0, 0] > 1e-12 else 0.0
                 continue
             model = LinearSVC(C=svc_C, class_weight="balanced",
                               random_state=int(rng.integers(2 ** 31)))
@@ -185,7 +188,7 @@ def sap(represent, factor_sizes, rng, num_train, num_test, svc_C, continuous_fac
             scores[k, f] = model.score(test_codes[:, k:k + 1], test_factors[:, f])
     top = np.sort(scores, axis=0)[::-1]
     gaps = top[0] - top[1] if codes.shape[1] > 1 else top[0]
-    return dict(score=float(gaps.mean()), per_factor=gaps.tolist())
+    return dict(score=float(gaps.mean()), per_factor=gaps.tolist(), accuracy=scores.tolist())
 
 
 METRICS = {"factor_vae": factor_vae_score, "mig": mig, "beta_vae": beta_vae_score, "dci": dci,

@@ -3,8 +3,11 @@ FactorVAE's discriminator.
 
 Layer sizes follow the original exactly (498,005 parameters for dSprites with z_dim=10); the
 losses keep its scaling (summed over pixels and latents, averaged over the batch) so that
-published alpha, omega and gamma values transfer.
+published alpha, omega and gamma values transfer. Two decoders exist: ``arch="2020"``, the final
+code, and ``arch="2018"``, without the ReLUs after its two Linear layers, with which the thesis
+README figures were made. ``init_as_pytorch_041`` draws weights as the original's PyTorch did.
 """
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -38,13 +41,15 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, z_dim) latent -> (B, nc, 64, 64) logits."""
+    """(B, z_dim) latent -> (B, nc, 64, 64) logits. ``arch="2018"``: no ReLU after the two
+    Linear layers (the decoder of the thesis figures; the ReLUs came on 2018-10-21)."""
 
-    def __init__(self, z_dim=10, nc=1, hidden=128):
+    def __init__(self, z_dim=10, nc=1, hidden=128, arch="2020"):
         super().__init__()
+        relu = [nn.ReLU(True)] if arch == "2020" else []
         self.net = nn.Sequential(
-            nn.Linear(z_dim, hidden), nn.ReLU(True),  # B, hidden
-            nn.Linear(hidden, 1024), nn.ReLU(True),  # B, 1024
+            nn.Linear(z_dim, hidden), *relu,  # B, hidden
+            nn.Linear(hidden, 1024), *relu,  # B, 1024
             nn.Unflatten(1, (64, 4, 4)),  # B, 64, 4, 4
             nn.ConvTranspose2d(64, 64, 4, 2, 1), nn.ReLU(True),  # B, 64, 8, 8
             nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(True),  # B, 32, 16, 16
@@ -64,15 +69,36 @@ def reparameterise(mu, logvar, noise):
 class VAE(nn.Module):
     """Encoder + reparameterisation + decoder. ``forward`` returns (logits, mu, logvar, z)."""
 
-    def __init__(self, z_dim=10, nc=1, hidden=128, hidden_relu=False):
+    def __init__(self, z_dim=10, nc=1, hidden=128, hidden_relu=False, arch="2020"):
         super().__init__()
         self.encoder = Encoder(z_dim, nc, hidden, hidden_relu)
-        self.decoder = Decoder(z_dim, nc, hidden)
+        self.decoder = Decoder(z_dim, nc, hidden, arch)
 
-    def forward(self, x):
+    def forward(self, x, noise=torch.randn_like):
+        """``noise(mu)`` draws the standard normal noise of the reparameterised sample."""
         mu, logvar = self.encoder(x)
-        z = reparameterise(mu, logvar, torch.randn_like(mu))
+        z = reparameterise(mu, logvar, noise(mu))
         return self.decoder(z), mu, logvar, z
+
+
+def init_as_pytorch_041(module):
+    """Re-draw every Linear, Conv2d and ConvTranspose2d layer of ``module``, in module order, as
+    PyTorch 0.4.1's reset_parameters did: weight and bias from U(-b, b), b = 1/sqrt(fan), fan =
+    in_features (Linear) or in_channels * kh * kw (both convolutions). Current PyTorch draws
+    ConvTranspose2d from the out_channels side, which makes the output layer ConvT(32 -> 1)
+    5.7x wider (0.25 vs 0.044) and shows in the first ~60 steps."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            fan = layer.in_features
+        elif isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
+            fan = layer.in_channels * math.prod(layer.kernel_size)
+        else:
+            continue
+        bound = 1 / math.sqrt(fan)
+        with torch.no_grad():
+            layer.weight.uniform_(-bound, bound)
+            layer.bias.uniform_(-bound, bound)
+    return module
 
 
 @contextmanager
@@ -95,7 +121,7 @@ class Discriminator(nn.Module):
         layers = []
         width = z_dim
         for _ in range(depth - 1):
-            layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2, True)]
+            layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.01, True)]  # every original
             width = hidden
         layers.append(nn.Linear(width, 2))
         self.net = nn.Sequential(*layers)
@@ -122,8 +148,8 @@ class ModelSpec:
     hidden_relu: bool
     reconstruction_loss: object
 
-    def build(self, z_dim):
-        return VAE(z_dim, self.nc, self.hidden, self.hidden_relu)
+    def build(self, z_dim, arch="2020"):
+        return VAE(z_dim, self.nc, self.hidden, self.hidden_relu, arch)
 
 
 MODEL_SPECS = {

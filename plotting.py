@@ -13,9 +13,10 @@ EXPLAINED = 0.1  # a factor must explain this share of a latent's variance to na
 
 
 def image_grid(rows, padding=2):
-    """Images (R, C, ch, H, W) in [0, 1] -> one uint8 grid (H', W') or (H', W', 3), black padding."""
+    """Images (R, C, ch, H, W) in [0, 1] -> one uint8 grid (H', W') or (H', W', 3), with white
+    padding as the original's ``save_image(..., pad_value=1)``."""
     n_rows, n_cols, ch, h, w = rows.shape
-    canvas = torch.zeros(ch, n_rows * (h + padding) + padding, n_cols * (w + padding) + padding)
+    canvas = torch.ones(ch, n_rows * (h + padding) + padding, n_cols * (w + padding) + padding)
     for r in range(n_rows):
         for col in range(n_cols):
             top, left = padding + r * (h + padding), padding + col * (w + padding)
@@ -39,10 +40,11 @@ def mean_activations(mu, scales, orientations):
 
 
 def save_ground_truth_plot(summary, path, title=""):
-    """The original's "mean activation" figure from mean_activations(). One row per active
-    latent: a posX x posY heatmap of mu_j averaged over shape, scale and orientation (one colour
-    scale for all rows); mu_j against scale and against orientation, one line per shape (shared
-    y-limits per column)."""
+    """The original's "mean activation" figure from mean_activations(), saved to ``path`` and
+    returned. One row per active latent: a heatmap of mu_j averaged over shape, scale and
+    orientation, drawn as the original (``imshow(mean_pos[:, :, j])``: rows = posX, columns =
+    posY), one colour range [min, max] over all latents; mu_j against scale and against
+    orientation, one line per shape (shared y-limits per column)."""
     from matplotlib.figure import Figure
 
     scales, orientations = summary["scales"], summary["orientations"]
@@ -57,18 +59,18 @@ def save_ground_truth_plot(summary, path, title=""):
         axes[0, 1].text(0.5, 0.5, f"no active latent (variance of mu > {ACTIVE_VARIANCE})",
                         ha="center", va="center")
         fig.savefig(path)
-        return
+        return fig
     pos = summary["pos"][..., active]  # posX, posY, A
     by_scale = summary["by_scale"][..., active]  # shape, scale, A
     by_rotation = summary["by_rotation"][..., active]  # shape, orientation, A
-    limit = np.abs(pos).max()
+    vmin, vmax = summary["pos"].min(), summary["pos"].max()
     ylims = [(a.min() - 0.1 * np.ptp(a) - 1e-3, a.max() + 0.1 * np.ptp(a) + 1e-3)
              for a in (by_scale, by_rotation)]
     for row, j in enumerate(active):
         ax_pos, ax_scale, ax_rot = axes[row]
-        image = ax_pos.imshow(pos[:, :, row].T, cmap="coolwarm", vmin=-limit, vmax=limit,
+        image = ax_pos.imshow(pos[:, :, row], cmap="coolwarm", vmin=vmin, vmax=vmax,
                               origin="upper", extent=(0, 1, 1, 0))
-        ax_pos.set_ylabel(f"z{j}")
+        ax_pos.set_ylabel(f"z{j}: posX")
         for shape_index, name in enumerate(("square", "ellipse", "heart")):
             ax_scale.plot(scales, by_scale[shape_index, :, row], label=name)
             ax_rot.plot(orientations, by_rotation[shape_index, :, row], label=name)
@@ -78,11 +80,12 @@ def save_ground_truth_plot(summary, path, title=""):
     axes[0, 1].set_title("scale")
     axes[0, 2].set_title("rotation")
     axes[0, 2].legend(fontsize="small")
-    axes[-1, 0].set_xlabel("posX")
+    axes[-1, 0].set_xlabel("posY")
     axes[-1, 1].set_xlabel("scale")
     axes[-1, 2].set_xlabel("orientation (rad)")
     fig.colorbar(image, ax=axes[:, 0], shrink=0.8)
     fig.savefig(path)
+    return fig
 
 
 def latent_labels(summary):

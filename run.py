@@ -11,8 +11,8 @@ from datetime import datetime
 
 from dataset import CELEBA_CROPS, CELEBA_SOURCE, CELEBA_ZIP, GRIDS, DatasetError, download_dsprites
 from metrics import METRIC_NAMES, metric_list
-from solver import (BOUNDS, DATASETS, OBJECTIVES, RESUMABLE, SAMPLES, UPDATES, Config, Solver,
-                    run_metadata)
+from solver import (ARCHS, BOUNDS, DATASETS, INITS, OBJECTIVES, RESUMABLE, SAMPLES, UPDATES, Config,
+                    Solver, run_metadata)
 from utils import ConfigError, RunFolder
 
 log = logging.getLogger("run")
@@ -73,12 +73,21 @@ def build_parser():
     add = group("objective")
     add("--metric", choices=OBJECTIVES, default=d.metric,
         help="experiment: Test_gt = Non-Syn VAE with traversals and ground-truth plots; test = "
-             "Non-Syn VAE with live visdom plots; VAE; BVAE (beta-VAE); Factor (FactorVAE)")
+             "Non-Syn VAE with live visdom plots; VAE; BVAE (conv beta-VAE; BVAE_gt, the "
+             "original's name for it, works too); Factor (FactorVAE)")
     add("--update", choices=UPDATES, default=d.update,
-        help="Non-Syn update: two-step = Adam on recon+KL then Adam on the synergy gradient taken "
-             "at the same parameters (the original); joint = one step on recon+KL+alpha*syn")
+        help="Non-Syn update: original = the original's two Adam steps exactly (0.4.1 Adam, the "
+             "synergy gradient through the stale pre-step graph); two-step = the same two steps "
+             "with both gradients at the step's parameters; joint = one step on "
+             "recon+KL+alpha*syn")
     add("--sample", choices=SAMPLES, default=d.sample,
         help="compute the synergy term on the training batch (no_sample) or a second batch")
+    add("--arch", choices=ARCHS, default=d.arch,
+        help="decoder: 2020 = the original's final code; 2018 = without ReLU after its two "
+             "Linear layers, the decoder of the thesis figures")
+    add("--init", choices=INITS, default=d.init,
+        help="weight initialisation: original = PyTorch 0.4.1's (ConvTranspose2d bounds from "
+             "in_channels); current = today's PyTorch defaults")
     add("--z_dim", type=_number("z_dim"), default=d.z_dim, help="latent dimensions")
     add("--alpha", type=_number("alpha"), default=d.alpha, help="synergy penalty weight")
     add("--omega", type=_number("omega"), default=d.omega,

@@ -3,15 +3,19 @@ and the validated Config it runs from.
 
 Datasets differ by a ModelSpec (channels, hidden width, likelihood); objectives (``--metric``)
 differ only by their train step:
-  Test_gt, test  Non-Syn VAE: recon + KL, plus the synergy penalty alpha * KL(worst set)
-                 applied as a second Adam step (``two-step``) or in one loss (``joint``)
-  VAE, BVAE      recon + beta * KL (beta = 1 for VAE); synergy logged, not optimised
+  Test_gt, test  Non-Syn VAE: recon + KL, plus the synergy penalty alpha * KL(worst set),
+                 updated as the original (``original``: two Adam steps, the second through the
+                 stale pre-step graph), with both gradients at θ_t (``two-step``), or in one
+                 loss (``joint``)
+  VAE, BVAE      recon + beta * KL (beta = 1 for VAE; BVAE_gt is the original's name of BVAE);
+                 synergy logged, not optimised
   Factor         FactorVAE: recon + KL + gamma * TC with a density-ratio discriminator
 Every train step returns (values, best): a dict of detached 0-dim tensors and the bool best-set
 mask. They are read on the host only at log time, so the step never synchronises with the device.
 """
 import dataclasses
 import logging
+import math
 import signal
 import threading
 import time
@@ -25,23 +29,28 @@ from torch.nn import functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dataset import (CELEBA_CROPS, FACTOR_NAMES, GRIDS, ORIENTATION_VALUES, SCALE_VALUES,
-                     EpochSampler, grid_axes, load_dataset)
+from dataset import (CELEBA_CROPS, FACTOR_NAMES, GRIDS, ORIENTATION_VALUES, SCALE_VALUES, Batches,
+                     grid_axes, load_dataset)
 from metrics import DEFAULT_METRICS, EVAL_SEED, METRIC_NAMES, evaluate, lookup
-from model import MODEL_SPECS, Discriminator, evaluating, kl_loss, permute_dims, reparameterise
+from model import (MODEL_SPECS, Discriminator, evaluating, init_as_pytorch_041, kl_loss,
+                   permute_dims, reparameterise)
 from monitor import VisdomMonitor
 from plotting import image_grid, mean_activations, save_ground_truth_plot
 from synergy import synergy_penalty
-from utils import ConfigError, RunFolder, git_commit, package_versions, rng_state, set_rng_state
+from utils import (ConfigError, RunFolder, derived_seed, git_commit, package_versions, rng_state,
+                   set_rng_state)
 
 log = logging.getLogger(__name__)
 
 # --- the configuration ----------------------------------------------------------------------------
 
-OBJECTIVES = ("Test_gt", "test", "VAE", "BVAE", "Factor")  # --metric
-UPDATES = ("two-step", "joint")
+OBJECTIVES = ("Test_gt", "test", "VAE", "BVAE", "BVAE_gt", "Factor")  # --metric
+NONSYN = ("Test_gt", "test")
+UPDATES = ("original", "two-step", "joint")
 SAMPLES = ("no_sample", "sample")
 DATASETS = ("dsprites", "celeba")
+ARCHS = ("2020", "2018")  # the final decoder; the thesis figures' decoder (no ReLU after Linear)
+INITS = ("original", "current")  # PyTorch 0.4.1's default initialisation, or today's
 # Settings that may change when a run is resumed; everything else is fixed by the checkpoint.
 RESUMABLE = ("steps", "log_interval", "save_interval", "gt_interval", "viz_on", "viz_port",
              "viz_il_iter", "viz_la_iter", "cuda", "data_dir", "eval_metrics")
@@ -75,15 +84,17 @@ BOUNDS = dict(
     log_interval=Bound(int, 1), save_interval=Bound(int, 1), gt_interval=Bound(int, 1),
     viz_port=Bound(int, 1, 65535), viz_il_iter=Bound(int, 1), viz_la_iter=Bound(int, 1),
 )
-CHOICES = dict(metric=OBJECTIVES, update=UPDATES, sample=SAMPLES, dataset=DATASETS, grid=GRIDS,
-               celeba_crop=tuple(CELEBA_CROPS))
+CHOICES = dict(metric=OBJECTIVES, update=UPDATES, sample=SAMPLES, arch=ARCHS, init=INITS,
+               dataset=DATASETS, grid=GRIDS, celeba_crop=tuple(CELEBA_CROPS))
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    metric: str = "Test_gt"  # experiment: Test_gt/test (Non-Syn VAE), VAE, BVAE, Factor
-    update: str = "two-step"  # Non-Syn update: two Adam steps (original) or one joint loss
+    metric: str = "Test_gt"  # experiment: Test_gt/test (Non-Syn VAE), VAE, BVAE(_gt), Factor
+    update: str = "original"  # Non-Syn update: the original's, two-step at θ_t, or joint
     sample: str = "no_sample"  # synergy on the training batch, or on a second batch
+    arch: str = "2020"  # decoder: the final code's, or 2018's (the thesis figures)
+    init: str = "original"  # weight initialisation: PyTorch 0.4.1's, or today's
     z_dim: int = 10  # latent dimensions
     alpha: float = 1.5  # weight of the synergy penalty
     omega: float = 0.8  # greedy policy: a latent joins the best set if omega * I(new) > I(old)
@@ -168,10 +179,60 @@ def pick_device(config):
     return torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
 
 
+def build_model(config, device):
+    """The VAE of ``config`` (dataset, z_dim, decoder arch), initialised as ``config.init`` says."""
+    model = MODEL_SPECS[config.dataset].build(config.z_dim, config.arch)
+    if config.init == "original":
+        init_as_pytorch_041(model)
+    return model.to(device)
+
+
+class Adam041(torch.optim.Optimizer):
+    """Adam as PyTorch 0.4.1 ran it, for the original update (REFERENCE: replay-tested).
+
+    - Arithmetic: m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
+      p <- p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps). Today's Adam adds eps
+      after the bias correction: a 30x larger effective eps at t = 1, where the KL gradients
+      are tiny.
+    - Parameters move in place through ``p.data``, which does not bump their autograd version
+      counter: a graph built before the step can still be back-propagated afterwards, reading
+      the new weights (the original's stale graph, on purpose; torch.optim would raise).
+    - ``zero_grad`` zeroes gradients instead of dropping them, and only a parameter whose grad
+      is None is skipped: a parameter outside the loss still moves by its Adam momentum.
+    """
+
+    def __init__(self, params, lr, betas, eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    def zero_grad(self, set_to_none=False):
+        super().zero_grad(set_to_none=False)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                step_size = group["lr"] * math.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+                p.data.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
+
+
 # --- the Solver -----------------------------------------------------------------------------------
 
 class Solver:
-    def __init__(self, config, folder, checkpoint=None):
+    """One run. ``batches`` (an object with ``train(step)`` and ``partner(step)`` returning
+    image batches) and ``noise`` (``noise(mu)``: standard normal noise like mu, for every
+    reparameterised sample) default to the run's own data and RNG; a replay hands in its own."""
+
+    def __init__(self, config, folder, checkpoint=None, batches=None, noise=torch.randn_like):
         self.config = c = config
         self.folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
         self.device = pick_device(c)
@@ -181,23 +242,25 @@ class Solver:
         if not self.data.has_factors:
             log.info("%s has no ground-truth factors: ground-truth plots and disentanglement "
                      "metrics are skipped", c.dataset)
-        spec = MODEL_SPECS[c.dataset]
-        self.model = spec.build(c.z_dim).to(self.device)
-        self.reconstruction_loss = spec.reconstruction_loss
-        self.optim = torch.optim.Adam(self.model.parameters(), lr=c.lr_VAE,
-                                      betas=(c.beta1_VAE, c.beta2_VAE))
+        self.model = build_model(c, self.device)
+        self.reconstruction_loss = MODEL_SPECS[c.dataset].reconstruction_loss
+        nonsyn = c.metric in NONSYN
+        adam = Adam041 if nonsyn and c.update == "original" else torch.optim.Adam
+        self.optim = adam(self.model.parameters(), lr=c.lr_VAE, betas=(c.beta1_VAE, c.beta2_VAE))
         self.D = self.optim_D = None
         if c.metric == "Factor":
             self.D = Discriminator(c.z_dim).to(self.device)
+            if c.init == "original":
+                init_as_pytorch_041(self.D)
             self.optim_D = torch.optim.Adam(self.D.parameters(), lr=c.lr_D,
                                             betas=(c.beta1_D, c.beta2_D))
-        nonsyn = self.step_joint if c.update == "joint" else self.step_two_step
-        self.train_step = {"VAE": self.step_vae, "BVAE": self.step_vae, "Factor": self.step_factor,
-                           "Test_gt": nonsyn, "test": nonsyn}[c.metric]
-
-        self.sampler = EpochSampler(len(self.data), c.batch_size, c.seed, 0, self.device)
-        # A second, independent stream: the synergy batch of --sample sample, FactorVAE's z'.
-        self.partner = EpochSampler(len(self.data), c.batch_size, c.seed, 1, self.device)
+        if nonsyn:
+            self.train_step = {"original": self.step_original, "two-step": self.step_two_step,
+                               "joint": self.step_joint}[c.update]
+        else:
+            self.train_step = self.step_factor if c.metric == "Factor" else self.step_vae
+        self.batches = batches or Batches(self.data, c.batch_size, c.seed, self.device)
+        self.noise = noise
         picker = torch.Generator().manual_seed(c.seed)
         self.test_index = torch.cat([torch.zeros(1, dtype=torch.long),
                                      torch.randint(len(self.data), (c.nb_test - 1,), generator=picker)])
@@ -215,20 +278,22 @@ class Solver:
 
     # --- objectives -------------------------------------------------------------------------
 
-    def _batch(self, sampler):
-        return self.data.images(sampler.indices(self.step))
-
-    def _elbo_terms(self, x):
-        """Forward pass of a batch: (recon, kl, mu, logvar, z)."""
-        logits, mu, logvar, z = self.model(x)
+    def _elbo_terms(self):
+        """Forward pass of the step's training batch: (recon, kl, mu, logvar, z)."""
+        x = self.batches.train(self.step)
+        logits, mu, logvar, z = self.model(x, self.noise)
         return self.reconstruction_loss(logits, x), kl_loss(mu, logvar), mu, logvar, z
 
     def _penalty_posterior(self, mu, logvar):
         """The posterior (mu, logvar) that feeds the synergy penalty: the training batch's own,
-        or with --sample sample an encoder pass of the partner batch at the current parameters."""
+        or with --sample sample a forward pass of the partner batch at the current parameters.
+        That pass draws its sample's noise like the original's ``VAE(x2, decode=False)``, so
+        the noise stream stays in step with the original's."""
         if self.config.sample == "no_sample":
             return mu, logvar
-        return self.model.encoder(self._batch(self.partner))
+        mu, logvar = self.model.encoder(self.batches.partner(self.step))
+        self.noise(mu)
+        return mu, logvar
 
     def _synergy_gradient(self, mu, logvar, retain_graph=False):
         """(syn, best, d syn / d encoder parameters) of the penalty on this posterior."""
@@ -237,12 +302,36 @@ class Solver:
                                     retain_graph=retain_graph)
         return syn, best, grads
 
+    def step_original(self):
+        """Non-Syn VAE exactly as the original trains it (``--update original``, the default),
+        replay-tested against the original trainer step for step (tests/test_replay.py)."""
+        c = self.config
+        # 1. ELBO terms at θ_t; the graph is kept for step 4.
+        recon, kl, mu, logvar, _ = self._elbo_terms()
+        # 2. Adam (0.4.1) on recon + KL. It moves θ_t -> θ_t+½ in place through .data, so the
+        #    graph of step 1 survives the update.
+        self.optim.zero_grad()
+        (recon + kl).backward(retain_graph=True)
+        self.optim.step()
+        # 3. The synergy penalty from this batch's posterior, or, with --sample sample, from a
+        #    forward pass of the partner batch at θ_t+½.
+        syn, best = synergy_penalty(*self._penalty_posterior(mu, logvar), c.omega, c.alpha)
+        # 4. Adam again on the synergy gradient. Without --sample it flows back through step 1's
+        #    graph: activations of θ_t, but the weights as step 2 left them, the original's stale
+        #    graph (its gradient is 2-9 % off the one at θ_t early on). The decoder's gradients
+        #    are zero, and its Adam moments still move it.
+        self.optim.zero_grad()
+        syn.backward()
+        self.optim.step()
+        return dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
+                    total=(recon + kl + syn).detach()), best
+
     def step_two_step(self):
-        """Non-Syn VAE, the two Adam steps of the original's algorithm box, both gradients taken
-        at the parameters they belong to (see README, deviations)."""
+        """Non-Syn VAE, the original's two Adam steps with both gradients taken at the
+        parameters they belong to (``--update two-step``; see README, deviations)."""
         c = self.config
         # 1. ELBO terms at θ_t.
-        recon, kl, mu, logvar, _ = self._elbo_terms(self._batch(self.sampler))
+        recon, kl, mu, logvar, _ = self._elbo_terms()
         # 2. The synergy gradient of the encoder at θ_t, taken before step 3 changes θ ...
         if c.sample == "no_sample":
             syn, best, syn_grads = self._synergy_gradient(mu, logvar, retain_graph=True)
@@ -266,7 +355,7 @@ class Solver:
     def step_joint(self):
         """Non-Syn VAE, one Adam step on recon + KL + alpha * KL(worst set) at θ_t."""
         c = self.config
-        recon, kl, mu, logvar, _ = self._elbo_terms(self._batch(self.sampler))
+        recon, kl, mu, logvar, _ = self._elbo_terms()
         syn, best = synergy_penalty(*self._penalty_posterior(mu, logvar), c.omega, c.alpha)
         self.optim.zero_grad(set_to_none=True)
         (recon + kl + syn).backward()
@@ -277,8 +366,8 @@ class Solver:
     def step_vae(self):
         """Plain VAE (beta = 1) or beta-VAE: recon + beta * KL. Synergy is only measured."""
         c = self.config
-        beta = c.beta if c.metric == "BVAE" else 1.0
-        recon, kl, mu, logvar, _ = self._elbo_terms(self._batch(self.sampler))
+        beta = c.beta if c.metric in ("BVAE", "BVAE_gt") else 1.0
+        recon, kl, mu, logvar, _ = self._elbo_terms()
         loss = recon + beta * kl
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,7 +380,7 @@ class Solver:
         then one discriminator step on detached z against dimension-shuffled z' from a second
         batch. Synergy is only measured."""
         c = self.config
-        recon, kl, mu, logvar, z = self._elbo_terms(self._batch(self.sampler))
+        recon, kl, mu, logvar, z = self._elbo_terms()
         self.D.requires_grad_(False)
         d_z = self.D(z)  # B, 2
         tc = (d_z[:, 0] - d_z[:, 1]).mean()
@@ -302,8 +391,8 @@ class Solver:
         self.D.requires_grad_(True)
 
         with torch.no_grad():
-            mu2, logvar2 = self.model.encoder(self._batch(self.partner))
-            z_perm = permute_dims(reparameterise(mu2, logvar2, torch.randn_like(mu2)))
+            mu2, logvar2 = self.model.encoder(self.batches.partner(self.step))
+            z_perm = permute_dims(reparameterise(mu2, logvar2, self.noise(mu2)))
         zeros = torch.zeros(len(z), dtype=torch.long, device=self.device)
         d_loss = 0.5 * (F.cross_entropy(self.D(z.detach()), zeros)
                         + F.cross_entropy(self.D(z_perm), torch.ones_like(zeros)))
@@ -429,23 +518,38 @@ class Solver:
 
     # --- figures -----------------------------------------------------------------------------
 
+    TRAVERSAL_STREAM = 2  # the traversal's noise: its own generator, not the training RNG
+
     def save_traversal(self):
-        """alpha_<alpha>_traversal_<step>.png: test images, their reconstructions, then one row
-        per latent traversed over linspace(-3, 3, nb_test) from test image 0's mean."""
+        """alpha_<alpha>_traversal_<step>.png (see ``traversal_rows``). The reconstructions'
+        noise comes from a generator seeded with (seed, step), so drawing a traversal leaves the
+        training stream, and with it resume, untouched."""
         c = self.config
         x = self.data.images(self.test_index.to(self.device))  # T, ch, 64, 64
-        with evaluating(self.model):
-            mu, _ = self.model.encoder(x)
-            recon = torch.sigmoid(self.model.decoder(mu))
-            z = mu[:1].repeat(c.z_dim * c.nb_test, 1).view(c.z_dim, c.nb_test, c.z_dim)
-            z[torch.arange(c.z_dim), :, torch.arange(c.z_dim)] = torch.linspace(
-                -3, 3, c.nb_test, device=self.device)
-            traversal = torch.sigmoid(self.model.decoder(z.view(-1, c.z_dim)))
-        rows = torch.cat([x, recon, traversal]).view(c.z_dim + 2, c.nb_test, *x.shape[1:])
+        generator = torch.Generator(self.device).manual_seed(
+            derived_seed(c.seed, self.TRAVERSAL_STREAM, self.step))
+        rows = traversal_rows(self.model, x, lambda mu: torch.randn(
+            mu.shape, generator=generator, device=mu.device))
         pixels = image_grid(rows.cpu())
         Image.fromarray(pixels).save(self.folder.traversal_path(c.alpha, self.step))
         if self.viz is not None:
             self.viz.image(pixels, self.step)
+
+
+def traversal_rows(model, x, noise):
+    """The original's traversal grid as images in [0, 1], (2 + z_dim, T, ch, 64, 64): row 1 the
+    T test images ``x``, row 2 their reconstructions decoded from a sampled z (``noise(mu)``, as
+    the original), then one row per latent j: test image 0's mean with z_j set to each of
+    linspace(-3, 3, T)."""
+    n = len(x)
+    with evaluating(model):
+        mu, logvar = model.encoder(x)  # T, z
+        z_dim = mu.shape[1]
+        recon = torch.sigmoid(model.decoder(reparameterise(mu, logvar, noise(mu))))
+        z = mu[:1].repeat(z_dim * n, 1).view(z_dim, n, z_dim)
+        z[torch.arange(z_dim), :, torch.arange(z_dim)] = torch.linspace(-3, 3, n, device=x.device)
+        traversal = torch.sigmoid(model.decoder(z.view(-1, z_dim)))
+    return torch.cat([x, recon, traversal]).view(z_dim + 2, n, *x.shape[1:])
 
 
 # --- a trained representation: evaluation without a Solver ---------------------------------------
@@ -465,7 +569,7 @@ class Trained:
         """The model of ``config`` with the checkpoint's weights (or freshly initialised)."""
         device = pick_device(config)
         torch.manual_seed(config.seed)
-        model = MODEL_SPECS[config.dataset].build(config.z_dim).to(device)
+        model = build_model(config, device)
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
         data = load_dataset(config.dataset, config.data_dir, config.grid,

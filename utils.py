@@ -71,6 +71,12 @@ def package_versions():
     return versions
 
 
+def derived_seed(*keys):
+    """A 32-bit seed that is a pure function of ``keys`` (e.g. seed, stream, step), for
+    generators that must give the same draws whenever they are re-made (resume)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 def rng_state(device):
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":

@@ -28,7 +28,7 @@ def final_weights(run_dir):
     return ckpt["model"]
 
 
-@pytest.mark.parametrize("metric", ["Test_gt", "test", "VAE", "BVAE", "Factor"])
+@pytest.mark.parametrize("metric", ["Test_gt", "test", "VAE", "BVAE", "BVAE_gt", "Factor"])
 def test_every_experiment_writes_a_complete_run_folder(tmp_path, metric):
     with pytest.warns(UserWarning, match="visdom is not reachable") if metric == "test" else _no_warning():
         code, run_dir = run_cli(tmp_path, metric, "--metric", metric, "--alpha", "5.0",
@@ -81,10 +81,14 @@ def test_same_seed_same_metrics(tmp_path):
     assert strip(records(a)) != strip(records(c))
 
 
-@pytest.mark.parametrize("metric", ["Test_gt", "Factor"])
+@pytest.mark.parametrize("metric, update, sample", [
+    ("Test_gt", "original", "no_sample"), ("Test_gt", "original", "sample"),
+    ("Test_gt", "two-step", "no_sample"), ("Test_gt", "joint", "sample"),
+    ("Factor", "original", "no_sample")])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkeypatch, at_step,
-                                                                metric):
-    flags = ["--metric", metric, "--steps", "9", "--save-interval", "4", "--seed", "5"]
+                                                                metric, update, sample):
+    flags = ["--metric", metric, "--update", update, "--sample", sample, "--steps", "9",
+             "--save-interval", "4", "--seed", "5"]
     assert run_cli(tmp_path, "straight", *flags)[0] == 0
 
     # SIGTERM between steps 6 and 7, off the save interval

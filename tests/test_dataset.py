@@ -10,8 +10,8 @@ import torch
 
 import dataset
 from conftest import FIXTURES
-from dataset import (DatasetError, EpochSampler, download_dsprites, grid_classes, latents_values,
-                     load_dsprites, pack_images, render_dsprites, unpack_images)
+from dataset import (DatasetError, EpochSampler, PartnerSampler, download_dsprites, grid_classes,
+                     latents_values, load_dsprites, pack_images, render_dsprites, unpack_images)
 
 
 def test_renderer_reproduces_real_frames():
@@ -179,3 +179,13 @@ def test_download_offline_fails_fast_with_a_clear_message(tmp_path):
         download_dsprites(tmp_path, url=f"http://127.0.0.1:{port}/x.npz")
     assert time.monotonic() - start < 5
     assert list(tmp_path.iterdir()) == []
+
+
+def test_partner_batches_are_drawn_with_replacement_as_a_pure_function_of_seed_and_step():
+    a = PartnerSampler(50, 40, seed=3, block=4)
+    draws = [a.indices(s).clone() for s in range(10)]
+    b = PartnerSampler(50, 40, seed=3, block=4)
+    assert torch.equal(b.indices(9), draws[9]) and torch.equal(b.indices(2), draws[2])
+    assert any(len(set(d.tolist())) < 40 for d in draws)  # with replacement: repeats occur
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[3], draws[4])
+    assert not torch.equal(PartnerSampler(50, 40, seed=4, block=4).indices(0), draws[0])

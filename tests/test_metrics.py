@@ -93,3 +93,27 @@ def test_scores_are_deterministic_for_a_seed():
     a = evaluate(with_noise, SIZES, ("factor_vae", "mig"), seed=3)
     assert a == evaluate(with_noise, SIZES, ("factor_vae", "mig"), seed=3)
     assert a["mig"] == evaluate(with_noise, SIZES, ("mig",), seed=3)["mig"]  # independent streams
+
+
+def test_sap_fits_constant_latents_like_disentanglement_lib():
+    """One informative latent and four constant ones: disentanglement_lib fits a classifier on a
+    constant latent too, which scores about chance and so sets the runner-up of each gap."""
+    def one_informative(factors):
+        return np.hstack([factors[:, :1], np.zeros((len(factors), 4))]).astype(np.float64)
+    result = sap(one_informative, SIZES, np.random.default_rng(0), **PROTOCOLS["sap"])
+    accuracy = np.array(result["accuracy"])  # latents x factors
+    assert np.all((accuracy[1:] > 0.05) & (accuracy[1:] < 0.2))  # fitted: about chance, not 0
+    gaps = np.sort(accuracy, axis=0)[::-1]
+    assert np.allclose(result["per_factor"], gaps[0] - gaps[1])
+    assert result["per_factor"][0] == pytest.approx(accuracy[0, 0] - accuracy[1:, 0].max())
+    assert result["score"] < 0.1  # skipping the constant latents would give ~0.14 here
+
+
+def test_factor_vae_reports_active_latents_both_ways():
+    from metrics import factor_vae_score
+    result = factor_vae_score(with_noise, SIZES, np.random.default_rng(0),
+                              **PROTOCOLS["factor_vae"])
+    assert result["num_active"] == 10 and result["num_active_dims"] == 10
+    half = factor_vae_score(lambda f: np.hstack([identity(f), np.zeros((len(f), 3))]), SIZES,
+                            np.random.default_rng(0), **PROTOCOLS["factor_vae"])
+    assert half["num_active"] == 5 and half["num_active_dims"] == 8  # dlib: its mask's length
