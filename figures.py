@@ -2,6 +2,7 @@
 
     python figures.py --nonsyn RUN --factor RUN --vae RUN [--celeba RUN] [--out misc]
                       [--loss-steps 4000]
+    python figures.py --curves RUN [RUN ...] [--out misc] [--curve-steps 1000]
 
 writes into --out:
   traversals.gif       the Non-Syn run's traversal images in step order, step drawn on each frame
@@ -11,6 +12,13 @@ writes into --out:
   plots.png            reconstruction, KL and synergy loss of the Non-Syn run (first --loss-steps)
   faces_celeba.png     the CelebA run's final traversal (only with --celeba)
   comparison.md/.json  final losses and disentanglement scores per run
+
+or, with --curves (Non-Syn runs logged every step, e.g. --arch 2018 over several seeds):
+  curves_thesis.png    recon, KL and synergy sampled every 20 steps from a (0, 0) point, as the
+                       original's visdom plot, mean and min-max band over the runs, beside the
+                       thesis curve's anchors
+  curves_per_step.png  the same runs at every step (the short spikes the 20-step samples miss)
+  curves.md            the 20-step samples at the anchors' steps against the anchors
 
 Everything comes from what the runs saved (traversal PNGs, metrics.jsonl, metrics.json, the
 ground-truth summaries); a run without a ground-truth summary is re-encoded from its checkpoint.
@@ -126,6 +134,87 @@ def loss_plot(folder, path, max_step=4000):
     return len(rows)
 
 
+# Anchors read off the original README's plot (alpha 5, omega 0.9, the 2018 decoder): (step,
+# value) pairs, and ranges "later" where the plot gives a level rather than a point.
+THESIS_ANCHORS = {
+    "recon": [(20, 2860), (260, 600), (340, 250)],
+    "kl": [(40, 128), (320, 21)],
+    "syn": [(20, 0.0), (40, 31), (60, 1.2), (300, 13), (500, 2.3), (660, 1.0)],
+}
+THESIS_LATER = {"kl": (15, 17)}
+SAMPLE_EVERY = 20  # the original gathered visdom points every 20 steps
+
+
+def sampled_curves(folders, max_step):
+    """{term: (steps, values (runs, points))} at every SAMPLE_EVERY-th step from a (0, 0) point,
+    and the per-step {term: (steps, values)}; every run must have a record at every step."""
+    per_step = {}
+    for term in ("recon", "kl", "syn"):
+        rows = []
+        for folder in folders:
+            by_step = {r["step"]: r[term] for r in training_records(folder)[0]}
+            missing = [s for s in range(1, max_step + 1) if s not in by_step]
+            if missing:
+                raise FigureError(f"{folder}/{folder.LOG} has no record at step {missing[0]}: "
+                                  f"--curves needs runs logged every step (--log-interval 1) "
+                                  f"for at least {max_step} steps")
+            rows.append([by_step[s] for s in range(1, max_step + 1)])
+        per_step[term] = (np.arange(1, max_step + 1), np.array(rows))
+    steps = np.arange(0, max_step + 1, SAMPLE_EVERY)
+    sampled = {term: (steps, np.concatenate([np.zeros((len(folders), 1)),
+                                             values[:, SAMPLE_EVERY - 1::SAMPLE_EVERY]], axis=1))
+               for term, (_, values) in per_step.items()}
+    return sampled, per_step
+
+
+def curve_figures(folders, out_dir, max_step=1000):
+    """curves_thesis.png, curves_per_step.png and curves.md (see the module docstring)."""
+    from matplotlib.figure import Figure
+
+    sampled, per_step = sampled_curves(folders, max_step)
+    titles = dict(recon="reconstruction loss", kl="KL divergence", syn="synergy loss")
+    n = len(folders)
+    fig = Figure(figsize=(13, 3.6), layout="constrained")
+    for ax, term in zip(fig.subplots(1, 3), titles, strict=True):
+        steps, values = sampled[term]
+        ax.fill_between(steps, values.min(0), values.max(0), alpha=0.25,
+                        label=f"min-max over {n} runs")
+        ax.plot(steps, values.mean(0), marker=".", label=f"mean, every {SAMPLE_EVERY} steps")
+        anchor_steps, anchor_values = zip(*THESIS_ANCHORS[term], strict=True)
+        ax.plot(anchor_steps, anchor_values, "kx", markersize=8, label="thesis plot anchors")
+        if term in THESIS_LATER:
+            ax.axhspan(*THESIS_LATER[term], color="k", alpha=0.1, label="thesis, later")
+        ax.set_title(titles[term])
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.axes[2].legend(fontsize="small")
+    fig.savefig(out_dir / "curves_thesis.png", dpi=110)
+
+    fig = Figure(figsize=(13, 3.6), layout="constrained")
+    for ax, term in zip(fig.subplots(1, 3), titles, strict=True):
+        steps, values = per_step[term]
+        for folder, row in zip(folders, values, strict=True):
+            ax.plot(steps, row, linewidth=0.8, label=folder.name)
+        ax.set_title(f"{titles[term]}, per step")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.axes[2].legend(fontsize="small")
+    fig.savefig(out_dir / "curves_per_step.png", dpi=110)
+
+    lines = [f"20-step samples of {n} runs ({', '.join(f.name for f in folders)}) at the thesis "
+             f"plot's anchors: mean [min, max].", "",
+             "| term | step | thesis | this project |", "| --- | --- | --- | --- |"]
+    for term in titles:
+        steps, values = sampled[term]
+        for step, anchor in THESIS_ANCHORS[term]:
+            if step <= max_step:
+                column = values[:, step // SAMPLE_EVERY]
+                lines.append(f"| {term} | {step} | {anchor:g} | {column.mean():.4g} "
+                             f"[{column.min():.4g}, {column.max():.4g}] |")
+    (out_dir / "curves.md").write_text("\n".join(lines) + "\n")
+    return len(sampled["syn"][0])
+
+
 def faces_figure(folder, path):
     step, image_path = traversal_images(folder)[-1]
     Image.open(image_path).save(path)
@@ -159,17 +248,32 @@ def comparison_table(runs, out_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nonsyn", required=True, help="Non-Syn VAE run folder (--metric Test_gt)")
-    p.add_argument("--factor", required=True, help="FactorVAE run folder (--metric Factor)")
-    p.add_argument("--vae", required=True, help="plain VAE run folder (--metric VAE)")
+    p.add_argument("--nonsyn", help="Non-Syn VAE run folder (--metric Test_gt)")
+    p.add_argument("--factor", help="FactorVAE run folder (--metric Factor)")
+    p.add_argument("--vae", help="plain VAE run folder (--metric VAE)")
     p.add_argument("--celeba", help="CelebA run folder, for faces_celeba.png")
+    p.add_argument("--curves", nargs="+", metavar="RUN",
+                   help="instead: compare these Non-Syn runs (logged every step) with the "
+                        "thesis curve")
     p.add_argument("--out", default="misc", help="folder for the figures")
     p.add_argument("--loss-steps", type=int, default=4000, help="steps shown in plots.png")
+    p.add_argument("--curve-steps", type=int, default=1000, help="steps shown with --curves")
     args = p.parse_args(argv)
+    if not args.curves and not (args.nonsyn and args.factor and args.vae):
+        p.error("give --nonsyn, --factor and --vae (the thesis figures), or --curves RUN ...")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.curves:
+        try:
+            points = curve_figures([RunFolder(r) for r in args.curves], out, args.curve_steps)
+        except FigureError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {out}/: curves_thesis.png ({points} points per run), curves_per_step.png, "
+              f"curves.md")
+        return 0
     runs = [("Non-Syn VAE", RunFolder(args.nonsyn)), ("FactorVAE", RunFolder(args.factor)),
             ("VAE", RunFolder(args.vae))]
     celeba = [("CelebA", RunFolder(args.celeba))] if args.celeba else []

@@ -81,3 +81,32 @@ def test_a_run_without_summary_is_reencoded_from_its_checkpoint(runs):
         path.unlink()
     step, summary = figures.ground_truth_summary(RunFolder(runs["VAE"]))
     assert step == 8 and summary["pos"].shape == (8, 8, 10)
+
+
+def test_curves_sample_every_20_steps_from_a_zero_point(tmp_path, runs, capsys):
+    folders = []
+    for seed in (1, 2):
+        assert main(["--grid", "reduced", "--batch_size", "8", "--steps", "40", "--log-interval",
+                     "1", "--save-interval", "40", "--gt-interval", "40", "--eval-metrics", "none",
+                     "--no-cuda", "--nb-test", "2", "--alpha", "5.0", "--omega", "0.9",
+                     "--arch", "2018", "--seed", str(seed), "--output_dir", str(tmp_path),
+                     "--run-name", f"s{seed}", "--data-dir", str(tmp_path)]) == 0
+        folders.append(tmp_path / f"s{seed}")
+    out = tmp_path / "misc"
+    assert figures.main(["--curves", *map(str, folders), "--curve-steps", "40",
+                         "--out", str(out)]) == 0
+    for name in ("curves_thesis.png", "curves_per_step.png"):
+        assert Image.open(out / name).size[0] > 500
+    sampled, per_step = figures.sampled_curves([RunFolder(f) for f in folders], 40)
+    steps, syn = sampled["syn"]
+    assert steps.tolist() == [0, 20, 40] and syn[:, 0].tolist() == [0, 0]
+    for i, folder in enumerate(folders):
+        logged = {r["step"]: r["syn"] for r in RunFolder(folder).records("train")}
+        assert syn[i, 1:].tolist() == [logged[20], logged[40]]
+    row = next(line for line in (out / "curves.md").read_text().splitlines()
+               if line.startswith("| syn | 40 |"))
+    assert f"{syn[:, 2].mean():.4g}" in row
+    # runs logged every 2 steps cannot be sampled at every step
+    assert figures.main(["--curves", str(runs["Test_gt"]), "--curve-steps", "8",
+                         "--out", str(out)]) == 2
+    assert "--log-interval 1" in capsys.readouterr().err
