@@ -211,11 +211,18 @@ def _candidate_dirs(data_dir):
 
 
 def find_dsprites(data_dir=None):
-    """Path of the official npz in ``data_dir`` (or ./ and ./datasets), or None."""
+    """Path of the official npz in ``data_dir`` (or ./ and ./datasets), or None. A path of that
+    name that is not a readable file (a folder, a broken link) is an error, not a reason to fall
+    back to the procedural dSprites."""
     for folder in _candidate_dirs(data_dir):
         path = folder / DSPRITES_FILE
         if path.is_file():
             return path
+        if path.exists() or path.is_symlink():
+            what = "a broken link" if not path.exists() else "not a file"
+            raise DatasetError(f"{path} is {what}, so it cannot be read as the dSprites npz. "
+                               f"Replace it with the file (or --download), or move it away to "
+                               f"train on the procedural dSprites")
     return None
 
 
@@ -425,6 +432,9 @@ CELEBA_CROPS = {
     "center148": ((15, 35, 163, 183), (64, 64), None),  # centre 148x148, then resize
 }
 CACHE_VERSION = 1
+# A real CelebA JPEG is ~10 KB and 178x218: anything far beyond is refused before it is read.
+MAX_MEMBER_BYTES = 1 << 20
+MAX_PIXELS = 1024 * 1024
 
 
 def celeba_image(image, crop):
@@ -493,11 +503,21 @@ def _read_celeba_chunk(path, names, crop):
     archive = None if path.is_dir() else zipfile.ZipFile(path)
     try:
         for i, name in enumerate(names):
+            size = (path / name).stat().st_size if archive is None else archive.getinfo(name).file_size
+            if size > MAX_MEMBER_BYTES:
+                raise DatasetError(f"{path}: {name} declares {size:,} bytes, far beyond a CelebA "
+                                   f"JPEG (~10 KB; limit {MAX_MEMBER_BYTES:,}); not reading it. "
+                                   f"Is this the real {CELEBA_ZIP}? Fetch it from {CELEBA_SOURCE}")
             try:
                 if archive is None:
                     image = Image.open(path / name)
                 else:
                     image = Image.open(io.BytesIO(archive.read(name)))
+                if image.width * image.height > MAX_PIXELS:
+                    raise DatasetError(f"{path}: {name} is {image.width}x{image.height} pixels, "
+                                       f"far beyond a CelebA photo (178x218; limit {MAX_PIXELS:,} "
+                                       f"pixels); not decoding it. Fetch the real data from "
+                                       f"{CELEBA_SOURCE}")
                 image.load()
             except (UnidentifiedImageError, OSError, zipfile.BadZipFile, zlib.error) as err:
                 raise DatasetError(f"{path}: {name} is not a readable JPEG ({err}); the file may "

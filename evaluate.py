@@ -7,12 +7,13 @@ draws the ground-truth plot for the checkpoint's step (unless the run already ha
 appends the scores, with their protocols and library versions, to RUN_DIR/metrics.json.
 """
 import argparse
+import dataclasses
 import logging
 import sys
 
 from dataset import DatasetError
 from metrics import METRIC_NAMES, metric_list
-from solver import Config, Trained, evaluation_report
+from solver import Trained, evaluation_report, stored_run
 from utils import ConfigError, RunFolder
 
 
@@ -25,19 +26,20 @@ def main(argv=None):
     p.add_argument("--data-dir", help="where the official dSprites npz is (default: the run's)")
     p.add_argument("--no-cuda", dest="cuda", action="store_false", help="evaluate on the CPU")
     args = p.parse_args(argv)
+    if not args.eval_metrics:
+        p.error("--eval-metrics none leaves nothing to evaluate; name the metrics, or all")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     folder = RunFolder(args.run_dir)
     try:
-        checkpoint = folder.load_checkpoint()
-        stored = checkpoint["config"]
-        if stored["dataset"] != "dsprites":
-            raise ConfigError(f"{folder} was trained on {stored['dataset']}, which has no "
+        checkpoint, stored = stored_run(folder)
+        if stored.dataset != "dsprites":
+            raise ConfigError(f"{folder} was trained on {stored.dataset}, which has no "
                               f"ground-truth factors to score against")
-        trained = Trained.build(Config.from_checkpoint(
-            checkpoint, cuda=args.cuda and stored["cuda"],
-            data_dir=args.data_dir or stored["data_dir"]), checkpoint)
+        trained = Trained.build(dataclasses.replace(
+            stored, viz_on=False, cuda=args.cuda and stored.cuda,
+            data_dir=args.data_dir or stored.data_dir), checkpoint)
         results = trained.evaluate(folder, tuple(args.eval_metrics.split(",")))
         folder.append_evaluation(evaluation_report(trained.step, trained.data, results,
                                                    source="evaluate.py"))

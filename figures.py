@@ -33,12 +33,28 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from plotting import latent_labels
-from solver import Trained
+from solver import NONSYN, Trained
 from utils import ConfigError, RunFolder
 
 
 class FigureError(RuntimeError):
     """A run folder lacks what a figure needs; the message names the folder and the file."""
+
+
+def check_kind(folder, flag, metrics=None, dataset=None):
+    """Refuse a run folder of the wrong kind for ``flag`` before anything is written."""
+    if not folder.path.is_dir():
+        raise FigureError(f"{flag} {folder} is not a run folder")
+    config = folder.read_config().get("config")
+    if config is None:
+        raise FigureError(f"{flag} {folder} has no {folder.CONFIG}: not a run folder of this "
+                          f"project")
+    if metrics is not None and config.get("metric") not in metrics:
+        raise FigureError(f"{flag} {folder} is a --metric {config.get('metric')} run; {flag} "
+                          f"takes a --metric {' / '.join(metrics)} run")
+    if dataset is not None and config.get("dataset") != dataset:
+        raise FigureError(f"{flag} {folder} was trained on {config.get('dataset')}; {flag} "
+                          f"takes a {dataset} run")
 
 
 def traversal_images(folder):
@@ -264,10 +280,15 @@ def main(argv=None):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file; give a folder for the figures")
     if args.curves:
         try:
-            points = curve_figures([RunFolder(r) for r in args.curves], out, args.curve_steps)
+            folders = [RunFolder(r) for r in args.curves]
+            for folder in folders:
+                check_kind(folder, "--curves", NONSYN)
+            out.mkdir(parents=True, exist_ok=True)
+            points = curve_figures(folders, out, args.curve_steps)
         except FigureError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -278,9 +299,12 @@ def main(argv=None):
             ("VAE", RunFolder(args.vae))]
     celeba = [("CelebA", RunFolder(args.celeba))] if args.celeba else []
     try:
-        for _, folder in runs + celeba:
-            if not folder.path.is_dir():
-                raise FigureError(f"{folder} is not a run folder")
+        check_kind(runs[0][1], "--nonsyn", NONSYN, "dsprites")
+        check_kind(runs[1][1], "--factor", ("Factor",), "dsprites")
+        check_kind(runs[2][1], "--vae", ("VAE",), "dsprites")
+        if celeba:
+            check_kind(celeba[0][1], "--celeba", dataset="celeba")
+        out.mkdir(parents=True, exist_ok=True)
         frames = write_gif(runs[0][1], out / "traversals.gif")
         comparison_figure(runs[:2], out / "latents.png")
         comparison_figure(runs[2:], out / "VAE_traversals.png")

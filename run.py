@@ -12,7 +12,7 @@ from datetime import datetime
 from dataset import CELEBA_CROPS, CELEBA_SOURCE, CELEBA_ZIP, GRIDS, DatasetError, download_dsprites
 from metrics import METRIC_NAMES, metric_list
 from solver import (ARCHS, BOUNDS, DATASETS, INITS, OBJECTIVES, RESUMABLE, SAMPLES, UPDATES, Config,
-                    Solver, run_metadata)
+                    Diverged, Solver, run_metadata, stored_run)
 from utils import ConfigError, RunFolder
 
 log = logging.getLogger("run")
@@ -186,8 +186,8 @@ def default_run_name(config):
 def resume_state(folder, args, given):
     """Config and checkpoint of the run in ``folder``, and the settings changed now; flags
     given now may change RESUMABLE settings only."""
-    checkpoint = folder.load_checkpoint()
-    stored = checkpoint["config"]
+    checkpoint, stored = stored_run(folder)
+    stored = stored.to_dict()
     changes = {k: getattr(args, k) for k in given if k in stored}
     fixed = {k: v for k, v in changes.items() if k not in RESUMABLE and v != stored[k]}
     if fixed:
@@ -212,12 +212,14 @@ def main(argv=None):
     try:
         if args.resume:
             folder = RunFolder(args.resume)
-            config, checkpoint, changed = resume_state(folder, args, given)
-            folder.trim_log(checkpoint["step"])
-            folder.record_resume(checkpoint["step"], changed)
-            log.info("Resuming %s at step %d of %d", folder, checkpoint["step"], config.steps)
+            with folder.writer_lock():
+                config, checkpoint, changed = resume_state(folder, args, given)
+                folder.trim_log(checkpoint["step"])
+                folder.record_resume(checkpoint["step"], changed)
+                log.info("Resuming %s at step %d of %d", folder, checkpoint["step"], config.steps)
+                finished = Solver(config, folder, checkpoint).train()
         else:
-            config, checkpoint = make_config(args, given), None
+            config = make_config(args, given)
             if args.download and config.dataset != "dsprites":
                 raise ConfigError("--download is only offered for dSprites. CelebA's Google Drive "
                                   f"downloads fail too often: get {CELEBA_ZIP} from {CELEBA_SOURCE} "
@@ -226,13 +228,16 @@ def main(argv=None):
                 download_dsprites(config.data_dir or "datasets")
             folder = RunFolder.create(config.output_dir, config.run_name, default_run_name(config))
             log.info("Run folder: %s", folder)
-        solver = Solver(config, folder, checkpoint)
-        if checkpoint is None:
-            folder.write_config(run_metadata(config, solver.data))
-        finished = solver.train()
+            with folder.writer_lock():
+                solver = Solver(config, folder)
+                folder.write_config(run_metadata(config, solver.data))
+                finished = solver.train()
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Diverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0 if finished else 130
 
 

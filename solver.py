@@ -37,8 +37,8 @@ from model import (MODEL_SPECS, Discriminator, evaluating, init_as_pytorch_041, 
 from monitor import VisdomMonitor
 from plotting import image_grid, mean_activations, save_ground_truth_plot
 from synergy import synergy_penalty
-from utils import (ConfigError, RunFolder, derived_seed, git_commit, package_versions, rng_state,
-                   set_rng_state)
+from utils import (FORMAT_1_SETTINGS, ConfigError, RunFolder, derived_seed, git_commit,
+                   package_versions, rng_state, set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,13 @@ class Config:
                                       f"{', '.join(METRIC_NAMES)}, got {value!r}")
             elif not (isinstance(value, str) or (value is None and field.default is None)):
                 raise ConfigError(f"{name} must be text, got {value!r}")
+        if self.run_name is not None:
+            name = self.run_name
+            if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+                    or len(name.encode()) > 200):
+                raise ConfigError(f"run_name (--run-name) must be a single folder name: not "
+                                  f"empty, '.' or '..', without '/' or '\\', at most 200 bytes; "
+                                  f"got {name!r}")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -163,9 +170,46 @@ class Config:
         return tuple(n for n in self.eval_metrics.split(",") if n)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, **changes):
-        """The Config a checkpoint was trained with (visdom off), with ``changes`` applied."""
-        return cls(**{**checkpoint["config"], "viz_on": False, **changes})
+    def from_stored(cls, stored, where):
+        """The Config of stored settings (a checkpoint's, config.json's), checked like flags:
+        every setting present, none unknown, each of the right type and within its bounds."""
+        if not isinstance(stored, dict):
+            raise ConfigError(f"{where} holds no settings")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(stored) - names), sorted(names - set(stored))
+        if unknown or missing:
+            raise ConfigError(f"{where} does not hold this code's settings "
+                              f"(unknown: {', '.join(unknown) or 'none'}; missing: "
+                              f"{', '.join(missing) or 'none'})")
+        try:
+            return cls(**stored)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or weight; the message names the step and the term."""
+
+
+def stored_run(folder):
+    """(checkpoint, Config) of the run in ``folder``, validated before anything is built or
+    written: a readable checkpoint of a known format whose tensors match their checksum, stored
+    settings checked like flags, and the same run as config.json describes (settings that a
+    resume may change aside)."""
+    checkpoint = folder.load_checkpoint()
+    config = Config.from_stored(checkpoint["config"], f"the checkpoint of {folder}")
+    started = folder.read_config().get("config")
+    if started is not None:
+        started = {**FORMAT_1_SETTINGS, **started} if checkpoint["format"] == 1 else started
+        differ = sorted(k for k, v in config.to_dict().items()
+                        if k not in RESUMABLE and started.get(k) != v)
+        if differ:
+            raise ConfigError(f"the checkpoint in {folder} does not belong to the run its "
+                              f"config.json describes (they differ in {', '.join(differ)}); "
+                              f"nothing was changed")
+    return checkpoint, config
 
 
 def run_metadata(config, data):
@@ -276,7 +320,12 @@ class Solver:
 
         self.step = 0
         self.elapsed = 0.0
+        self.checkpoint_step = None  # the step of the checkpoint on disk, if any
         self.best_counts = torch.zeros(c.z_dim, device=self.device)  # steps each latent was in B
+        # Device-side watch for non-finite losses: the first step with one (0: none yet) and
+        # which terms; read on the host only at log / save / evaluation boundaries.
+        self._first_bad = torch.zeros((), dtype=torch.long, device=self.device)
+        self._bad_terms, self._term_names = None, None
         if checkpoint is not None:
             self.load_state(checkpoint)
         self.viz = None
@@ -431,8 +480,8 @@ class Solver:
                     if self.step % c.log_interval == 0 or self.step == c.steps:
                         self._log(log_file, values, best)
                     if self.step % c.save_interval == 0 or self.step == c.steps:
-                        self.save_traversal()
                         self.save_checkpoint()
+                        self.save_traversal()
                     if self.data.has_factors and (self.step % c.gt_interval == 0
                                                   or self.step == c.steps):
                         self._evaluate(log_file)
@@ -456,12 +505,36 @@ class Solver:
         and visdom gathering (device-side only). Returns the step's (values, best)."""
         values, best = self.train_step()
         self.step += 1
+        self._watch_finite(values)
         self.best_counts += best
         if self.viz is not None:
             self.viz.gather(self.step, values, self.best_counts / self.step)
         return values, best
 
+    def _watch_finite(self, values):
+        """Remember, on the device, the first step whose values hold a NaN or inf."""
+        finite = torch.stack([v.detach().float() for v in values.values()]).isfinite()
+        if self._bad_terms is None:
+            self._term_names, self._bad_terms = list(values), torch.zeros_like(finite)
+        first = (self._first_bad == 0) & ~finite.all()
+        self._first_bad = torch.where(first, self.step, self._first_bad)
+        self._bad_terms = torch.where(first, ~finite, self._bad_terms)
+
+    def check_finite(self):
+        """Raise Diverged if a loss went non-finite (one host read: call at boundaries)."""
+        step = int(self._first_bad)
+        if not step:
+            return
+        terms = [n for n, bad in zip(self._term_names, self._bad_terms.tolist(), strict=True)
+                 if bad]
+        kept = (f"the last checkpoint, step {self.checkpoint_step}, is kept"
+                if self.checkpoint_step is not None else "no checkpoint was written")
+        raise Diverged(f"{' and '.join(terms)} became NaN or infinite at step {step}; training "
+                       f"stopped and {kept}. Try a lower --lr_VAE (or a smaller --alpha / "
+                       f"--gamma) in a new run")
+
     def _log(self, log_file, values, best):
+        self.check_finite()
         row = {name: float(v) for name, v in values.items()}
         best = best.cpu()
         record = dict(step=self.step, **row,
@@ -474,6 +547,7 @@ class Solver:
                  record["best"], self.elapsed)
 
     def _evaluate(self, log_file):
+        self.check_finite()
         started = time.perf_counter()
         results = evaluate_representation(self.model, self.data, self.config, self.folder,
                                           self.step, self.config.metric_names,
@@ -508,12 +582,21 @@ class Solver:
     # --- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self):
+        """Write the checkpoint, unless a loss or a weight went non-finite (Diverged): the last
+        good checkpoint is never replaced by a broken one."""
+        self.check_finite()
+        weights = list(self.model.parameters()) + (list(self.D.parameters()) if self.D else [])
+        if not torch.stack([p.isfinite().all() for p in weights]).all():
+            raise Diverged(f"a weight became NaN or infinite by step {self.step}; training "
+                           f"stopped and the last checkpoint, step {self.checkpoint_step}, is "
+                           f"kept. Try a lower --lr_VAE in a new run")
         state = dict(step=self.step, elapsed=self.elapsed, config=self.config.to_dict(),
                      model=self.model.state_dict(), optim=self.optim.state_dict(),
                      best_counts=self.best_counts, rng=rng_state(self.device))
         if self.D is not None:
             state.update(D=self.D.state_dict(), optim_D=self.optim_D.state_dict())
         self.folder.save_checkpoint(state)
+        self.checkpoint_step = self.step
 
     def load_state(self, state):
         self.model.load_state_dict(state["model"])
@@ -522,6 +605,7 @@ class Solver:
             self.D.load_state_dict(state["D"])
             self.optim_D.load_state_dict(state["optim_D"])
         self.step, self.elapsed = state["step"], state["elapsed"]
+        self.checkpoint_step = self.step
         self.best_counts = state["best_counts"].to(self.device)
         set_rng_state(state["rng"], self.device)
 
@@ -587,9 +671,10 @@ class Trained:
 
     @classmethod
     def load(cls, folder, **changes):
-        """The run in ``folder`` at its checkpoint; ``changes`` override stored settings."""
-        checkpoint = folder.load_checkpoint()
-        return cls.build(Config.from_checkpoint(checkpoint, **changes), checkpoint)
+        """The run in ``folder`` at its checkpoint, visdom off; ``changes`` override stored
+        settings."""
+        checkpoint, config = stored_run(folder)
+        return cls.build(dataclasses.replace(config, viz_on=False, **changes), checkpoint)
 
     def evaluate(self, folder, metric_names, plot=True):
         return evaluate_representation(self.model, self.data, self.config, folder, self.step,

@@ -1,8 +1,12 @@
 """Small shared helpers: atomic files, provenance, RNG state, and the owner of a run folder."""
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import pickle
 import platform
+import zipfile
 import subprocess
 import re
 import tempfile
@@ -24,6 +28,7 @@ def atomic_file(path):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -32,6 +37,12 @@ def atomic_file(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path, data):
@@ -96,7 +107,30 @@ class ConfigError(ValueError):
     """A setting, a run folder or a checkpoint is unusable; the message says what to do."""
 
 
-CHECKPOINT_FORMAT = 1  # bumped whenever the checkpoint's layout changes
+CHECKPOINT_FORMAT = 2  # bumped whenever the checkpoint's layout changes
+# Format 1 (before --arch, --init and the checksum) stored no arch or init: its runs were
+# trained with the 2020 decoder and today's PyTorch initialisation.
+FORMAT_1_SETTINGS = dict(arch="2020", init="current")
+
+
+def tensor_checksum(state):
+    """sha256 of every tensor in a (nested) checkpoint state, with its key path, dtype and
+    shape, in a fixed order: any change of a stored number changes it."""
+    digest = hashlib.sha256()
+
+    def visit(prefix, value):
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(f"{prefix}/{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{prefix}/{i}", item)
+        elif isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{prefix}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    visit("", state)
+    return digest.hexdigest()
 
 
 class RunFolder:
@@ -190,22 +224,65 @@ class RunFolder:
         return self.path / self.CHECKPOINT
 
     def save_checkpoint(self, state):
-        """Write ``state`` (tensors and plain values) atomically, tagged with its format."""
+        """Write ``state`` (tensors and plain values) atomically, tagged with its format and
+        the checksum of its tensors."""
         self.checkpoint_path.parent.mkdir(exist_ok=True)
-        atomic_torch_save(dict(state, format=CHECKPOINT_FORMAT), self.checkpoint_path)
+        state = dict(state, format=CHECKPOINT_FORMAT)
+        atomic_torch_save(dict(state, checksum=tensor_checksum(state)), self.checkpoint_path)
 
     def load_checkpoint(self):
-        """The run's checkpoint (tensors and plain values only), format version checked."""
+        """The run's checkpoint (tensors and plain values only): readable, of a known format,
+        its tensors matching their checksum. Format 1 is read with its implied settings."""
         path = self.checkpoint_path
         if not path.is_file():
             raise ConfigError(f"{self.path}: no checkpoint at {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+                OSError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+            raise ConfigError(f"{path} is not a readable checkpoint of this project "
+                              f"({type(err).__name__}: {first[:120]}); it may be truncated "
+                              f"or corrupt. Nothing was changed") from None
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-        if found != CHECKPOINT_FORMAT:
+        if found == 1:
+            config = checkpoint.get("config")
+            if isinstance(config, dict):
+                checkpoint["config"] = {**FORMAT_1_SETTINGS, **config}
+        elif found != CHECKPOINT_FORMAT:
             raise ConfigError(f"{path} has checkpoint format {found!r}; this version of the code "
-                              f"reads format {CHECKPOINT_FORMAT}. Use the code the run was "
+                              f"reads formats 1 and {CHECKPOINT_FORMAT}. Use the code the run was "
                               f"trained with (config.json records its git commit)")
+        else:
+            stored = checkpoint.pop("checksum", None)
+            if stored != tensor_checksum(checkpoint):
+                raise ConfigError(f"{path}: the checksum of its tensors does not match the one "
+                                  f"stored in it; the file is corrupt. Nothing was changed")
         return checkpoint
+
+    @contextmanager
+    def writer_lock(self):
+        """Hold the folder's advisory lock while this process trains in it. A second process is
+        refused at once with the holder's PID; the lock goes with the process that holds it, so
+        a killed run never blocks its own resume."""
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(f"{self.path} is in use by another process (PID {holder}) that "
+                              f"trains or resumes it; two writers would mix their steps. Wait "
+                              f"for it to end, or stop it first") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
 
     # --- config.json ------------------------------------------------------------------------------
 

@@ -29,8 +29,8 @@ def _few_threads():
 
 @pytest.fixture
 def at_step(monkeypatch):
-    """``at_step(n, action)``: every Solver made afterwards calls ``action()`` once, right after
-    its n-th training step of this process (e.g. to send SIGTERM or stop a server)."""
+    """``at_step(n, action)``: every Solver made afterwards calls ``action(solver)`` once, right
+    after its n-th training step of this process (e.g. to send SIGTERM or stop a server)."""
     def install(n, action):
         init = solver_module.Solver.__init__
 
@@ -42,7 +42,7 @@ def at_step(monkeypatch):
                 out = train_step()
                 count[0] += 1
                 if count[0] == n:
-                    action()
+                    action(self)
                 return out
             self.train_step = counted
         monkeypatch.setattr(solver_module.Solver, "__init__", patched)

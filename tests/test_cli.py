@@ -92,7 +92,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, monkey
     assert run_cli(tmp_path, "straight", *flags)[0] == 0
 
     # SIGTERM between steps 6 and 7, off the save interval
-    at_step(6, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    at_step(6, lambda solver: os.kill(os.getpid(), signal.SIGTERM))
     code, run_dir = run_cli(tmp_path, "resumed", *flags)
     assert code == 130
     assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["step"] == 6
@@ -264,7 +264,7 @@ def test_unknown_checkpoint_format_is_refused_with_a_clear_error(tmp_path, capsy
     assert main(["--resume", str(run_dir), "--steps", "8"]) == 2
     assert "checkpoint format 99" in capsys.readouterr().err
     assert evaluate.main([str(run_dir)]) == 2
-    assert "reads format 1" in capsys.readouterr().err
+    assert "reads formats 1 and 2" in capsys.readouterr().err
     assert path.read_bytes() == before
 
 

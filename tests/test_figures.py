@@ -68,12 +68,20 @@ def test_latent_labels_name_the_factor_with_most_explained_variance():
 
 
 def test_missing_pieces_are_named(runs, tmp_path, capsys):
-    empty = tmp_path / "empty"
+    empty = tmp_path / "empty"  # a Non-Syn run folder that has written nothing yet
     empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"config": {"metric": "Test_gt",
+                                                              "dataset": "dsprites"}}))
     code = figures.main(["--nonsyn", str(empty), "--factor", str(runs["Factor"]),
                          "--vae", str(runs["VAE"]), "--out", str(tmp_path / "o")])
     assert code == 2
     assert f"{empty} has no traversal images" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    bare = tmp_path / "bare"  # no config.json: not a run folder of this project
+    bare.mkdir()
+    assert figures.main(["--nonsyn", str(bare), "--factor", str(runs["Factor"]),
+                         "--vae", str(runs["VAE"]), "--out", str(tmp_path / "o")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
 
 
 def test_a_run_without_summary_is_reencoded_from_its_checkpoint(runs):

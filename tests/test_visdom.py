@@ -106,7 +106,7 @@ def test_plotted_series_equal_metrics_jsonl(tmp_path, server, metric, terms):
 def test_server_dying_mid_run_costs_one_warning(tmp_path, at_step):
     port = free_port()
     process = start_server(port, tmp_path / "envs")
-    at_step(5, lambda: stop_server(process))
+    at_step(5, lambda solver: stop_server(process))
     with pytest.warns(UserWarning) as caught:
         code = train(tmp_path, "dies", port, "--steps", "20", "--log-interval", "2",
                      "--viz_il_iter", "2", "--viz_la_iter", "4", "--save-interval", "10")
@@ -120,7 +120,7 @@ def test_server_started_late_receives_everything_gathered(tmp_path, monkeypatch,
     port = free_port()
     monkeypatch.setattr(monitor.VisdomMonitor, "RETRY_SECONDS", 0.0)
     started = []
-    at_step(6, lambda: started.append(start_server(port, tmp_path / "envs")))
+    at_step(6, lambda solver: started.append(start_server(port, tmp_path / "envs")))
     try:
         with pytest.warns(UserWarning, match="not reachable"):
             code = train(tmp_path, "late", port, "--steps", "16", "--log-interval", "2",

@@ -1,0 +1,232 @@
+"""Faults a cluster job meets, injected into tiny CLI runs: each must end with a clear message,
+and nothing written before may be lost."""
+import hashlib
+import json
+import math
+import os
+import stat
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+
+import evaluate
+import figures
+from conftest import ROOT, records, write_celeba_zip
+from dataset import CELEBA_ZIP, DSPRITES_FILE, DatasetError, load_celeba
+from run import main
+from utils import RunFolder
+
+QUICK = ["--grid", "reduced", "--batch_size", "8", "--log-interval", "2", "--save-interval", "4",
+         "--gt-interval", "1000", "--no-cuda", "--nb-test", "2", "--eval-metrics", "none"]
+
+
+def run_cli(tmp_path, name, *flags):
+    return main([*QUICK, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
+                 str(tmp_path / "no-data"), *flags]), tmp_path / name
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- 2. NaN / inf ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["Test_gt", "Factor"])
+def test_a_non_finite_loss_stops_the_run_at_its_step_and_keeps_the_last_checkpoint(
+        tmp_path, at_step, capsys, metric):
+    def poison(solver):  # from step 6 on, every weight and so every loss is NaN
+        for p in solver.model.parameters():
+            p.data.fill_(math.nan)
+
+    at_step(5, poison)
+    code, run_dir = run_cli(tmp_path, "nan", "--metric", metric, "--steps", "12")
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "became NaN or infinite at step 6" in err and "recon" in err
+    assert "last checkpoint, step 4, is kept" in err and "--lr_VAE" in err
+    checkpoint = RunFolder(run_dir).load_checkpoint()  # still valid, checksum included
+    assert checkpoint["step"] == 4
+    assert all(t.isfinite().all() for t in checkpoint["model"].values())
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]  # valid JSON: no bare NaN
+    assert "NaN" not in "".join(lines) and [r["step"] for r in rows] == [2, 4]
+
+
+# --- 4. one writer per run folder ------------------------------------------------------------
+
+def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):
+    code, run_dir = run_cli(tmp_path, "locked", "--steps", "4")
+    assert code == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.seek(0); f.truncate(); f.write('4242'); f.flush(); "
+         "print('locked', flush=True); time.sleep(60)", str(run_dir / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = {p.name: sha256(p) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+        started = time.monotonic()
+        assert main(["--resume", str(run_dir), "--steps", "6"]) == 2
+        assert time.monotonic() - started < 10
+        err = capsys.readouterr().err
+        assert "in use by another process (PID 4242)" in err
+        after = {p.name: sha256(p) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+        assert after == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["--resume", str(run_dir), "--steps", "6"]) == 0  # the lock died with its holder
+    assert records(run_dir)[-1]["step"] == 6
+
+
+# --- 7. checkpoints are validated, not trusted -----------------------------------------------
+
+def checkpoint_of(tmp_path, name="ckpt"):
+    code, run_dir = run_cli(tmp_path, name, "--steps", "4")
+    assert code == 0
+    return run_dir, run_dir / "checkpoints/last.pt"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "is not a readable checkpoint of this project"),
+    ("garbage", "is not a readable checkpoint of this project"),
+    ("not a checkpoint", "is not a readable checkpoint of this project"),
+    ("tensor changed", "checksum of its tensors does not match"),
+    ("unknown key", "unknown: colour; missing: none"),
+    ("missing key", "unknown: none; missing: omega"),
+    ("wrong type", "viz_port must be a whole number"),
+    ("run_name path", "run_name (--run-name) must be a single folder name"),
+    ("other run", "does not belong to the run its config.json describes (they differ in alpha)"),
+])
+def test_a_bad_checkpoint_gets_the_projects_own_one_line_error(tmp_path, capsys, damage, message):
+    run_dir, path = checkpoint_of(tmp_path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    elif damage == "not a checkpoint":
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("echo pwned",))
+        torch.save({"x": Evil()}, path)
+    else:
+        checkpoint = torch.load(path, weights_only=True)
+        config = checkpoint["config"]
+        if damage == "tensor changed":
+            next(iter(checkpoint["model"].values())).add_(1e-3)
+        elif damage == "unknown key":
+            config["colour"] = "red"
+        elif damage == "missing key":
+            del config["omega"]
+        elif damage == "wrong type":
+            config["viz_port"] = "8097; rm -rf /"
+        elif damage == "run_name path":
+            config["run_name"] = "../../elsewhere"
+        elif damage == "other run":
+            config["alpha"] = 2.0
+        torch.save(checkpoint, path)
+    before = {p.name: sha256(p) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    assert main(["--resume", str(run_dir), "--steps", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert "weights_only" not in err and "pwned" not in err
+    after = {p.name: sha256(p) for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+    assert evaluate.main([str(run_dir), "--no-cuda"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+# --- 8. bounded inputs -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "x" * 201, "a\\b"])
+def test_run_name_must_be_one_path_component(tmp_path, capsys, name):
+    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--run-name", name]) == 2
+    assert "run_name (--run-name) must be a single folder name" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["folder", "broken link"])
+def test_a_data_path_that_is_not_the_file_is_an_error_not_a_fallback(tmp_path, capsys, kind):
+    data = tmp_path / "data"
+    data.mkdir()
+    if kind == "folder":
+        (data / DSPRITES_FILE).mkdir()
+    else:
+        (data / DSPRITES_FILE).symlink_to(tmp_path / "nowhere.npz")
+    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--run-name", "r",
+                 "--data-dir", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert f"{DSPRITES_FILE} is {'not a file' if kind == 'folder' else 'a broken link'}" in err
+
+
+def test_oversized_celeba_members_are_refused_before_reading(tmp_path):
+    path = write_celeba_zip(tmp_path / CELEBA_ZIP, 3)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("img_align_celeba/000004.jpg", b"\0" * (2 << 20))
+    with pytest.raises(DatasetError, match="000004.jpg declares 2,097,152 bytes"):
+        load_celeba(tmp_path)
+    from PIL import Image
+    from conftest import jpeg_bytes
+    path.unlink()
+    write_celeba_zip(path, 2)
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("img_align_celeba/000003.jpg", jpeg_bytes(Image.new("RGB", (2000, 1000))))
+    with pytest.raises(DatasetError, match="000003.jpg is 2000x1000 pixels"):
+        load_celeba(tmp_path)
+
+
+# --- 9. small ones -----------------------------------------------------------------------------
+
+def test_evaluate_refuses_no_metrics_before_encoding(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        evaluate.main([str(tmp_path), "--eval-metrics", "none"])
+    assert info.value.code == 2
+    assert "--eval-metrics none leaves nothing to evaluate" in capsys.readouterr().err
+
+
+def test_figures_checks_every_runs_kind_and_the_out_folder_before_writing(tmp_path, capsys):
+    runs = {}
+    for metric in ("Test_gt", "VAE"):
+        code, runs[metric] = run_cli(tmp_path, metric, "--metric", metric, "--steps", "2")
+        assert code == 0
+    out = tmp_path / "figs"
+    assert figures.main(["--nonsyn", str(runs["Test_gt"]), "--factor", str(runs["VAE"]),
+                         "--vae", str(runs["VAE"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--factor" in err and "takes a --metric Factor run" in err
+    assert not out.exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit):
+        figures.main(["--curves", str(runs["Test_gt"]), "--out", str(blocker)])
+    assert "is a file" in capsys.readouterr().err and blocker.read_text() == "x"
+
+
+def test_atomically_written_files_keep_the_usual_permissions(tmp_path):
+    from utils import atomic_write_bytes
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
+
+
+def test_a_format_1_checkpoint_resumes_with_its_implied_settings(tmp_path):
+    run_dir, path = checkpoint_of(tmp_path, "old")
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["checksum"], checkpoint["config"]["arch"], checkpoint["config"]["init"]
+    checkpoint["format"] = 1
+    torch.save(checkpoint, path)
+    metadata = json.loads((run_dir / "config.json").read_text())
+    del metadata["config"]["arch"], metadata["config"]["init"]
+    (run_dir / "config.json").write_text(json.dumps(metadata))
+    assert main(["--resume", str(run_dir), "--steps", "6"]) == 0
+    resumed = RunFolder(run_dir).load_checkpoint()
+    assert resumed["format"] == 2 and resumed["step"] == 6
+    assert (resumed["config"]["arch"], resumed["config"]["init"]) == ("2020", "current")
