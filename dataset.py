@@ -560,12 +560,20 @@ def preprocess_celeba(source, cache, crop, workers=None, chunk=512):
                                         shape=(len(names), 64, 64, 3))
         with tqdm(total=len(names), unit="img", desc="CelebA preprocessing") as bar:
             if workers:
-                with ProcessPoolExecutor(workers) as pool:
+                pool = ProcessPoolExecutor(workers)
+                try:
                     results = pool.map(_read_celeba_chunk, [source] * len(chunks), chunks,
                                        [crop] * len(chunks))
                     for i, block in enumerate(results):
                         out[i * chunk:i * chunk + len(block)] = block
                         bar.update(len(block))
+                except BaseException:  # Ctrl-C, SIGTERM, a bad image: stop the workers now
+                    processes = list((pool._processes or {}).values())
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    for process in processes:
+                        process.terminate()
+                    raise
+                pool.shutdown()
             else:
                 for i, names_i in enumerate(chunks):
                     out[i * chunk:i * chunk + len(names_i)] = _read_celeba_chunk(source, names_i, crop)

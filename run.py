@@ -6,7 +6,9 @@ to the Solver. Nothing imports this file.
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 from datetime import datetime
 
 from dataset import CELEBA_CROPS, CELEBA_SOURCE, CELEBA_ZIP, GRIDS, DatasetError, download_dsprites
@@ -201,6 +203,10 @@ def resume_state(folder, args, given):
     return config, checkpoint, {k: v for k, v in changes.items() if v != stored[k]}
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv=None):
     """Parse ``argv`` (default sys.argv[1:]), train, and return the exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -209,10 +215,25 @@ def main(argv=None):
     given = explicit_flags(parser, argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Until the Solver's loop takes over SIGTERM (to stop at a step boundary with a checkpoint),
+    # SIGTERM interrupts like Ctrl-C, so that data preparation cleans up after itself.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _run(args, given)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args, given):
+    folder = None
     try:
         if args.resume:
             folder = RunFolder(args.resume)
             with folder.writer_lock():
+                folder.remove_orphans()
                 config, checkpoint, changed = resume_state(folder, args, given)
                 folder.trim_log(checkpoint["step"])
                 folder.record_resume(checkpoint["step"], changed)
@@ -228,13 +249,24 @@ def main(argv=None):
                 download_dsprites(config.data_dir or "datasets")
             folder = RunFolder.create(config.output_dir, config.run_name, default_run_name(config))
             log.info("Run folder: %s", folder)
-            with folder.writer_lock():
-                solver = Solver(config, folder)
-                folder.write_config(run_metadata(config, solver.data))
-                finished = solver.train()
+            try:
+                with folder.writer_lock():
+                    solver = Solver(config, folder)
+                    folder.write_config(run_metadata(config, solver.data))
+                    finished = solver.train()
+            except (ConfigError, DatasetError, KeyboardInterrupt):
+                folder.remove_if_empty()  # a start that failed leaves no folder to block its name
+                raise
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if folder is not None and folder.checkpoint_path.exists():
+            hint = f"resume from its last checkpoint with: python run.py --resume {folder}"
+        else:
+            hint = "nothing was left to resume; start the run again"
+        print(f"error: interrupted; {hint}", file=sys.stderr)
+        return 130
     except Diverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3

@@ -162,7 +162,8 @@ class RunFolder:
     @classmethod
     def create(cls, output_dir, run_name, default_name):
         """A new, empty, writable run folder ``output_dir/run_name``. An existing ``run_name``
-        is an error (runs are never overwritten); a generated ``default_name`` gets a numeric
+        is an error (runs are never overwritten) unless a start that failed left it without
+        anything of a run (see ``holds_nothing``); a generated ``default_name`` gets a numeric
         suffix instead."""
         parent = Path(output_dir)
         try:
@@ -177,6 +178,10 @@ class RunFolder:
                 suffix += 1
                 path = parent / f"{default_name}_{suffix}"
         elif path.exists():
+            if path.is_dir() and cls(path).holds_nothing():
+                log.info("Reusing %s: an earlier start left it without a checkpoint or outputs",
+                         path)
+                return cls(path)
             raise ConfigError(f"run folder {path} already exists and is never overwritten; "
                               f"use --resume {path} to continue it, or another --run-name")
         try:
@@ -187,6 +192,36 @@ class RunFolder:
             raise ConfigError(f"cannot write the run folder {path}: {err.strerror or err}; "
                               f"choose a writable --output_dir") from err
         return cls(path)
+
+    _BOOKKEEPING = {".lock", CONFIG}
+
+    def holds_nothing(self):
+        """True when the folder holds nothing a run produced: at most its lock, its config.json
+        and an empty checkpoints/ (a start that failed or was stopped before its first step)."""
+        for entry in self.path.iterdir():
+            if entry.name in self._BOOKKEEPING:
+                continue
+            if entry.name == Path(self.CHECKPOINT).parent.name and entry.is_dir() and not any(
+                    p for p in entry.iterdir() if not p.name.endswith(".tmp")):
+                continue
+            return False
+        return True
+
+    def remove_if_empty(self):
+        """Remove the folder of a start that failed before producing anything (see
+        ``holds_nothing``), so that it does not block its name; anything else stays."""
+        if self.path.is_dir() and self.holds_nothing():
+            for entry in sorted(self.path.rglob("*"), reverse=True):
+                entry.rmdir() if entry.is_dir() else entry.unlink()
+            self.path.rmdir()
+
+    def remove_orphans(self):
+        """Delete temporary checkpoint files that a killed write left behind (called with the
+        writer lock held, at every save and resume)."""
+        folder = self.checkpoint_path.parent
+        if folder.is_dir():
+            for orphan in folder.glob(f".{self.checkpoint_path.name}.*.tmp"):
+                orphan.unlink(missing_ok=True)
 
     # --- files named by step --------------------------------------------------------------------
 
@@ -227,6 +262,7 @@ class RunFolder:
         """Write ``state`` (tensors and plain values) atomically, tagged with its format and
         the checksum of its tensors."""
         self.checkpoint_path.parent.mkdir(exist_ok=True)
+        self.remove_orphans()
         state = dict(state, format=CHECKPOINT_FORMAT)
         atomic_torch_save(dict(state, checksum=tensor_checksum(state)), self.checkpoint_path)
 

@@ -230,3 +230,61 @@ def test_a_format_1_checkpoint_resumes_with_its_implied_settings(tmp_path):
     resumed = RunFolder(run_dir).load_checkpoint()
     assert resumed["format"] == 2 and resumed["step"] == 6
     assert (resumed["config"]["arch"], resumed["config"]["init"]) == ("2020", "current")
+
+
+# --- 6. failed or killed starts leave no debris ------------------------------------------------
+
+def test_a_failed_start_leaves_no_folder_and_its_name_stays_free(tmp_path, capsys):
+    bad = tmp_path / "bad-data"
+    bad.mkdir()
+    (bad / DSPRITES_FILE).write_bytes(b"<html>quota</html>")
+    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--run-name", "r",
+                 "--data-dir", str(bad)]) == 2
+    assert "not a valid dSprites file" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "r").exists()
+    assert main([*QUICK, "--steps", "2", "--output_dir", str(tmp_path / "runs"), "--run-name",
+                 "r", "--data-dir", str(tmp_path / "none")]) == 0
+
+
+def test_a_folder_left_without_a_checkpoint_may_be_reused_by_its_name(tmp_path):
+    left = tmp_path / "runs" / "r"
+    (left / "checkpoints").mkdir(parents=True)
+    (left / "checkpoints" / ".last.pt.abc.tmp").write_bytes(b"half a checkpoint")
+    (left / ".lock").write_text("123\n")
+    assert main([*QUICK, "--steps", "2", "--output_dir", str(tmp_path / "runs"), "--run-name",
+                 "r", "--data-dir", str(tmp_path / "none")]) == 0
+    assert RunFolder(left).load_checkpoint()["step"] == 2
+    assert not list((left / "checkpoints").glob("*.tmp"))  # the orphan went at the first save
+    kept = tmp_path / "runs" / "kept"  # a folder with outputs is never reused
+    kept.mkdir()
+    (kept / "metrics.jsonl").write_text("{}\n")
+    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--run-name", "kept"]) == 2
+    assert (kept / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_orphaned_checkpoint_temp_files_are_removed_at_resume(tmp_path):
+    run_dir, path = checkpoint_of(tmp_path, "orphans")
+    orphan = path.parent / ".last.pt.xyz.tmp"
+    orphan.write_bytes(b"killed mid-write")
+    assert main(["--resume", str(run_dir), "--steps", "5", "--save-interval", "100"]) == 0
+    assert not orphan.exists()
+
+
+def test_sigterm_during_celeba_preprocessing_removes_its_temp_file(tmp_path, monkeypatch, capsys):
+    import signal
+
+    import dataset
+    write_celeba_zip(tmp_path / CELEBA_ZIP, 6)
+    read = dataset._read_celeba_chunk
+
+    def read_then_sigterm(*args):
+        out = read(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    monkeypatch.setattr(dataset, "_read_celeba_chunk", read_then_sigterm)
+    code = main(["--dataset", "celeba", "--data-dir", str(tmp_path), "--steps", "2",
+                 "--batch_size", "4", "--no-cuda", "--output_dir", str(tmp_path / "runs"),
+                 "--run-name", "faces"])
+    assert code == 130 and "nothing was left to resume" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".celeba64_*")) and not list(tmp_path.glob("celeba64_*"))
+    assert not (tmp_path / "runs" / "faces").exists()
