@@ -197,7 +197,7 @@ def resume_state(folder, args, given):
                           f"{', '.join('--' + k for k in sorted(fixed))} (only "
                           f"{', '.join('--' + k for k in RESUMABLE)} may change)")
     config = Config(**{**stored, **changes})
-    if config.steps <= checkpoint["step"]:
+    if config.steps <= checkpoint["step"] and not checkpoint.get("eval_pending"):
         raise ConfigError(f"the run in {folder} is already at step {checkpoint['step']}; pass "
                           f"--steps N with N > {checkpoint['step']} to train further")
     return config, checkpoint, {k: v for k, v in changes.items() if v != stored[k]}

@@ -321,6 +321,7 @@ class Solver:
         self.step = 0
         self.elapsed = 0.0
         self.checkpoint_step = None  # the step of the checkpoint on disk, if any
+        self.eval_pending = False  # an evaluation due at this step has not finished yet
         self.best_counts = torch.zeros(c.z_dim, device=self.device)  # steps each latent was in B
         # Device-side watch for non-finite losses: the first step with one (0: none yet) and
         # which terms; read on the host only at log / save / evaluation boundaries.
@@ -471,20 +472,25 @@ class Solver:
         handlers = self._install_signal_handlers()
         log_file = self.folder.open_log()
         try:
+            if self.eval_pending:  # an evaluation the last session was stopped in: redo it
+                self._evaluate(log_file)
+                if not self.eval_pending:
+                    self.save_checkpoint()
             with logging_redirect_tqdm(), tqdm(total=c.steps, initial=self.step, unit="step",
                                                dynamic_ncols=True, desc="training") as bar:
                 while self.step < c.steps and self._stop_signal is None:
                     values, best = self.advance()
                     bar.update(1)
                     self.elapsed = time.perf_counter() - started
+                    self.eval_pending = self.data.has_factors and (
+                        self.step % c.gt_interval == 0 or self.step == c.steps)
                     if self.step % c.log_interval == 0 or self.step == c.steps:
                         self._log(log_file, values, best)
-                    if self.step % c.save_interval == 0 or self.step == c.steps:
-                        self.save_checkpoint()
-                        self.save_traversal()
-                    if self.data.has_factors and (self.step % c.gt_interval == 0
-                                                  or self.step == c.steps):
+                    if self.eval_pending:
                         self._evaluate(log_file)
+                    if self.step % c.save_interval == 0 or self.step == c.steps:
+                        self.save_checkpoint()  # after the evaluation: it records whether it ran
+                        self.save_traversal()
         finally:
             log_file.close()
             self._restore_signal_handlers(handlers)
@@ -547,11 +553,16 @@ class Solver:
                  record["best"], self.elapsed)
 
     def _evaluate(self, log_file):
+        """The evaluation due at this step; ``eval_pending`` stays set when a signal stops it,
+        so that the checkpoint records it and the resumed run redoes it first."""
         self.check_finite()
         started = time.perf_counter()
         results = evaluate_representation(self.model, self.data, self.config, self.folder,
                                           self.step, self.config.metric_names,
                                           should_stop=lambda: self._stop_signal is not None)
+        if results is None:
+            return
+        self.eval_pending = False
         if not results:
             return
         self.folder.write_record(log_file, "eval", dict(
@@ -590,7 +601,8 @@ class Solver:
             raise Diverged(f"a weight became NaN or infinite by step {self.step}; training "
                            f"stopped and the last checkpoint, step {self.checkpoint_step}, is "
                            f"kept. Try a lower --lr_VAE in a new run")
-        state = dict(step=self.step, elapsed=self.elapsed, config=self.config.to_dict(),
+        state = dict(step=self.step, elapsed=self.elapsed, eval_pending=self.eval_pending,
+                     config=self.config.to_dict(),
                      model=self.model.state_dict(), optim=self.optim.state_dict(),
                      best_counts=self.best_counts, rng=rng_state(self.device))
         if self.D is not None:
@@ -605,6 +617,7 @@ class Solver:
             self.D.load_state_dict(state["D"])
             self.optim_D.load_state_dict(state["optim_D"])
         self.step, self.elapsed = state["step"], state["elapsed"]
+        self.eval_pending = bool(state.get("eval_pending", False))  # format 1 has none
         self.checkpoint_step = self.step
         self.best_counts = state["best_counts"].to(self.device)
         set_rng_state(state["rng"], self.device)
@@ -722,7 +735,10 @@ def evaluate_representation(model, data, config, folder, step, metric_names, plo
         if not plot_path.exists():
             save_ground_truth_plot(summary, plot_path, f"{config.metric}, step {step}")
     encoded = time.perf_counter()
-    results = evaluate(lookup(codes, sizes), sizes, metric_names) if metric_names else {}
+    results = evaluate(lookup(codes, sizes), sizes, metric_names, should_stop=should_stop)
+    if results is None:
+        log.warning("evaluation at step %d stopped: interrupted", step)
+        return None
     if results:
         log.info("step %d | %s | encoding %.1f s, metrics %.1f s", step,
                  " | ".join(f"{name} {r['score']:.3f}" for name, r in results.items()),

@@ -288,3 +288,37 @@ def test_sigterm_during_celeba_preprocessing_removes_its_temp_file(tmp_path, mon
     assert code == 130 and "nothing was left to resume" in capsys.readouterr().err
     assert not list(tmp_path.glob(".celeba64_*")) and not list(tmp_path.glob("celeba64_*"))
     assert not (tmp_path / "runs" / "faces").exists()
+
+
+# --- 5. interrupted evaluation ------------------------------------------------------------------
+
+def test_an_evaluation_stopped_by_sigterm_is_redone_when_the_run_resumes(tmp_path, at_step,
+                                                                          monkeypatch, capsys):
+    import signal
+    flags = ["--steps", "6", "--gt-interval", "6", "--eval-metrics", "mig", "--seed", "3"]
+    assert run_cli(tmp_path, "straight", *flags)[0] == 0
+    at_step(6, lambda solver: os.kill(os.getpid(), signal.SIGTERM))  # the final evaluation is due
+    code, run_dir = run_cli(tmp_path, "stopped", *flags)
+    assert code == 130
+    assert RunFolder(run_dir).load_checkpoint()["eval_pending"] is True
+    assert not records(run_dir, "eval") and not (run_dir / "metrics.json").exists()
+    monkeypatch.undo()
+    assert main(["--resume", str(run_dir)]) == 0  # the hint works: no --steps needed
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")}
+                          for r in rows]
+    assert strip(records(run_dir, None)) == strip(records(tmp_path / "straight", None))
+    (final,) = RunFolder(run_dir).evaluations()
+    assert final["step"] == 6 and final["source"] == "end of training"
+    assert main(["--resume", str(run_dir)]) == 2  # finished now: nothing left to do
+    assert "already at step 6" in capsys.readouterr().err
+
+
+def test_metrics_stop_between_metrics_when_asked():
+    from metrics import evaluate
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 1  # let the first metric run, then stop
+    assert evaluate(lambda f: f.astype(float), (4, 4), ("factor_vae", "mig"), should_stop=stop) is None
+    assert len(calls) == 2
