@@ -14,7 +14,7 @@ import sys
 from dataset import DatasetError
 from metrics import METRIC_NAMES, metric_list
 from solver import Trained, evaluation_report, stored_run
-from utils import ConfigError, RunFolder
+from utils import ConfigError, DiskFull, RunFolder
 
 
 def main(argv=None):
@@ -43,7 +43,7 @@ def main(argv=None):
         results = trained.evaluate(folder, tuple(args.eval_metrics.split(",")))
         folder.append_evaluation(evaluation_report(trained.step, trained.data, results,
                                                    source="evaluate.py"))
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, DiskFull) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"step {trained.step}: " + ", ".join(f"{n} {r['score']:.4f}" for n, r in results.items())

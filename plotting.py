@@ -40,8 +40,8 @@ def mean_activations(mu, scales, orientations):
 
 
 def save_ground_truth_plot(summary, path, title=""):
-    """The original's "mean activation" figure from mean_activations(), saved to ``path`` and
-    returned. One row per active latent: a heatmap of mu_j averaged over shape, scale and
+    """The original's "mean activation" figure from mean_activations(), saved as PNG to ``path``
+    (a path or a binary file) and returned. One row per active latent: a heatmap of mu_j averaged over shape, scale and
     orientation, drawn as the original (``imshow(mean_pos[:, :, j])``: rows = posX, columns =
     posY), one colour range [min, max] over all latents; mu_j against scale and against
     orientation, one line per shape (shared y-limits per column)."""
@@ -58,7 +58,7 @@ def save_ground_truth_plot(summary, path, title=""):
             ax.set_axis_off()
         axes[0, 1].text(0.5, 0.5, f"no active latent (variance of mu > {ACTIVE_VARIANCE})",
                         ha="center", va="center")
-        fig.savefig(path)
+        fig.savefig(path, format="png")
         return fig
     pos = summary["pos"][..., active]  # posX, posY, A
     by_scale = summary["by_scale"][..., active]  # shape, scale, A
@@ -84,7 +84,7 @@ def save_ground_truth_plot(summary, path, title=""):
     axes[-1, 1].set_xlabel("scale")
     axes[-1, 2].set_xlabel("orientation (rad)")
     fig.colorbar(image, ax=axes[:, 0], shrink=0.8)
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     return fig
 
 

@@ -15,7 +15,7 @@ from dataset import CELEBA_CROPS, CELEBA_SOURCE, CELEBA_ZIP, GRIDS, DatasetError
 from metrics import METRIC_NAMES, metric_list
 from solver import (ARCHS, BOUNDS, DATASETS, INITS, OBJECTIVES, RESUMABLE, SAMPLES, UPDATES, Config,
                     Diverged, Solver, run_metadata, stored_run)
-from utils import ConfigError, RunFolder
+from utils import ConfigError, DiskFull, RunFolder
 
 log = logging.getLogger("run")
 
@@ -267,7 +267,7 @@ def _run(args, given):
             hint = "nothing was left to resume; start the run again"
         print(f"error: interrupted; {hint}", file=sys.stderr)
         return 130
-    except Diverged as err:
+    except (Diverged, DiskFull) as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
     return 0 if finished else 130

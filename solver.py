@@ -19,6 +19,7 @@ import math
 import signal
 import threading
 import time
+import zipfile
 from datetime import datetime
 from typing import NamedTuple
 
@@ -37,8 +38,8 @@ from model import (MODEL_SPECS, Discriminator, evaluating, init_as_pytorch_041, 
 from monitor import VisdomMonitor
 from plotting import image_grid, mean_activations, save_ground_truth_plot
 from synergy import synergy_penalty
-from utils import (FORMAT_1_SETTINGS, ConfigError, RunFolder, derived_seed, git_commit,
-                   package_versions, rng_state, set_rng_state)
+from utils import (FORMAT_1_SETTINGS, ConfigError, RunFolder, atomic_file, derived_seed,
+                   git_commit, package_versions, rng_state, set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -637,7 +638,8 @@ class Solver:
         rows = traversal_rows(self.model, x, lambda mu: torch.randn(
             mu.shape, generator=generator, device=mu.device))
         pixels = image_grid(rows.cpu())
-        Image.fromarray(pixels).save(self.folder.traversal_path(c.alpha, self.step))
+        with atomic_file(self.folder.traversal_path(c.alpha, self.step)) as f:
+            Image.fromarray(pixels).save(f, format="PNG")
         if self.viz is not None:
             self.viz.image(pixels, self.step)
 
@@ -725,15 +727,19 @@ def evaluate_representation(model, data, config, folder, step, metric_names, plo
     sizes = data.factor_sizes
     plot_path = folder.gt_plot_path(config.alpha, step)
     summary_path = folder.gt_summary_path(config.alpha, step)
-    if plot and not (plot_path.exists() and summary_path.exists()):  # never redrawn over
+    # A good plot is never redrawn over; a missing or unreadable one (a cut-short write) is.
+    plot_ok, summary_ok = readable_png(plot_path), readable_npz(summary_path)
+    if plot and not (plot_ok and summary_ok):
         axes = grid_axes(data.grid)
         summary = mean_activations(codes.reshape(*sizes, config.z_dim),
                                    scales=SCALE_VALUES[axes[1]],
                                    orientations=ORIENTATION_VALUES[axes[2]])
-        if not summary_path.exists():
-            np.savez(summary_path, **summary)
-        if not plot_path.exists():
-            save_ground_truth_plot(summary, plot_path, f"{config.metric}, step {step}")
+        if not summary_ok:
+            with atomic_file(summary_path) as f:
+                np.savez(f, **summary)
+        if not plot_ok:
+            with atomic_file(plot_path) as f:
+                save_ground_truth_plot(summary, f, f"{config.metric}, step {step}")
     encoded = time.perf_counter()
     results = evaluate(lookup(codes, sizes), sizes, metric_names, should_stop=should_stop)
     if results is None:
@@ -744,6 +750,24 @@ def evaluate_representation(model, data, config, folder, step, metric_names, plo
                  " | ".join(f"{name} {r['score']:.3f}" for name, r in results.items()),
                  encoded - started, time.perf_counter() - encoded)
     return results
+
+
+def readable_png(path):
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def readable_npz(path):
+    try:
+        with np.load(path) as arrays:
+            [arrays[k] for k in arrays.files]
+        return True
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return False
 
 
 def evaluation_report(step, data, results, source):

@@ -1,4 +1,5 @@
 """Small shared helpers: atomic files, provenance, RNG state, and the owner of a run folder."""
+import errno
 import fcntl
 import hashlib
 import json
@@ -21,22 +22,40 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class DiskFull(RuntimeError):
+    """A write failed for lack of space; the message names the file."""
+
+
+@contextmanager
+def disk_full_named(path):
+    """Turn ENOSPC / EDQUOT while writing ``path`` into a one-line DiskFull that names it."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"no space left on device while writing {path}; the previous version "
+                           f"of the file is kept. Free some space, then resume the run") from None
+        raise
+
+
 @contextmanager
 def atomic_file(path):
     """Yield a binary file that replaces ``path`` only once fully written and synced; on any
-    error the previous ``path`` stays as it was and the temporary file is removed."""
+    error (a full disk among them: DiskFull) the previous ``path`` stays as it was and the
+    temporary file is removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with disk_full_named(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def _umask():
@@ -342,30 +361,46 @@ class RunFolder:
         """metrics.jsonl opened for appending records (see ``write_record``)."""
         return open(self.path / self.LOG, "a")
 
-    @staticmethod
-    def write_record(log_file, kind, record):
+    def write_record(self, log_file, kind, record):
         """One metrics.jsonl line: ``{"kind": kind, **record}``, flushed at once."""
-        log_file.write(json.dumps(dict(kind=kind, **record)) + "\n")
-        log_file.flush()
+        with disk_full_named(self.path / self.LOG):
+            log_file.write(json.dumps(dict(kind=kind, **record)) + "\n")
+            log_file.flush()
 
-    def records(self, kind=None):
-        """metrics.jsonl records in order, all or only those of ``kind`` ("train" / "eval")."""
+    def _log_lines(self):
+        """metrics.jsonl's complete lines; a torn last line (a write cut short by a kill or a
+        full disk) is left out with a warning, never an error."""
         path = self.path / self.LOG
         if not path.exists():
             return []
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        lines = path.read_text().splitlines(keepends=True)
+        if lines:
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                log.warning("%s: its last line is torn (%d characters, a write cut short); it "
+                            "is ignored", path, len(lines[-1]))
+                lines = lines[:-1]
+        return lines
+
+    def records(self, kind=None):
+        """metrics.jsonl records in order, all or only those of ``kind`` ("train" / "eval")."""
+        rows = [json.loads(line) for line in self._log_lines()]
         return rows if kind is None else [r for r in rows if r["kind"] == kind]
 
     def trim_log(self, step):
-        """Drop records written after ``step`` (the checkpoint's): the resumed run rewrites them."""
+        """Keep the records up to ``step`` (the checkpoint's): the resumed run rewrites the rest,
+        and a torn last line goes too."""
         path = self.path / self.LOG
         if not path.exists():
             return
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        lines = self._log_lines()
+        kept = [line if line.endswith("\n") else line + "\n" for line in lines
+                if json.loads(line)["step"] <= step]
         if len(kept) != len(lines):
             log.warning("%s: %d records after the checkpoint (step %d) will be recomputed",
                         self.LOG, len(lines) - len(kept), step)
+        if "".join(kept) != path.read_text():
             atomic_write_bytes(path, "".join(kept).encode())
 
     def evaluations(self):

@@ -322,3 +322,73 @@ def test_metrics_stop_between_metrics_when_asked():
         return len(calls) > 1  # let the first metric run, then stop
     assert evaluate(lambda f: f.astype(float), (4, 4), ("factor_vae", "mig"), should_stop=stop) is None
     assert len(calls) == 2
+
+
+# --- 3. disk full ----------------------------------------------------------------------------------
+
+def enospc(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_disk_full_at_a_checkpoint_names_the_file_and_keeps_the_previous_one(tmp_path, at_step,
+                                                                            monkeypatch, capsys):
+    import utils
+    flags = ["--steps", "12", "--seed", "2"]
+    assert run_cli(tmp_path, "straight", *flags)[0] == 0
+    kept = {}
+
+    def fill_the_disk(solver):  # after the step-4 checkpoint, before the step-8 one
+        kept["sha"] = sha256(solver.folder.checkpoint_path)
+        monkeypatch.setattr(utils.torch, "save", enospc)
+    at_step(5, fill_the_disk)
+    code, run_dir = run_cli(tmp_path, "full", *flags)
+    assert code == 3
+    err = capsys.readouterr().err
+    assert f"no space left on device while writing {run_dir / 'checkpoints/last.pt'}" in err
+    assert sha256(run_dir / "checkpoints/last.pt") == kept["sha"]
+    assert not list(run_dir.rglob("*.tmp"))
+    monkeypatch.undo()
+    assert main(["--resume", str(run_dir)]) == 0  # space again: the run goes on from step 4
+    straight = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)["model"]
+    resumed = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_disk_full_while_drawing_leaves_no_truncated_png(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    save = Image.Image.save
+
+    def half_then_enospc(self, fp, *args, **kwargs):
+        fp.write(b"\x89PNG half")
+        enospc()
+    monkeypatch.setattr(Image.Image, "save", half_then_enospc)
+    code, run_dir = run_cli(tmp_path, "png", "--steps", "4")
+    assert code == 3 and "no space left on device while writing" in capsys.readouterr().err
+    assert not list(run_dir.glob("*.png")) and not list(run_dir.rglob("*.tmp"))
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+def test_a_torn_last_line_of_metrics_jsonl_does_not_block_the_resume(tmp_path, caplog):
+    flags = ["--steps", "8", "--seed", "4"]
+    assert run_cli(tmp_path, "straight", *flags)[0] == 0
+    code, run_dir = run_cli(tmp_path, "torn", "--steps", "4", "--seed", "4")
+    assert code == 0
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 6, "recon": 12')  # a write cut short
+    assert main(["--resume", str(run_dir), "--steps", "8"]) == 0
+    assert "last line is torn" in caplog.text
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(records(run_dir)) == strip(records(tmp_path / "straight"))
+
+
+def test_evaluate_redraws_a_ground_truth_plot_that_cannot_be_read(tmp_path):
+    code, run_dir = run_cli(tmp_path, "gt", "--steps", "2", "--gt-interval", "2")
+    assert code == 0
+    plot = run_dir / "alpha_1.5_gt_2.png"
+    good = plot.read_bytes()
+    plot.write_bytes(good[:100])  # truncated
+    assert evaluate.main([str(run_dir), "--eval-metrics", "mig", "--no-cuda"]) == 0
+    from PIL import Image
+    with Image.open(plot) as image:
+        image.load()
+    assert plot.stat().st_size > 1000
