@@ -495,13 +495,14 @@ class Solver:
         finally:
             log_file.close()
             self._restore_signal_handlers(handlers)
-            if self.viz is not None:
-                self.viz.push()
         if self._stop_signal is not None:
             self.save_checkpoint()
             name = signal.Signals(self._stop_signal).name
             log.warning("%s at step %d: checkpoint saved in %s. Resume with:\n  python run.py "
                         "--resume %s", name, self.step, self.folder.checkpoint_path, self.folder)
+        if self.viz is not None:  # the last points, waited for a few seconds at most
+            self.viz.close()
+        if self._stop_signal is not None:
             return False
         log.info("Finished %d steps in %.1f s (%d this session); outputs in %s", self.step,
                  self.elapsed, self.step - start_step, self.folder)

@@ -392,3 +392,87 @@ def test_evaluate_redraws_a_ground_truth_plot_that_cannot_be_read(tmp_path):
     with Image.open(plot) as image:
         image.load()
     assert plot.stat().st_size > 1000
+
+
+# --- 1. a visdom server that hangs or answers errors -----------------------------------------------
+
+@pytest.fixture
+def silent_server():
+    """A socket that accepts connections and never reads or answers."""
+    import socket
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                pass
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    server.close()
+
+
+@pytest.fixture
+def error_server():
+    """An HTTP server that answers every request with 501 Not Implemented."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # no do_POST: 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def visdom_run(tmp_path, name, port, *flags):
+    return run_cli(tmp_path, name, "--viz_on", "True", "--viz_port", str(port), "--viz_il_iter",
+                   "1", "--viz_la_iter", "2", *flags)
+
+
+@pytest.mark.parametrize("server, problem", [("silent_server", "no answer within 0.5 s"),
+                                             ("error_server", "it answered HTTP 501")])
+def test_a_hanging_or_failing_visdom_never_blocks_training(tmp_path, monkeypatch, request, server,
+                                                           problem):
+    import monitor
+    monkeypatch.setattr(monitor.VisdomMonitor, "TIMEOUT", 0.5)
+    port = request.getfixturevalue(server)
+    started = time.monotonic()
+    with pytest.warns(UserWarning) as caught:
+        code, run_dir = visdom_run(tmp_path, "hang", port, "--steps", "30")
+    assert code == 0 and time.monotonic() - started < 60
+    messages = [str(w.message) for w in caught if "visdom" in str(w.message)]
+    assert len(messages) == 1 and problem in messages[0], messages
+    assert [r["step"] for r in records(run_dir)][-1] == 30
+
+
+@pytest.mark.filterwarnings("ignore:visdom")  # the hung request may warn only when it ends
+def test_sigterm_stops_within_seconds_while_visdom_hangs(tmp_path, monkeypatch, at_step,
+                                                         silent_server):
+    import signal
+
+    import monitor
+    monkeypatch.setattr(monitor.VisdomMonitor, "TIMEOUT", 60.0)  # each request hangs a minute
+    sent = {}
+
+    def sigterm(solver):
+        sent["at"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+    at_step(6, sigterm)
+    code, run_dir = visdom_run(tmp_path, "stop", silent_server, "--steps", "1000")
+    assert code == 130
+    assert time.monotonic() - sent["at"] < 15  # the checkpoint, then at most CLOSE_SECONDS
+    assert RunFolder(run_dir).load_checkpoint()["step"] == 6
