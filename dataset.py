@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils import atomic_file, derived_seed
+from utils import atomic_file, derived_seed, disk_full_named
 
 log = logging.getLogger(__name__)
 
@@ -556,8 +556,13 @@ def preprocess_celeba(source, cache, crop, workers=None, chunk=512):
         workers = (os.cpu_count() or 1) if len(chunks) > 1 else 0
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(names), 64, 64, 3))
+        with disk_full_named(cache):
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                            shape=(len(names), 64, 64, 3))
+            # Reserve the space now: a memory-mapped write to a full disk kills the process
+            # (SIGBUS) instead of raising.
+            with open(tmp, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
         with tqdm(total=len(names), unit="img", desc="CelebA preprocessing") as bar:
             if workers:
                 pool = ProcessPoolExecutor(workers)

@@ -198,20 +198,16 @@ METRICS = {"factor_vae": factor_vae_score, "mig": mig, "beta_vae": beta_vae_scor
 EVAL_SEED = 0  # one fixed seed for every evaluation, so that runs are scored on the same samples
 
 
-def evaluate(represent, factor_sizes, names=DEFAULT_METRICS, seed=EVAL_SEED, overrides=None,
-             should_stop=None):
+def evaluate(represent, factor_sizes, names=DEFAULT_METRICS, seed=EVAL_SEED, overrides=None):
     """Scores of the named metrics, each with its own generator seeded from ``seed`` (so one
     metric's result does not depend on which others ran). ``overrides``: {name: {parameter:
-    value}} departures from PROTOCOLS. Returns {name: result dict with its "protocol"}, or None
-    when ``should_stop()`` turns true before a metric starts."""
+    value}} departures from PROTOCOLS. Returns {name: result dict with its "protocol"}."""
     unknown = set(names) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRIC_NAMES}")
     results = {}
     for i, name in enumerate(METRIC_NAMES):
         if name in names:
-            if should_stop is not None and should_stop():
-                return None
             rng = np.random.default_rng([seed, i])
             protocol = {**PROTOCOLS[name], **(overrides or {}).get(name, {})}
             results[name] = dict(METRICS[name](represent, factor_sizes, rng, **protocol),

@@ -254,7 +254,7 @@ def _run(args, given):
                     solver = Solver(config, folder)
                     folder.write_config(run_metadata(config, solver.data))
                     finished = solver.train()
-            except (ConfigError, DatasetError, KeyboardInterrupt):
+            except (ConfigError, DatasetError, DiskFull, KeyboardInterrupt):
                 folder.remove_if_empty()  # a start that failed leaves no folder to block its name
                 raise
     except (ConfigError, DatasetError) as err:

@@ -39,7 +39,7 @@ from monitor import VisdomMonitor
 from plotting import image_grid, mean_activations, save_ground_truth_plot
 from synergy import synergy_penalty
 from utils import (FORMAT_1_SETTINGS, ConfigError, RunFolder, atomic_file, derived_seed,
-                   git_commit, package_versions, rng_state, set_rng_state)
+                   git_commit, package_versions, rng_state, run_abandonable, set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -742,7 +742,11 @@ def evaluate_representation(model, data, config, folder, step, metric_names, plo
             with atomic_file(plot_path) as f:
                 save_ground_truth_plot(summary, f, f"{config.metric}, step {step}")
     encoded = time.perf_counter()
-    results = evaluate(lookup(codes, sizes), sizes, metric_names, should_stop=should_stop)
+    score = lambda: evaluate(lookup(codes, sizes), sizes, metric_names)  # noqa: E731
+    # Metrics can take minutes (DCI fits thousands of trees): during training they run in a
+    # child process that a Ctrl-C or SIGTERM abandons at once.
+    results = score() if should_stop is None or not metric_names else run_abandonable(
+        score, should_stop)
     if results is None:
         log.warning("evaluation at step %d stopped: interrupted", step)
         return None

@@ -4,6 +4,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import pickle
 import platform
@@ -99,6 +100,43 @@ def package_versions():
         except PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def run_abandonable(work, should_stop, poll_seconds=0.2):
+    """``work()`` in a forked child process, polling ``should_stop()`` meanwhile: returns its
+    result, or None after killing the child as soon as ``should_stop()`` turns true (a minute of
+    boosted-tree fitting cannot be interrupted from inside). Where fork is not available the
+    work runs here, and a stop waits for it."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return work()
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+
+    def child():
+        try:
+            sender.send((True, work()))
+        except BaseException as err:  # handed to the parent, raised there
+            sender.send((False, err))
+
+    process = context.Process(target=child, name="evaluation")
+    process.start()
+    sender.close()
+    try:
+        while not receiver.poll(poll_seconds):
+            if should_stop():
+                return None
+            if not process.is_alive() and not receiver.poll():
+                raise RuntimeError(f"the evaluation process ended without a result (exit code "
+                                   f"{process.exitcode})")
+        ok, result = receiver.recv()
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join()
+        receiver.close()
+    if not ok:
+        raise result
+    return result
 
 
 def derived_seed(*keys):

@@ -313,15 +313,24 @@ def test_an_evaluation_stopped_by_sigterm_is_redone_when_the_run_resumes(tmp_pat
     assert "already at step 6" in capsys.readouterr().err
 
 
-def test_metrics_stop_between_metrics_when_asked():
-    from metrics import evaluate
-    calls = []
+def test_sigterm_during_a_long_metric_stops_within_seconds(tmp_path, monkeypatch, caplog):
+    import multiprocessing
+    import signal
 
-    def stop():
-        calls.append(1)
-        return len(calls) > 1  # let the first metric run, then stop
-    assert evaluate(lambda f: f.astype(float), (4, 4), ("factor_vae", "mig"), should_stop=stop) is None
-    assert len(calls) == 2
+    import metrics
+
+    def slow_metric(*args, **kwargs):  # runs in the evaluation's child process
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(120)
+    monkeypatch.setitem(metrics.METRICS, "mig", slow_metric)
+    started = time.monotonic()
+    code, run_dir = run_cli(tmp_path, "slow", "--steps", "4", "--gt-interval", "4",
+                            "--eval-metrics", "mig")
+    assert code == 130 and time.monotonic() - started < 60
+    assert "evaluation at step 4 stopped: interrupted" in caplog.text
+    checkpoint = RunFolder(run_dir).load_checkpoint()
+    assert checkpoint["step"] == 4 and checkpoint["eval_pending"] is True
+    assert not multiprocessing.active_children()  # the child was killed, not left behind
 
 
 # --- 3. disk full ----------------------------------------------------------------------------------
@@ -476,3 +485,16 @@ def test_sigterm_stops_within_seconds_while_visdom_hangs(tmp_path, monkeypatch, 
     assert code == 130
     assert time.monotonic() - sent["at"] < 15  # the checkpoint, then at most CLOSE_SECONDS
     assert RunFolder(run_dir).load_checkpoint()["step"] == 6
+
+
+def test_disk_full_while_caching_celeba_names_the_cache_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                           capsys):
+    write_celeba_zip(tmp_path / CELEBA_ZIP, 4)
+    monkeypatch.setattr(os, "posix_fallocate", enospc)
+    code = main(["--dataset", "celeba", "--data-dir", str(tmp_path), "--steps", "2",
+                 "--batch_size", "2", "--no-cuda", "--output_dir", str(tmp_path / "runs"),
+                 "--run-name", "faces"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "no space left on device while writing" in err and "celeba64_original_" in err
+    assert not list(tmp_path.glob("*celeba64_*")) and not (tmp_path / "runs" / "faces").exists()
