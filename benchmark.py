@@ -40,7 +40,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--cuda", action="store_true", help="benchmark on the GPU")
-    p.add_argument("--visdom-port", type=int, help="add a two-step variant streaming to visdom")
+    p.add_argument("--visdom-port", type=int, help="add a variant streaming to visdom")
     p.add_argument("--metrics", action="store_true", help="time an evaluation instead")
     p.add_argument("--grid", default="full", help="dSprites grid for --metrics")
     p.add_argument("--run", help="with --metrics: encode with this run's checkpoint (default: a "
