@@ -498,3 +498,36 @@ def test_disk_full_while_caching_celeba_names_the_cache_and_leaves_nothing(tmp_p
     err = capsys.readouterr().err
     assert "no space left on device while writing" in err and "celeba64_original_" in err
     assert not list(tmp_path.glob("*celeba64_*")) and not (tmp_path / "runs" / "faces").exists()
+
+
+def test_sigterm_during_parallel_celeba_preprocessing_stops_the_workers(tmp_path):
+    """A real process: SIGTERM while its worker processes decode; afterwards no temp file, no
+    cache, no run folder and no worker may be left."""
+    import signal
+    write_celeba_zip(tmp_path / CELEBA_ZIP, 2048)  # four chunks of 512: a pool of workers
+    marker = str(tmp_path / "runs")
+    process = subprocess.Popen(
+        [sys.executable, "run.py", "--dataset", "celeba", "--data-dir", str(tmp_path),
+         "--steps", "2", "--batch_size", "4", "--no-cuda", "--output_dir", marker],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".celeba64_*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".celeba64_*.tmp")), "preprocessing did not start"
+    time.sleep(0.5)  # the workers are decoding now
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130, err
+    assert not list(tmp_path.glob("*celeba64_*"))
+    assert not os.path.exists(marker) or not os.listdir(marker)
+    time.sleep(0.5)
+    left = [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(p)]
+    assert not left, "worker processes were left behind"
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
