@@ -131,6 +131,7 @@ def build_parser():
     add("--run-name", dest="run_name", default=d.run_name,
         help="run folder name (default: metric, alpha, omega, seed and a timestamp)")
     add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    add("--dry-run", action="store_true", help="only check the flags and settings; write nothing")
     add("--nb-test", dest="nb_test", type=_number("nb_test"), default=d.nb_test,
         help="test images, and traversal points per latent")
     add("--log-interval", dest="log_interval", type=_number("log_interval"),
@@ -230,6 +231,13 @@ def main(argv=None):
 def _run(args, given):
     folder = None
     try:
+        if args.dry_run:
+            if args.resume:
+                resume_state(RunFolder(args.resume), args, given)
+            else:
+                make_config(args, given)
+            print("ok: the settings are valid")
+            return 0
         if args.resume:
             folder = RunFolder(args.resume)
             with folder.writer_lock():
