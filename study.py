@@ -90,9 +90,12 @@ def parse_args(argv):
         p.add_argument(f"--{axis}", nargs="+", type=float, help=f"{axis} values")
     p.add_argument("--spec", help="a JSON file with the same keys (metric, seed, alpha, ..., flags)")
     p.add_argument("--preset", choices=tuple(PRESETS), help="thesis: the thesis comparison")
-    p.add_argument("--workers", type=int, default=1, help="trials run side by side")
+    p.add_argument("--workers", type=int, default=None,
+                   help="trials run side by side (default: cores / threads)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch/BLAS threads per trial (default: cores / workers)")
+                   help="torch/BLAS threads per trial (default: 1, or cores / workers). On 2 "
+                        "cores 2 workers x 1 thread finished two trials 15-19 %% sooner than "
+                        "1 x 2 (the same training speed, start-up and evaluation overlapped)")
     p.add_argument("--retries", type=int, default=2, help="retries of a failed trial")
     p.add_argument("--extend", action="store_true", help="add axis values or seeds to DIR's study")
     p.add_argument("--summary", action="store_true", help="only write the summary of DIR")
@@ -328,9 +331,14 @@ def main(argv=None):
         return 0
     spec = make_spec(p, args, shared)
     cores = os.cpu_count() or 1
-    threads = args.threads or max(1, cores // args.workers)
-    if args.workers < 1 or threads < 1:
+    if (args.workers is not None and args.workers < 1) or (args.threads is not None
+                                                           and args.threads < 1):
         p.error("--workers and --threads must be at least 1")
+    threads = args.threads or (max(1, cores // args.workers) if args.workers else 1)
+    workers = args.workers or max(1, cores // threads)
+    if workers * threads > cores:
+        p.error(f"--workers {workers} x --threads {threads} exceeds the {cores} cores: trials "
+                f"that oversubscribe the CPU slow each other down many times over")
     try:
         study.check_spec(spec, args.extend)
         known = {t["name"]: t["state"] for t in (study.data or {}).get("trials", [])}
@@ -344,8 +352,8 @@ def main(argv=None):
         return 2
     total = len(study.data["trials"])
     print(f"study {study.out}: {total} trials, {total - len(pending)} finished; running "
-          f"{len(pending)} with {args.workers} worker(s) x {threads} thread(s)", flush=True)
-    failed = run_trials(study, args.workers, threads, args.retries) if pending else 0
+          f"{len(pending)} with {workers} worker(s) x {threads} thread(s)", flush=True)
+    failed = run_trials(study, workers, threads, args.retries) if pending else 0
     rows = summarise(study)
     print(f"wrote {study.out}/summary.md, summary.csv ({len(rows)} configurations)")
     if failed:
