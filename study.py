@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from utils import RunFolder
+
 ROOT = Path(__file__).resolve().parent
 OBJECTIVE_AXES = {"Test_gt": ("alpha", "omega"), "test": ("alpha", "omega"), "VAE": (),
                   "BVAE": ("beta",), "BVAE_gt": ("beta",), "Factor": ("gamma",)}
@@ -250,14 +252,7 @@ def run_trials(study, workers, threads, retries):
 
 
 def final_line(folder):
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
-    train = [r for r in rows if r.get("kind") == "train"]
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    parts = [f"{k} {train[-1][k]:.4g}" for k in ("recon", "kl", "syn")] if train else []
-    if evals:
-        parts += [f"{k} {v:.3f}" for k, v in evals[-1]["scores"].items()]
-    return ", ".join(parts)
+    return ", ".join(f"{name} {value:.4g}" for name, value in final_values(folder).items())
 
 
 def summarise(study):
@@ -307,16 +302,13 @@ def _column_order(name):
 
 
 def final_values(folder):
-    """A finished run's final recon, KL, synergy and disentanglement scores."""
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
-    train = [r for r in rows if r.get("kind") == "train"]
+    """A finished run's final recon, KL, synergy and disentanglement scores (its own files,
+    read through RunFolder)."""
+    run = RunFolder(folder)
+    train, evaluations = run.records("train"), run.evaluations()
     values = {k: train[-1][k] for k in ("recon", "kl", "syn")} if train else {}
-    report = folder / "metrics.json"
-    if report.exists():
-        evaluations = json.loads(report.read_text())["evaluations"]
-        if evaluations:
-            values.update({k: v["score"] for k, v in evaluations[-1]["scores"].items()})
+    if evaluations:
+        values.update({k: v["score"] for k, v in evaluations[-1]["scores"].items()})
     return values
 
 

@@ -54,6 +54,15 @@ def records(run_dir, kind="train"):
     return RunFolder(run_dir).records(kind)
 
 
+def cmdline(pid):
+    """The command line of process ``pid`` (NUL-separated, as /proc has it), "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def photo(seed):
     """A 178x218 test photo: dark background, a white band on rows 100..139, a red band on
     columns 40..59, a green band on rows 0..14 (only the full-height crops keep it)."""

@@ -15,7 +15,7 @@ import torch
 
 import evaluate
 import figures
-from conftest import ROOT, records, write_celeba_zip
+from conftest import ROOT, cmdline, records, write_celeba_zip
 from dataset import CELEBA_ZIP, DSPRITES_FILE, DatasetError, load_celeba
 from run import main
 from utils import RunFolder
@@ -521,13 +521,6 @@ def test_sigterm_during_parallel_celeba_preprocessing_stops_the_workers(tmp_path
     assert not list(tmp_path.glob("*celeba64_*"))
     assert not os.path.exists(marker) or not os.listdir(marker)
     time.sleep(0.5)
-    left = [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(p)]
+    left = [p for p in os.listdir("/proc") if p.isdigit() and marker in cmdline(p)]
     assert not left, "worker processes were left behind"
 
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""

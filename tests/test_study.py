@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import study
-from conftest import ROOT
+from conftest import ROOT, cmdline
 
 TINY = ["--grid", "reduced", "--batch_size", "8", "--steps", "6", "--log-interval", "3",
         "--save-interval", "3", "--gt-interval", "6", "--eval-metrics", "mig", "--no-cuda",
@@ -126,7 +126,7 @@ def test_a_killed_worker_is_retried_and_ends_as_an_uninterrupted_trial(tmp_path)
     while not checkpoint.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     victims = [int(p) for p in os.listdir("/proc") if p.isdigit() and "--run-name\0Test_gt_seed3"
-               in _cmdline(p) and str(out) in _cmdline(p)]
+               in cmdline(p) and str(out) in cmdline(p)]
     assert victims, "the trial's run.py process was not found"
     os.kill(victims[0], signal.SIGKILL)
     output, _ = process.communicate(timeout=300)
@@ -138,10 +138,3 @@ def test_a_killed_worker_is_retried_and_ends_as_an_uninterrupted_trial(tmp_path)
     resumed = torch.load(checkpoint, weights_only=True)["model"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
-
-def _cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:
-        return ""
