@@ -17,6 +17,7 @@ This is the local engine only; see the README for what is not there yet.
 """
 import argparse
 import csv
+import io
 import itertools
 import json
 import math
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils import RunFolder
+from utils import RunFolder, atomic_write_bytes, write_json
 
 ROOT = Path(__file__).resolve().parent
 OBJECTIVE_AXES = {"Test_gt": ("alpha", "omega"), "test": ("alpha", "omega"), "VAE": (),
@@ -186,9 +187,7 @@ class Study:
 
     def save(self):
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(".study.json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, self.data)
 
 
 def run_trials(study, workers, threads, retries):
@@ -275,10 +274,11 @@ def summarise(study):
                                             / (len(samples) - 1)) if len(samples) > 1 else 0.0)
         rows.append(row)
     columns = sorted({k for r in rows for k in r}, key=_column_order)
-    with open(study.out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(study.out / "summary.csv", table.getvalue().encode())
     measures = sorted({k[:-5] for k in columns if k.endswith("_mean")}, key=_column_order)
     settings = [c for c in columns if c in VALUE_AXES]
     lines = ["| metric | " + " | ".join(settings + ["n"] + measures) + " |",
@@ -291,7 +291,7 @@ def summarise(study):
     missing = sum(r["missing"] for r in rows)
     if missing:
         lines.append(f"\n{missing} trial(s) have not finished; the table summarises the rest.")
-    (study.out / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(study.out / "summary.md", ("\n".join(lines) + "\n").encode())
     return rows
 
 

@@ -8,10 +8,10 @@ import multiprocessing
 import os
 import pickle
 import platform
-import zipfile
-import subprocess
 import re
+import subprocess
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -405,13 +405,15 @@ class RunFolder:
             log_file.write(json.dumps(dict(kind=kind, **record)) + "\n")
             log_file.flush()
 
-    def _log_lines(self):
-        """metrics.jsonl's complete lines; a torn last line (a write cut short by a kill or a
-        full disk) is left out with a warning, never an error."""
+    def _log_lines(self, text=None):
+        """metrics.jsonl's complete lines (of ``text``, its content if already read); a torn
+        last line (a write cut short by a kill or a full disk) is left out with a warning."""
         path = self.path / self.LOG
-        if not path.exists():
-            return []
-        lines = path.read_text().splitlines(keepends=True)
+        if text is None:
+            if not path.exists():
+                return []
+            text = path.read_text()
+        lines = text.splitlines(keepends=True)
         if lines:
             try:
                 json.loads(lines[-1])
@@ -432,13 +434,14 @@ class RunFolder:
         path = self.path / self.LOG
         if not path.exists():
             return
-        lines = self._log_lines()
+        text = path.read_text()
+        lines = self._log_lines(text)
         kept = [line if line.endswith("\n") else line + "\n" for line in lines
                 if json.loads(line)["step"] <= step]
         if len(kept) != len(lines):
             log.warning("%s: %d records after the checkpoint (step %d) will be recomputed",
                         self.LOG, len(lines) - len(kept), step)
-        if "".join(kept) != path.read_text():
+        if "".join(kept) != text:
             atomic_write_bytes(path, "".join(kept).encode())
 
     def evaluations(self):
