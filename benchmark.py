@@ -4,6 +4,7 @@ selection alone.
     python benchmark.py [--batch_size 64] [--steps 30] [--rounds 5] [--threads N] [--cuda]
                         [--visdom-port PORT]
     python benchmark.py --metrics [--grid full | --run RUN_DIR] [--threads N] [--cuda]
+    python benchmark.py --study [--trials 4] [--trial-steps 200]
 
 All variants run in one process on the same batch size, interleaved round by round so that
 machine noise hits them alike; each line is the median over rounds of the mean step time of
@@ -13,11 +14,21 @@ variant with live plotting at the default gather/push intervals is added.
 With --metrics it times an evaluation instead: one encoding pass over the grid, then every
 disentanglement metric with its default protocol on those codes (a freshly initialised model,
 or with --run a trained one).
+
+With --study it times study.py's local engine against plain run.py processes (reduced grid, no
+evaluation, alone on the machine): the overhead per trial (study.py with one worker x one thread
+vs the same trials as back-to-back run.py processes with one thread), and the total training
+throughput, in steps/s of wall-clock time, of one trial per core (the default), of one worker
+with every core, and of one plain run.py with every core.
 """
 import argparse
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,6 +54,9 @@ def main(argv=None):
     p.add_argument("--visdom-port", type=int, help="add a variant streaming to visdom")
     p.add_argument("--metrics", action="store_true", help="time an evaluation instead")
     p.add_argument("--grid", default="full", help="dSprites grid for --metrics")
+    p.add_argument("--study", action="store_true", help="time study.py's local engine instead")
+    p.add_argument("--trials", type=int, default=4, help="with --study: trials for the overhead")
+    p.add_argument("--trial-steps", type=int, default=200, help="with --study: steps per trial")
     p.add_argument("--run", help="with --metrics: encode with this run's checkpoint (default: a "
                                  "fresh model, whose latents may all be pruned by FactorVAE)")
     args = p.parse_args(argv)
@@ -50,6 +64,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.metrics:
         return benchmark_metrics(args)
+    if args.study:
+        return benchmark_study(args)
 
     variants = {"VAE step": dict(metric="VAE"),
                 "Non-Syn original": dict(metric="Test_gt", update="original"),
@@ -115,6 +131,50 @@ def benchmark_metrics(args):
     print(f"  default pair (factor_vae + mig): {timings['factor_vae'] + timings['mig']:.1f} s; "
           f"all five metrics: {sum(timings[n] for n in METRIC_NAMES):.1f} s")
     return timings
+
+
+ROOT = Path(__file__).resolve().parent
+STUDY_FLAGS = ["--grid", "reduced", "--eval-metrics", "none", "--gt-interval", "1000000",
+               "--save-interval", "1000000", "--nb-test", "2"]
+
+
+def _timed(command, threads=None):
+    """Wall-clock seconds of ``command`` (a python script and its flags), run to its end."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    subprocess.run([sys.executable, *command], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def benchmark_study(args):
+    cores, n, steps = os.cpu_count() or 1, args.trials, args.trial_steps
+    flags = STUDY_FLAGS + ["--steps", str(steps), "--log-interval", str(steps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        def study(name, seeds, *placement):
+            return _timed(["study.py", "--out", f"{tmp}/{name}", "--metric", "Test_gt", "--seed",
+                           *map(str, seeds), *placement, "--", *flags])
+        plain = sum(_timed(["run.py", *flags, "--seed", str(seed), "--output_dir", tmp,
+                            "--run-name", f"plain{seed}"], threads=1) for seed in range(1, n + 1))
+        one = study("one", range(1, n + 1), "--workers", "1", "--threads", "1")
+        overhead = (one - plain) / n
+        print(f"{n} trials x {steps} steps, 1 thread each: back-to-back run.py {plain:.1f} s, "
+              f"study.py --workers 1 {one:.1f} s: overhead {overhead:.2f} s per trial")
+        seeds = range(1, cores + 1)
+        wide = study("wide", seeds)  # the default: one trial per core, one thread each
+        deep = study("deep", seeds, "--workers", "1", "--threads", str(cores))
+        single = _timed(["run.py", *flags, "--output_dir", tmp, "--run-name", "single"],
+                        threads=cores)
+    print(f"{cores} cores, {cores} trials x {steps} steps (wall-clock, start-up included):")
+    print(f"  study.py default ({cores} workers x 1 thread) {wide:6.1f} s  "
+          f"{cores * steps / wide:6.1f} steps/s in total")
+    print(f"  study.py 1 worker x {cores} threads        {deep:6.1f} s  "
+          f"{cores * steps / deep:6.1f} steps/s in total")
+    print(f"  one plain run.py, {cores} threads (1 trial)  {single:6.1f} s  "
+          f"{steps / single:6.1f} steps/s")
+    return dict(overhead=overhead, wide=wide, deep=deep, single=single)
 
 
 if __name__ == "__main__":

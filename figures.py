@@ -2,6 +2,8 @@
 
     python figures.py --nonsyn RUN --factor RUN --vae RUN [--celeba RUN] [--out misc]
                       [--loss-steps 4000]
+    python figures.py --study DIR [--celeba RUN] [--out misc]   (a study.py folder: its first
+                      finished seed of Non-Syn VAE, FactorVAE and VAE; --nonsyn etc. override)
     python figures.py --curves RUN [RUN ...] [--out misc] [--curve-steps 1000]
 
 writes into --out:
@@ -55,6 +57,24 @@ def check_kind(folder, flag, metrics=None, dataset=None):
     if dataset is not None and config.get("dataset") != dataset:
         raise FigureError(f"{flag} {folder} was trained on {config.get('dataset')}; {flag} "
                           f"takes a {dataset} run")
+
+
+def study_runs(study_dir):
+    """{flag: run folder} of a study.py folder: the first finished trial (first configuration,
+    first seed) of each of Non-Syn VAE, FactorVAE and VAE."""
+    path = Path(study_dir) / "study.json"
+    if not path.is_file():
+        raise FigureError(f"--study {study_dir} has no study.json: not a study.py folder")
+    trials = json.loads(path.read_text())["trials"]
+    picks = {}
+    for flag, metrics in (("nonsyn", NONSYN), ("factor", ("Factor",)), ("vae", ("VAE",))):
+        kind = [t for t in trials if t["metric"] in metrics]
+        done = [t for t in kind if t["state"] == "finished"]
+        if not done:
+            raise FigureError(f"--study {study_dir} has no finished --metric {' / '.join(metrics)} "
+                              f"trial ({len(kind)} in the study); finish it or give --{flag} RUN")
+        picks[flag] = str(Path(study_dir) / done[0]["name"])
+    return picks
 
 
 def traversal_images(folder):
@@ -267,6 +287,8 @@ def main(argv=None):
     p.add_argument("--nonsyn", help="Non-Syn VAE run folder (--metric Test_gt)")
     p.add_argument("--factor", help="FactorVAE run folder (--metric Factor)")
     p.add_argument("--vae", help="plain VAE run folder (--metric VAE)")
+    p.add_argument("--study", help="a study.py folder: its first finished Non-Syn / FactorVAE / "
+                                   "VAE trials")
     p.add_argument("--celeba", help="CelebA run folder, for faces_celeba.png")
     p.add_argument("--curves", nargs="+", metavar="RUN",
                    help="instead: compare these Non-Syn runs (logged every step) with the "
@@ -275,8 +297,16 @@ def main(argv=None):
     p.add_argument("--loss-steps", type=int, default=4000, help="steps shown in plots.png")
     p.add_argument("--curve-steps", type=int, default=1000, help="steps shown with --curves")
     args = p.parse_args(argv)
+    if args.study and not args.curves:
+        try:
+            for flag, run in study_runs(args.study).items():
+                setattr(args, flag, getattr(args, flag) or run)
+        except FigureError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if not args.curves and not (args.nonsyn and args.factor and args.vae):
-        p.error("give --nonsyn, --factor and --vae (the thesis figures), or --curves RUN ...")
+        p.error("give --nonsyn, --factor and --vae (the thesis figures), or --study DIR, or "
+                "--curves RUN ...")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)

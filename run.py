@@ -5,6 +5,7 @@ to the Solver. Nothing imports this file.
 """
 import argparse
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -231,12 +232,10 @@ def main(argv=None):
 def _run(args, given):
     folder = None
     try:
-        if args.dry_run:
-            if args.resume:
-                resume_state(RunFolder(args.resume), args, given)
-            else:
-                make_config(args, given)
-            print("ok: the settings are valid")
+        if args.dry_run:  # the resolved settings, as one JSON line after the verdict
+            config = (resume_state(RunFolder(args.resume), args, given)[0] if args.resume
+                      else make_config(args, given))
+            print(f"ok: the settings are valid\n{json.dumps(config.to_dict())}")
             return 0
         if args.resume:
             folder = RunFolder(args.resume)

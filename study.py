@@ -1,32 +1,45 @@
 """Many runs as one command: a grid of trials (objectives x seeds x alpha x omega x ...), each an
-ordinary run folder made by run.py, run side by side on this machine, then one summary table.
+ordinary run folder made by run.py, run side by side on this machine or on a Ray cluster, then
+one summary.
 
     python study.py --out DIR [--metric Test_gt Factor VAE BVAE] [--seeds N | --seed 1 2 3]
                     [--alpha ...] [--omega ...] [--gamma ...] [--beta ...] [--spec FILE.json]
-                    [--preset thesis] [--workers W] [--threads T] [--retries 2] [--extend]
-                    [--summary] [-- run.py flags shared by every trial]
+                    [--preset thesis] [--retries 2] [--extend]
+                    [--engine local] [--workers W] [--threads T] [--trials-per-gpu K]
+                    [--engine ray] [--address auto|HOST:PORT] [--cpus-per-trial C]
+                    [--gpus-per-trial G]
+                    [-- run.py flags shared by every trial]
+    python study.py --out DIR --summary
 
 Axes that do not apply to an objective (alpha and omega for VAE, gamma for Non-Syn) do not
 multiply its trials. DIR/study.json records the spec, the trials and each trial's state; running
 the same command again skips finished trials, resumes interrupted ones from their checkpoints
 and retries failed ones (at most --retries times). A different spec for an existing DIR is
-refused (``--extend`` may add axis values or seeds). summary.md / summary.csv: per
-configuration, the number of finished seeds and mean ± std of the final losses and scores.
-
-This is the local engine only; see the README for what is not there yet.
+refused (``--extend`` may add axis values or seeds). Written at the end of every invocation:
+summary.md / summary.csv (per configuration: finished seeds, mean ± std of the final losses and
+scores), ttests.csv (Welch's t-test between configurations of different objectives) and
+curves.png (the losses against the step, mean ± std band per configuration).
 """
 import argparse
 import csv
+import ctypes
+import fcntl
 import io
 import itertools
 import json
+import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from utils import RunFolder, atomic_write_bytes, write_json
 
@@ -40,11 +53,16 @@ PRESETS = {  # the thesis comparison: the original README's settings
                    flags=["--steps", "150000", "--gt-interval", "5000"]),
 }
 STATES = ("pending", "running", "finished", "failed")
+LOSSES = ("recon", "kl", "syn")
+RAY_INSTALL = "pip install -r requirements-ray.txt"
+EXIT_MEANINGS = {2: "bad settings or data", 3: "diverged or disk full", 130: "interrupted"}
 
 
 class StudyError(ValueError):
     """The study's spec or folder is unusable; the message says what to do."""
 
+
+# --- the grid ------------------------------------------------------------------------------------
 
 def trial_name(metric, settings, seed):
     """Deterministic folder name of a trial from its settings, e.g. Test_gt_alpha5.0_omega0.9_seed1
@@ -76,6 +94,18 @@ def trial_argv(spec, trial, out):
     return argv + ["--output_dir", str(out), "--run-name", trial["name"]]
 
 
+def configuration(trial):
+    """The configuration a trial belongs to (its objective and axis values, not its seed)."""
+    return trial["metric"], tuple(sorted(trial["settings"].items()))
+
+
+def label(config):
+    metric, settings = config
+    return " ".join([metric] + [f"{axis}={value}" for axis, value in settings])
+
+
+# --- the command line ----------------------------------------------------------------------------
+
 def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     shared = []
@@ -85,23 +115,40 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the study folder")
-    p.add_argument("--metric", nargs="+", choices=tuple(OBJECTIVE_AXES), help="objectives")
-    seeds = p.add_mutually_exclusive_group()
+    grid = p.add_argument_group("the grid")
+    grid.add_argument("--metric", nargs="+", choices=tuple(OBJECTIVE_AXES), help="objectives")
+    seeds = grid.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, help="seeds 1..N")
     seeds.add_argument("--seed", nargs="+", type=int, help="these seeds")
     for axis in VALUE_AXES:
-        p.add_argument(f"--{axis}", nargs="+", type=float, help=f"{axis} values")
-    p.add_argument("--spec", help="a JSON file with the same keys (metric, seed, alpha, ..., flags)")
-    p.add_argument("--preset", choices=tuple(PRESETS), help="thesis: the thesis comparison")
-    p.add_argument("--workers", type=int, default=None,
-                   help="trials run side by side (default: cores / threads)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch/BLAS threads per trial (default: 1, or cores / workers). On 2 "
-                        "cores 2 workers x 1 thread finished two trials 15-19 %% sooner than "
-                        "1 x 2 (the same training speed, start-up and evaluation overlapped)")
-    p.add_argument("--retries", type=int, default=2, help="retries of a failed trial")
-    p.add_argument("--extend", action="store_true", help="add axis values or seeds to DIR's study")
-    p.add_argument("--summary", action="store_true", help="only write the summary of DIR")
+        grid.add_argument(f"--{axis}", nargs="+", type=float, help=f"{axis} values")
+    grid.add_argument("--spec", help="a JSON file with the same keys (metric, seed, alpha, ..., "
+                                     "flags)")
+    grid.add_argument("--preset", choices=tuple(PRESETS), help="thesis: the thesis comparison")
+    grid.add_argument("--extend", action="store_true",
+                      help="add axis values or seeds to DIR's study")
+    grid.add_argument("--retries", type=int, default=2, help="retries of a failed trial")
+    grid.add_argument("--summary", action="store_true", help="only write the summary of DIR")
+    local = p.add_argument_group("--engine local (default): worker processes on this machine")
+    local.add_argument("--engine", choices=("local", "ray"), default="local")
+    local.add_argument("--workers", type=int, default=None,
+                       help="trials run side by side (default: cores / threads, or GPUs x "
+                            "--trials-per-gpu)")
+    local.add_argument("--threads", type=int, default=None,
+                       help="torch/BLAS threads per trial (default: 1, or cores / workers). On 2 "
+                            "cores 2 workers x 1 thread finished two trials 15-19 %% sooner "
+                            "than 1 x 2")
+    local.add_argument("--trials-per-gpu", type=int, default=None,
+                       help="trials packed on each visible GPU (default 1 when there are GPUs)")
+    ray = p.add_argument_group(f"--engine ray: Ray Tune trials (needs: {RAY_INSTALL})")
+    ray.add_argument("--address", default=None,
+                     help="a running Ray cluster (auto or HOST:PORT); default: start a local "
+                          "instance with this machine's cores")
+    ray.add_argument("--cpus-per-trial", type=float, default=1.0,
+                     help="Ray resources of a trial; also its torch threads (rounded down, at "
+                          "least 1)")
+    ray.add_argument("--gpus-per-trial", type=float, default=0.0,
+                     help="fractions pack trials on a GPU: 0.25 runs four per GPU")
     args = p.parse_args(argv)
     return p, args, shared
 
@@ -142,17 +189,142 @@ def make_spec(p, args, shared):
     return {k: spec[k] for k in ("metric", "seed", *VALUE_AXES, "flags") if k in spec}
 
 
-def check_trials(spec, trials, out):
-    """Every trial's flags, checked by run.py itself (--dry-run) before any trial starts."""
-    for trial in trials:
-        result = subprocess.run([sys.executable, str(ROOT / "run.py"),
-                                 *trial_argv(spec, trial, out), "--dry-run"],
-                                capture_output=True, text=True)
+def check_trials(spec, trials, out, cores):
+    """Every trial's settings, checked by run.py itself (``--dry-run``, ``cores`` at a time)
+    before any trial starts; returns {name: resolved settings}."""
+    def check(trial):
+        return subprocess.run([sys.executable, str(ROOT / "run.py"),
+                               *trial_argv(spec, trial, out), "--dry-run"],
+                              capture_output=True, text=True, env=trial_env(1), cwd=ROOT)
+    with ThreadPoolExecutor(cores) as pool:
+        results = list(pool.map(check, trials))
+    settings = {}
+    for trial, result in zip(trials, results, strict=True):
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines()
             raise StudyError(f"trial {trial['name']} would be refused by run.py: "
                              f"{lines[-1] if lines else 'exit code ' + str(result.returncode)}")
+        settings[trial["name"]] = json.loads(result.stdout.strip().splitlines()[-1])
+    return settings
 
+
+@dataclass
+class Plan:
+    """How the local engine places trials: ``workers`` side by side, ``threads`` each, and the
+    GPU (a CUDA_VISIBLE_DEVICES entry, or None for the CPU) of each worker slot."""
+    workers: int
+    threads: int
+    devices: list
+
+
+def visible_gpus():
+    """The GPUs trials may use, as CUDA_VISIBLE_DEVICES entries."""
+    import torch
+    count = torch.cuda.device_count()
+    listed = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
+def plan_local(cores, gpus, workers=None, threads=None, per_gpu=None, cuda=True):
+    """The local engine's placement; StudyError for one that oversubscribes the machine."""
+    for name, value in (("--workers", workers), ("--threads", threads),
+                        ("--trials-per-gpu", per_gpu)):
+        if value is not None and value < 1:
+            raise StudyError(f"{name} must be at least 1")
+    if per_gpu is not None and not (gpus and cuda):
+        raise StudyError("--trials-per-gpu packs trials on GPUs, but " + (
+            "the trials' flags say --no-cuda" if gpus else "no GPU is visible (torch sees none)"))
+    if gpus and cuda:
+        per_gpu = per_gpu or 1
+        slots = [gpu for gpu in gpus for _ in range(per_gpu)]
+        workers = workers or len(slots)
+        if workers > len(slots):
+            raise StudyError(f"--workers {workers} exceeds {len(gpus)} GPU(s) x --trials-per-gpu "
+                             f"{per_gpu}; raise --trials-per-gpu to pack more trials per GPU")
+        threads = threads or max(1, cores // workers)
+        devices = slots[:workers]
+    else:
+        threads = threads or (max(1, cores // workers) if workers else 1)
+        workers = workers or max(1, cores // threads)
+        devices = [None] * workers
+    if workers * threads > cores:
+        raise StudyError(f"{workers} worker(s) x {threads} thread(s) exceed the {cores} cores: "
+                         f"trials that oversubscribe the CPU slow each other down many times "
+                         f"over")
+    return Plan(workers, threads, devices)
+
+
+# --- one trial: run.py in a child process --------------------------------------------------------
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent():
+    """In the trial's process before run.py starts: SIGTERM it (a checkpoint at its next step)
+    when the process that started it dies, so that no orphan trial keeps the run folder's lock."""
+    if _LIBC is not None:
+        parent = os.getppid()
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def trial_env(threads, device=None):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS=str(threads))
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
+    return env
+
+
+def launch(spec, trial, out, env):
+    """Start the trial's run.py (``--resume`` from its checkpoint when it has one); its output
+    goes to DIR/.<name>.log."""
+    folder = out / trial["name"]
+    resume = (folder / "checkpoints/last.pt").exists()
+    with open(out / f".{trial['name']}.log", "ab") as log:  # the child holds its own copy
+        if folder.is_dir() and not resume and not RunFolder(folder).holds_nothing():
+            # stopped before its first checkpoint: start again, keeping what it wrote
+            kept = out / f".{trial['name']}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}"
+            folder.rename(kept)
+            log.write(f"study.py: {folder} had no checkpoint to resume from; it was moved to "
+                      f"{kept} and the trial starts again\n".encode())
+        argv = ["--resume", str(folder)] if resume else trial_argv(spec, trial, out)
+        return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *argv], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                preexec_fn=_die_with_parent)
+
+
+def exit_reason(code, tail):
+    if code < 0:
+        return f"run.py was killed by {signal.Signals(-code).name}"
+    errors = [line for line in tail if line.startswith("error:")]
+    meaning = EXIT_MEANINGS.get(code, "")
+    return f"run.py exited with {code}" + (f" ({meaning})" if meaning else "") + (
+        f": {errors[-1][len('error:'):].strip()}" if errors else "")
+
+
+def current_step(folder):
+    """The last training step logged in ``folder``'s metrics.jsonl (0 without one), read from
+    the file's tail."""
+    path = Path(folder) / RunFolder.LOG
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "train":
+            return record["step"]
+    return 0
+
+
+# --- bookkeeping ---------------------------------------------------------------------------------
 
 class Study:
     """DIR/study.json: the spec, the trials and their states."""
@@ -185,101 +357,283 @@ class Study:
         self.data = dict(spec=spec, trials=trials)
         self.save()
 
+    def lock(self):
+        """Hold DIR/.study.lock while this invocation runs the study: a second study.py on the
+        same DIR is refused at once (the lock goes with the process, so a killed study never
+        blocks its rerun)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.out / ".study.lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StudyError(f"another study.py is running the study in {self.out}; wait for it "
+                             f"to end, or stop it first") from None
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else None
+
     def save(self):
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.path, self.data)
 
+    def unfinished(self, retries):
+        todo = [t for t in self.data["trials"] if t["state"] != "finished"]
+        for trial in todo:
+            if trial["state"] == "failed" and trial["attempts"] > retries:
+                trial["attempts"] = 0  # a new invocation gives a failed trial its retries again
+        return todo
 
-def run_trials(study, workers, threads, retries):
-    """Run every unfinished trial, ``workers`` at a time; returns the number that failed."""
+    def started(self, trial):
+        trial.update(state="running", attempts=trial["attempts"] + 1)
+        self.save()
+
+    def ended(self, trial, code, stopped, progress, retries, reason=None):
+        """Record how a trial's run.py ended; True when it should be retried."""
+        tail = self.log_tail(trial)
+        retry = False
+        if code == 0:
+            trial.update(state="finished", reason=None, log_tail=None)
+            progress.finished(trial)
+        elif stopped or code == 130:
+            trial.update(state="pending", reason="stopped by a signal", log_tail=tail)
+        else:
+            retry = trial["attempts"] <= retries
+            trial.update(state="failed", reason=reason or exit_reason(code, tail), log_tail=tail)
+            progress.write(f"failed {trial['name']} (attempt {trial['attempts']}): "
+                           f"{trial['reason']}; " + ("retrying from its checkpoint" if retry
+                                                     else "giving up"))
+        self.save()
+        return retry
+
+    def log_tail(self, trial, lines=5):
+        path = self.out / f".{trial['name']}.log"
+        return path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+
+
+class Progress:
+    """One bar for the study (trials done / total, steps done / total, ETA, from the runs' own
+    metrics.jsonl) and one line per finished trial with its final scores."""
+
+    def __init__(self, study, steps):
+        self.study, self.steps = study, steps
+        self.done = {t["name"]: (steps[t["name"]] if t["state"] == "finished"
+                                 else current_step(study.out / t["name"]))
+                     for t in study.data["trials"]}
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=sum(steps.values()), initial=sum(self.done.values()), unit="step",
+                        desc=self._trials(), file=sys.stderr, dynamic_ncols=True,
+                        mininterval=0.5 if tty else 60, smoothing=0.1)
+        self.polled = 0.0
+
+    def _trials(self):
+        finished = sum(t["state"] == "finished" for t in self.study.data["trials"])
+        return f"trials {finished}/{len(self.study.data['trials'])}"
+
+    def _advance(self, name, step):
+        step = min(step, self.steps[name])
+        if step > self.done[name]:
+            self.bar.update(step - self.done[name])
+            self.done[name] = step
+
+    def poll(self, every=1.0):
+        if time.monotonic() - self.polled < every:
+            return
+        self.polled = time.monotonic()
+        for trial in self.study.data["trials"]:
+            if trial["state"] == "running":
+                self._advance(trial["name"], current_step(self.study.out / trial["name"]))
+
+    def finished(self, trial):
+        self._advance(trial["name"], self.steps[trial["name"]])
+        self.bar.set_description(self._trials(), refresh=False)
+        self.write(f"finished {trial['name']}: {final_line(self.study.out / trial['name'])}")
+
+    def write(self, line):
+        self.bar.write(line, file=sys.stdout)
+
+    def close(self):
+        self.bar.close()
+
+
+# --- the engines ---------------------------------------------------------------------------------
+
+def run_local(study, plan, retries, progress):
+    """Run every unfinished trial, ``plan.workers`` at a time; returns True if stopped by a
+    signal."""
     spec, out = study.data["spec"], study.out
-    todo = [t for t in study.data["trials"] if t["state"] != "finished"]
-    for trial in todo:
-        if trial["state"] == "failed" and trial["attempts"] > retries:
-            trial["attempts"] = 0  # a new invocation gives a failed trial its retries again
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads))
-    running, stopping = {}, []
+    queue = study.unfinished(retries)
+    running, stopping = {}, []  # worker slot -> (process, trial)
 
     def stop(signum, frame):
         stopping.append(signum)
         for process, _ in running.values():
             process.send_signal(signal.SIGTERM)  # each trial checkpoints at its next step
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    queue = list(todo)
     try:
         while queue or running:
-            while queue and len(running) < workers and not stopping:
-                trial = queue.pop(0)
-                folder = out / trial["name"]
-                argv = (["--resume", str(folder)] if (folder / "checkpoints/last.pt").exists()
-                        else trial_argv(spec, trial, out))
-                log = open(out / f".{trial['name']}.log", "ab")
-                process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *argv],
-                                           stdout=log, stderr=subprocess.STDOUT, env=env,
-                                           cwd=ROOT)
-                log.close()  # the child holds its own copy
-                trial.update(state="running", attempts=trial["attempts"] + 1)
-                running[process.pid] = (process, trial)
-                study.save()
-            time.sleep(0.2)
-            for pid, (process, trial) in list(running.items()):
+            for slot in range(plan.workers):
+                if slot not in running and queue and not stopping:
+                    trial = queue.pop(0)
+                    running[slot] = (launch(spec, trial, out,
+                                            trial_env(plan.threads, plan.devices[slot])), trial)
+                    study.started(trial)
+            time.sleep(0.1)
+            progress.poll()
+            for slot, (process, trial) in list(running.items()):
                 code = process.poll()
-                if code is None:
-                    continue
-                del running[pid]
-                tail = (out / f".{trial['name']}.log").read_text(errors="replace").splitlines()[-5:]
-                if code == 0:
-                    trial.update(state="finished", reason=None, log_tail=None)
-                    print(f"finished {trial['name']}: {final_line(out / trial['name'])}",
-                          flush=True)
-                elif stopping or code == 130:
-                    trial.update(state="pending", reason="stopped by a signal", log_tail=tail)
-                else:
-                    trial.update(state="failed", reason=f"run.py exited with {code}",
-                                 log_tail=tail)
-                    if trial["attempts"] <= retries and not stopping:
+                if code is not None:
+                    del running[slot]
+                    if study.ended(trial, code, bool(stopping), progress, retries):
                         queue.append(trial)  # resumes from its checkpoint when it has one
-                study.save()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if stopping:
-        print(f"stopped: every running trial saved a checkpoint. Resume with the same command "
-              f"(python study.py --out {out} ...).", file=sys.stderr)
-    return sum(t["state"] == "failed" for t in study.data["trials"])
+    return bool(stopping)
 
+
+class TrialFailed(RuntimeError):
+    """run.py ended with an error under Ray; Ray retries the trial."""
+
+
+def ray_trial(config):
+    """One trial as a Ray Tune function trainable: run.py in a child process on the node Ray
+    chose, with its threads set from the trial's CPUs (Ray sets CUDA_VISIBLE_DEVICES). A retry
+    by Ray runs this again, and run.py resumes from the run folder's own checkpoint."""
+    from ray import tune
+    out, trial = Path(config["out"]), config["trial"]
+    process = launch(config["spec"], trial, out, trial_env(config["threads"]))
+    code = process.wait()
+    if code != 0:
+        raise TrialFailed(exit_reason(code, Study(out).log_tail(trial)))
+    tune.report(final_values(out / trial["name"]) or {"finished": 1})
+
+
+def run_ray(study, args, retries, progress):
+    """The unfinished trials as Ray Tune trials; returns True if stopped by a signal."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables of its own
+    import ray
+    from ray import tune
+    todo = study.unfinished(retries)
+    by_name = {t["name"]: t for t in todo}
+    runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+    if args.address:
+        ray.init(address=args.address, runtime_env=runtime_env, log_to_driver=False,
+                 logging_level=logging.ERROR)
+    else:
+        ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env, log_to_driver=False,
+                 logging_level=logging.ERROR, include_dashboard=False)
+    stopped = []
+
+    class Bookkeeping(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            study.started(by_name[trial.config["trial"]["name"]])
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            ours = by_name[trial.config["trial"]["name"]]
+            path = Path(trial.error_file or "")
+            error = path.read_text(errors="replace") if path.is_file() else ""
+            reasons = re.findall(r"TrialFailed: (.*)", error) or [
+                f"Ray: {line.strip()}" for line in error.splitlines() if line.strip()]
+            study.ended(ours, 1, bool(stopped), progress, retries,
+                        reason=reasons[-1] if reasons else "its Ray worker died")
+
+        on_trial_recover = on_trial_error  # a failure that Ray retries (up to --retries)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            study.ended(by_name[trial.config["trial"]["name"]], 0, False, progress, retries)
+
+        def on_step_end(self, iteration, trials, **info):
+            progress.poll()
+
+    def sigterm(signum, frame):  # a cluster scheduler's SIGTERM stops the study like Ctrl-C
+        stopped.append(signum)
+        os.kill(os.getpid(), signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, sigterm)
+    # A failed trial's traceback goes to its error file; the study prints the reason in one line.
+    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
+    import study as module  # Ray workers import the trainable from this module (PYTHONPATH)
+    tuner = tune.Tuner(
+        tune.with_resources(module.ray_trial, resources),
+        param_space=dict(trial=tune.grid_search(todo), spec=study.data["spec"],
+                         out=str(study.out.resolve()),
+                         threads=max(1, int(args.cpus_per_trial))),
+        tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"]["name"],
+                                    trial_dirname_creator=lambda t: t.config["trial"]["name"]),
+        run_config=tune.RunConfig(
+            name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str((study.out / ".ray").resolve()),
+            failure_config=tune.FailureConfig(max_failures=retries), callbacks=[Bookkeeping()],
+            verbose=0))
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        stopped.append(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ray.shutdown()
+    for trial in todo:
+        if trial["state"] == "running":  # stopped by Ray before it ended
+            stopped.append("ray")
+            trial.update(state="pending", reason="stopped by a signal")
+    study.save()
+    return bool(stopped)
+
+
+# --- results -------------------------------------------------------------------------------------
 
 def final_line(folder):
     return ", ".join(f"{name} {value:.4g}" for name, value in final_values(folder).items())
 
 
+def final_values(folder):
+    """A finished run's final recon, KL, synergy and disentanglement scores (its own files,
+    read through RunFolder)."""
+    run = RunFolder(folder)
+    train, evaluations = run.records("train"), run.evaluations()
+    values = {k: train[-1][k] for k in LOSSES} if train else {}
+    if evaluations:
+        values.update({k: v["score"] for k, v in evaluations[-1]["scores"].items()})
+    return values
+
+
+def mean_std(samples):
+    """Mean and sample standard deviation (n - 1; 0 for one sample)."""
+    mean = sum(samples) / len(samples)
+    if len(samples) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in samples) / (len(samples) - 1))
+
+
+def write_if_changed(path, data):
+    """Write ``data`` atomically unless ``path`` already holds exactly it (a rerun of a finished
+    study changes no file)."""
+    if not (path.exists() and path.read_bytes() == data):
+        atomic_write_bytes(path, data)
+
+
 def summarise(study):
-    """summary.md and summary.csv from the finished trials' own files; returns the rows."""
+    """summary.md, summary.csv, ttests.csv and curves.png from the finished trials' own files;
+    returns the summary's rows."""
     groups = {}
     for trial in study.data["trials"]:
-        key = (trial["metric"], tuple(sorted(trial["settings"].items())))
-        groups.setdefault(key, []).append(trial)
-    rows = []
-    for (metric, settings), trials in groups.items():
-        values = {}
+        groups.setdefault(configuration(trial), []).append(trial)
+    rows, samples = [], {}
+    for config, trials in groups.items():
         finished = [t for t in trials if t["state"] == "finished"]
+        values = samples[config] = {}
         for trial in finished:
             for name, value in final_values(study.out / trial["name"]).items():
                 values.setdefault(name, []).append(value)
-        row = dict(metric=metric, **dict(settings), n=len(finished), missing=len(trials) - len(finished))
-        for name, samples in values.items():
-            row[f"{name}_mean"] = sum(samples) / len(samples)
-            row[f"{name}_std"] = (math.sqrt(sum((x - row[f"{name}_mean"]) ** 2 for x in samples)
-                                            / (len(samples) - 1)) if len(samples) > 1 else 0.0)
+        row = dict(metric=config[0], **dict(config[1]), n=len(finished),
+                   missing=len(trials) - len(finished))
+        for name, xs in values.items():
+            row[f"{name}_mean"], row[f"{name}_std"] = mean_std(xs)
         rows.append(row)
     columns = sorted({k for r in rows for k in r}, key=_column_order)
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_bytes(study.out / "summary.csv", table.getvalue().encode())
     measures = sorted({k[:-5] for k in columns if k.endswith("_mean")}, key=_column_order)
+    tests = welch_tests(samples, measures)
+    write_if_changed(study.out / "summary.csv", _csv(columns, rows))
+    write_if_changed(study.out / "ttests.csv",
+                     _csv(["a", "b", "measure", "n_a", "n_b", "p_value"], tests))
     settings = [c for c in columns if c in VALUE_AXES]
     lines = ["| metric | " + " | ".join(settings + ["n"] + measures) + " |",
              "|" + " --- |" * (2 + len(settings) + len(measures))]
@@ -288,28 +642,97 @@ def summarise(study):
         cells += [f"{r[m + '_mean']:.4g} ± {r[m + '_std']:.2g}" if m + "_mean" in r else ""
                   for m in measures]
         lines.append(f"| {r['metric']} | " + " | ".join(cells) + " |")
+    lines.append("\nmean ± sample standard deviation over the finished seeds (n) of the final "
+                 "training losses and the last evaluation's scores.")
     missing = sum(r["missing"] for r in rows)
     if missing:
         lines.append(f"\n{missing} trial(s) have not finished; the table summarises the rest.")
-    atomic_write_bytes(study.out / "summary.md", ("\n".join(lines) + "\n").encode())
+    if tests:
+        lines += ["", "Welch's t-test p-values between configurations of different objectives "
+                      "(ttests.csv):", "", "| a | b | " + " | ".join(measures) + " |",
+                  "|" + " --- |" * (2 + len(measures))]
+        pairs = {}
+        for t in tests:
+            pairs.setdefault((t["a"], t["b"]), {})[t["measure"]] = t["p_value"]
+        for (a, b), ps in pairs.items():
+            lines.append(f"| {a} | {b} | " + " | ".join(
+                f"{ps[m]:.3g}" if m in ps else "" for m in measures) + " |")
+    write_if_changed(study.out / "summary.md", ("\n".join(lines) + "\n").encode())
+    curves_figure(study, groups, study.out / "curves.png")
     return rows
 
 
+def welch_tests(samples, measures):
+    """Welch's t-test p-value per measure for every pair of configurations whose objectives
+    differ (both with at least two finished seeds)."""
+    from scipy.stats import ttest_ind
+    tests = []
+    for a, b in itertools.combinations(samples, 2):
+        if a[0] == b[0]:
+            continue
+        for measure in measures:
+            xs, ys = samples[a].get(measure, []), samples[b].get(measure, [])
+            if len(xs) >= 2 and len(ys) >= 2:
+                p = float(ttest_ind(xs, ys, equal_var=False).pvalue)
+                tests.append(dict(a=label(a), b=label(b), measure=measure, n_a=len(xs),
+                                  n_b=len(ys), p_value=p))
+    return tests
+
+
+def curves_figure(study, groups, path):
+    """recon, KL and synergy against the step: per configuration the mean over its finished
+    seeds with a ± one standard deviation band (steps logged by all of them)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for i, (config, trials) in enumerate(groups.items()):
+        runs = [{r["step"]: r for r in RunFolder(study.out / t["name"]).records("train")}
+                for t in trials if t["state"] == "finished"]
+        if not runs:
+            continue
+        steps = sorted(set.intersection(*(set(r) for r in runs)))
+        for ax, loss in zip(axes, LOSSES, strict=True):
+            stats = [mean_std([r[s][loss] for r in runs]) for s in steps]
+            mean = [m for m, _ in stats]
+            ax.plot(steps, mean, color=f"C{i}", label=f"{label(config)} (n={len(runs)})")
+            ax.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats],
+                            color=f"C{i}", alpha=0.2, linewidth=0)
+    for ax, loss in zip(axes, ("reconstruction", "KL", "synergy"), strict=True):
+        ax.set_xlabel("step")
+        ax.set_title(loss)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80, metadata={"Software": None})
+    plt.close(fig)
+    write_if_changed(path, buffer.getvalue())
+
+
+def _csv(columns, rows):
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return table.getvalue().encode()
+
+
 def _column_order(name):
-    first = ("metric", *VALUE_AXES, "n", "missing", "recon", "kl", "syn")
+    first = ("metric", *VALUE_AXES, "n", "missing", *LOSSES)
     stem = name.rsplit("_", 1)[0] if name.endswith(("_mean", "_std")) else name
     return (first.index(stem) if stem in first else len(first), name)
 
 
-def final_values(folder):
-    """A finished run's final recon, KL, synergy and disentanglement scores (its own files,
-    read through RunFolder)."""
-    run = RunFolder(folder)
-    train, evaluations = run.records("train"), run.evaluations()
-    values = {k: train[-1][k] for k in ("recon", "kl", "syn")} if train else {}
-    if evaluations:
-        values.update({k: v["score"] for k, v in evaluations[-1]["scores"].items()})
-    return values
+def planned_steps(study, configs):
+    """Each trial's step count: the run folder's settings, or the checked flags'."""
+    steps = {}
+    for trial in study.data["trials"]:
+        stored = RunFolder(study.out / trial["name"]).read_config()
+        steps[trial["name"]] = stored["config"]["steps"] if "config" in stored else (
+            configs[trial["name"]]["steps"])
+        for resume in stored.get("resumes", []):
+            steps[trial["name"]] = resume["changed"].get("steps", steps[trial["name"]])
+    return steps
 
 
 def main(argv=None):
@@ -319,35 +742,70 @@ def main(argv=None):
         if study.data is None:
             p.error(f"{args.out} holds no study.json")
         rows = summarise(study)
-        print(f"wrote {study.out}/summary.md, summary.csv ({len(rows)} configurations)")
+        print(f"wrote {study.out}/summary.md, summary.csv, ttests.csv, curves.png "
+              f"({len(rows)} configurations)")
         return 0
     spec = make_spec(p, args, shared)
-    cores = os.cpu_count() or 1
-    if (args.workers is not None and args.workers < 1) or (args.threads is not None
-                                                           and args.threads < 1):
-        p.error("--workers and --threads must be at least 1")
-    threads = args.threads or (max(1, cores // args.workers) if args.workers else 1)
-    workers = args.workers or max(1, cores // threads)
-    if workers * threads > cores:
-        p.error(f"--workers {workers} x --threads {threads} exceeds the {cores} cores: trials "
-                f"that oversubscribe the CPU slow each other down many times over")
+    if args.retries < 0:
+        p.error("--retries must be 0 or more")
+    given = {flag for flag in ("workers", "threads", "trials_per_gpu", "address",
+                               "cpus_per_trial", "gpus_per_trial")
+             if getattr(args, flag) != p.get_default(flag)}
+    other = given & ({"address", "cpus_per_trial", "gpus_per_trial"} if args.engine == "local"
+                     else {"workers", "threads", "trials_per_gpu"})
+    if other:
+        p.error(f"--{sorted(other)[0].replace('_', '-')} is for --engine "
+                f"{'ray' if args.engine == 'local' else 'local'}; with --engine {args.engine} "
+                + ("use --cpus-per-trial / --gpus-per-trial" if args.engine == "ray"
+                   else "use --workers / --threads / --trials-per-gpu"))
     try:
+        if args.engine == "ray":
+            try:
+                import ray  # noqa: F401  (the optional extra)
+            except ImportError:
+                raise StudyError(f"--engine ray needs Ray, an optional extra: {RAY_INSTALL}") \
+                    from None
+            if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
+                raise StudyError("--cpus-per-trial must be above 0 and --gpus-per-trial 0 or more")
+            where = (f"Ray at {args.address}" if args.address else "a local Ray instance") + (
+                f", {args.cpus_per_trial:g} CPU(s) and {args.gpus_per_trial:g} GPU(s) per trial")
+        else:
+            cuda = not any(f in ("--no-cuda", "--no_cuda") for f in spec["flags"])
+            plan = plan_local(os.cpu_count() or 1, visible_gpus() if cuda else [], args.workers,
+                              args.threads, args.trials_per_gpu, cuda)
+            where = (f"{plan.workers} worker(s) x {plan.threads} thread(s)"
+                     + (f" on GPU(s) {', '.join(plan.devices)}" if plan.devices[0] else ""))
         study.check_spec(spec, args.extend)
         known = {t["name"]: t["state"] for t in (study.data or {}).get("trials", [])}
         fresh = [t for t in expand(spec) if known.get(t["name"]) != "finished"
-                 and not (study.out / t["name"] / "checkpoints/last.pt").exists()]
-        check_trials(spec, fresh, study.out)  # before anything is written
+                 and not (study.out / t["name"] / "config.json").exists()]
+        configs = check_trials(spec, fresh, study.out, os.cpu_count() or 1)  # nothing written yet
+        study.lock()
+        study.check_spec(spec, args.extend)  # again, as it is now that no one else changes it
         study.adopt(spec)
-        pending = [t for t in study.data["trials"] if t["state"] != "finished"]
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    pending = [t for t in study.data["trials"] if t["state"] != "finished"]
     total = len(study.data["trials"])
-    print(f"study {study.out}: {total} trials, {total - len(pending)} finished; running "
-          f"{len(pending)} with {workers} worker(s) x {threads} thread(s)", flush=True)
-    failed = run_trials(study, workers, threads, args.retries) if pending else 0
+    print(f"study {study.out}: {total} trials, {total - len(pending)} finished"
+          + (f"; running {len(pending)} with {where}" if pending else ""), flush=True)
+    stopped = False
+    if pending:
+        progress = Progress(study, planned_steps(study, configs))
+        try:
+            stopped = (run_ray(study, args, args.retries, progress) if args.engine == "ray"
+                       else run_local(study, plan, args.retries, progress))
+        finally:
+            progress.close()
     rows = summarise(study)
-    print(f"wrote {study.out}/summary.md, summary.csv ({len(rows)} configurations)")
+    print(f"wrote {study.out}/summary.md, summary.csv, ttests.csv, curves.png "
+          f"({len(rows)} configurations)")
+    failed = sum(t["state"] == "failed" for t in study.data["trials"])
+    if stopped:
+        print(f"stopped: every running trial saved a checkpoint at its last step. Resume with "
+              f"the same command (python study.py --out {study.out} ...).", file=sys.stderr)
+        return 130
     if failed:
         print(f"{failed} trial(s) failed: see the reason and log tail in {study.path}",
               file=sys.stderr)

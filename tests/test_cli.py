@@ -296,3 +296,15 @@ def test_metric_test_with_viz_on_false_is_an_error_naming_both(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "--metric test" in err and "--viz_on False" in err
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run folder made
+
+
+def test_dry_run_checks_and_prints_the_settings_writing_nothing(tmp_path, capsys):
+    assert main(["--dry-run", "--metric", "VAE", "--steps", "1.5e5", "--output_dir",
+                 str(tmp_path / "o")]) == 0
+    verdict, settings = capsys.readouterr().out.strip().splitlines()
+    assert verdict == "ok: the settings are valid"
+    assert json.loads(settings)["steps"] == 150000 and json.loads(settings)["metric"] == "VAE"
+    with pytest.raises(SystemExit) as refused:
+        main(["--dry-run", "--omega", "2"])
+    assert refused.value.code == 2 and "--omega" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

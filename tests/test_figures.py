@@ -118,3 +118,31 @@ def test_curves_sample_every_20_steps_from_a_zero_point(tmp_path, runs, capsys):
     assert figures.main(["--curves", str(runs["Test_gt"]), "--curve-steps", "8",
                          "--out", str(out)]) == 2
     assert "--log-interval 1" in capsys.readouterr().err
+
+
+def test_a_study_folder_gives_its_first_finished_trial_of_each_kind(runs, tmp_path, capsys):
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    trials = [("Test_gt", "Test_gt_alpha5.0_omega0.9_seed1", "finished"),
+              ("Factor", "Factor_gamma6.4_seed1", "failed"),
+              ("Factor", "Factor_gamma6.4_seed2", "finished"),
+              ("VAE", "VAE_seed1", "running")]
+    for metric, name, state in trials:
+        if state == "finished":
+            (study_dir / name).symlink_to(runs[metric])
+    write = lambda: (study_dir / "study.json").write_text(json.dumps(dict(spec={}, trials=[
+        dict(metric=m, name=n, state=s) for m, n, s in trials])))
+    write()
+    assert figures.main(["--study", str(study_dir), "--out", str(tmp_path / "no")]) == 2
+    assert "no finished --metric VAE trial (1 in the study)" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+    trials[3] = ("VAE", "VAE_seed1", "finished")
+    (study_dir / "VAE_seed1").symlink_to(runs["VAE"])
+    write()
+    out = tmp_path / "misc"
+    assert figures.main(["--study", str(study_dir), "--out", str(out)]) == 0
+    table = json.loads((out / "comparison.json").read_text())
+    assert [row["metric"] for row in table] == ["Test_gt", "Factor", "VAE"]
+    assert figures.main(["--study", str(tmp_path), "--out", str(out)]) == 2
+    assert "has no study.json" in capsys.readouterr().err

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,10 +86,23 @@ def test_a_different_spec_for_the_same_folder_is_refused(finished, capsys):
     assert digest(out) == before
 
 
+def test_a_second_study_on_the_same_folder_is_refused_while_one_runs(finished, capsys):
+    import fcntl
+    out, argv = finished
+    before = digest(out)
+    with open(out / ".study.lock", "a") as held:  # as a running study.py holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert study.main(argv) == 2
+    assert "another study.py is running the study in" in capsys.readouterr().err
+    assert digest(out) == before
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--metric", "VAE", "--", "--omega", "2"], "run.py flag --omega is set by the study itself"),
     (["--metric", "Test_gt", "--omega", "2"], "would be refused by run.py"),
     (["--metric", "VAE", "--", "--batch_size", "1"], "would be refused by run.py"),
+    (["--metric", "VAE", "--engine", "ray", "--workers", "2"], "--workers is for --engine local"),
+    (["--metric", "VAE", "--gpus-per-trial", "0.5"], "--gpus-per-trial is for --engine ray"),
 ])
 def test_bad_input_is_refused_before_any_trial_starts(tmp_path, capsys, argv, message):
     out = tmp_path / "bad"
@@ -111,18 +125,31 @@ def test_unknown_or_empty_axes_in_a_spec_file_are_named(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_a_killed_worker_is_retried_and_ends_as_an_uninterrupted_trial(tmp_path):
-    flags = ["--grid", "reduced", "--batch_size", "8", "--steps", "60", "--log-interval", "5",
-             "--save-interval", "5", "--gt-interval", "1000", "--eval-metrics", "none",
-             "--no-cuda", "--nb-test", "2", "--data-dir", str(tmp_path / "none")]
-    argv = lambda out: ["--out", str(out), "--metric", "Test_gt", "--seed", "3", "--", *flags]
-    assert study.main(argv(tmp_path / "straight")) == 0
+KILL_FLAGS = ["--grid", "reduced", "--batch_size", "8", "--steps", "60", "--log-interval", "5",
+              "--save-interval", "5", "--gt-interval", "1000", "--eval-metrics", "none",
+              "--no-cuda", "--nb-test", "2"]
 
-    out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(ROOT / "study.py"), *argv(out)],
+
+def one_trial(out, *engine):
+    return ["--out", str(out), "--metric", "Test_gt", "--seed", "3", *engine, "--",
+            *KILL_FLAGS, "--data-dir", str(out.parent / "none")]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted trial's final weights."""
+    out = tmp_path_factory.mktemp("straight") / "s"
+    assert study.main(one_trial(out)) == 0
+    return torch.load(out / "Test_gt_seed3/checkpoints/last.pt", weights_only=True)["model"]
+
+
+def kill_mid_trial(out, *engine):
+    """Start the one-trial study, SIGKILL its run.py after its first checkpoint, and return the
+    study's output once it has ended."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "study.py"), *one_trial(out, *engine)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = out / "Test_gt_seed3" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while not checkpoint.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     victims = [int(p) for p in os.listdir("/proc") if p.isdigit() and "--run-name\0Test_gt_seed3"
@@ -131,10 +158,141 @@ def test_a_killed_worker_is_retried_and_ends_as_an_uninterrupted_trial(tmp_path)
     os.kill(victims[0], signal.SIGKILL)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
+    return output
+
+
+def assert_resumed(out, straight, output):
     trial = json.loads((out / "study.json").read_text())["trials"][0]
-    assert trial["state"] == "finished" and trial["attempts"] == 2
-    straight = torch.load(tmp_path / "straight/Test_gt_seed3/checkpoints/last.pt",
-                          weights_only=True)["model"]
+    assert trial["state"] == "finished" and trial["attempts"] == 2, output
+    assert "failed Test_gt_seed3 (attempt 1): run.py was killed by SIGKILL; retrying" in output
+    assert "Resuming" in (out / ".Test_gt_seed3.log").read_text()  # not restarted
+    resumed = torch.load(out / "Test_gt_seed3/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_killed_worker_is_retried_and_ends_as_an_uninterrupted_trial(tmp_path, straight):
+    out = tmp_path / "killed"
+    assert_resumed(out, straight, kill_mid_trial(out))
+
+
+def test_a_killed_study_stops_its_trials_with_a_checkpoint_and_resumes_them(tmp_path, straight):
+    out = tmp_path / "orphaned"
+    process = subprocess.Popen([sys.executable, str(ROOT / "study.py"), *one_trial(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "Test_gt_seed3" / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 180
+    while not checkpoint.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    trial = [int(p) for p in os.listdir("/proc") if p.isdigit() and str(out) in cmdline(p)
+             and "run.py" in cmdline(p)]
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 60
+    while any(cmdline(p) for p in trial) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert trial and not any(cmdline(p) for p in trial), "the trial outlived its study"
+    assert "python run.py --resume" in (out / ".Test_gt_seed3.log").read_text()  # SIGTERM, saved
+    assert study.main(one_trial(out)) == 0  # the same command resumes it
     resumed = torch.load(checkpoint, weights_only=True)["model"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
+
+def test_a_trial_killed_before_its_first_checkpoint_starts_again_keeping_its_files(tmp_path):
+    out = tmp_path / "early"
+    argv = ["--out", str(out), "--metric", "VAE", "--", *KILL_FLAGS, "--save-interval", "1000",
+            "--data-dir", str(tmp_path / "none")]  # no checkpoint before the end
+    process = subprocess.Popen([sys.executable, str(ROOT / "study.py"), *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "VAE_seed1" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    victim = [int(p) for p in os.listdir("/proc") if p.isdigit() and str(out) in cmdline(p)
+              and "run.py" in cmdline(p)]
+    os.kill(victim[0], signal.SIGKILL)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    kept = [p for p in out.iterdir() if p.name.startswith(".VAE_seed1.unfinished-")]
+    assert len(kept) == 1 and (kept[0] / "metrics.jsonl").read_text()
+    assert json.loads((out / "study.json").read_text())["trials"][0]["state"] == "finished"
+
+
+def test_welch_tests_and_curves_come_from_the_runs_files(finished):
+    from scipy.stats import ttest_ind
+    out, _ = finished
+    with open(out / "ttests.csv") as f:
+        tests = {(r["a"], r["b"], r["measure"]): r for r in csv.DictReader(f)}
+    finals = {}
+    for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        rows_ = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        finals.setdefault(folder.name.split("_seed")[0], []).append(
+            [r for r in rows_ if r["kind"] == "train"][-1]["recon"])
+    test = tests[("Test_gt alpha=5.0 omega=0.9", "VAE", "recon")]
+    expected = ttest_ind(finals["Test_gt_alpha5.0_omega0.9"], finals["VAE"], equal_var=False)
+    assert float(test["p_value"]) == pytest.approx(expected.pvalue, rel=1e-9)
+    assert (test["n_a"], test["n_b"]) == ("2", "2")
+    assert "Welch's t-test" in (out / "summary.md").read_text()
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("gpus, kw, expected", [
+    ([], {}, (2, 1, [None, None])),                       # 2 cores: 2 workers x 1 thread
+    ([], dict(threads=2), (1, 2, [None])),
+    (["0"], dict(per_gpu=3), (3, 1, ["0", "0", "0"])),    # (cores 4 below)
+    (["0", "1"], {}, (2, 2, ["0", "1"])),
+    (["4", "7"], dict(per_gpu=2), (4, 1, ["4", "4", "7", "7"])),
+])
+def test_local_placement_packs_gpus_and_never_oversubscribes(gpus, kw, expected):
+    plan = study.plan_local(4 if gpus else 2, gpus, **kw)
+    assert (plan.workers, plan.threads, plan.devices) == (expected[0], expected[1], expected[2])
+
+
+@pytest.mark.parametrize("gpus, kw, message", [
+    ([], dict(workers=2, threads=2), "exceed the 2 cores"),
+    ([], dict(per_gpu=2), "no GPU is visible"),
+    (["0"], dict(per_gpu=2, cuda=False), "--no-cuda"),
+    (["0"], dict(per_gpu=1, workers=2), "exceeds 1 GPU(s) x --trials-per-gpu 1"),
+])
+def test_bad_placements_are_refused(gpus, kw, message):
+    with pytest.raises(study.StudyError, match=re.escape(message)):
+        study.plan_local(2, gpus, **kw)
+
+
+def test_engine_ray_without_ray_names_the_install_command(tmp_path):
+    code = ("import sys; sys.modules['ray'] = None; sys.path.insert(0, {root!r}); import study; "
+            "sys.exit(study.main(['--out', {out!r}, '--engine', 'ray', '--metric', 'VAE']))")
+    result = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT),
+                                                               out=str(tmp_path / "s"))],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "pip install -r requirements-ray.txt" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def without_clock(folder):
+    rows_ = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")} for r in rows_]
+
+
+def test_the_ray_engine_makes_the_same_run_folders_as_the_local_one(finished, tmp_path):
+    pytest.importorskip("ray", reason="the Ray extra is not installed (requirements-ray.txt)")
+    local, argv = finished
+    out = tmp_path / "ray"
+    argv = [str(out) if a == str(local) else a for a in argv]
+    argv[argv.index("--"):argv.index("--")] = ["--engine", "ray"]
+    result = subprocess.run([sys.executable, str(ROOT / "study.py"), *argv],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "finished VAE_seed2:" in result.stdout
+    trials = json.loads((out / "study.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["finished"] * 4
+    for trial in trials:
+        ours, theirs = without_clock(out / trial["name"]), without_clock(local / trial["name"])
+        assert ours == theirs and len(ours) > 2, trial["name"]
+    assert list((out / ".ray").iterdir()), "Ray's own storage is not in the study folder"
+
+
+def test_a_trial_killed_under_ray_is_retried_and_resumes_from_its_checkpoint(tmp_path, straight):
+    pytest.importorskip("ray", reason="the Ray extra is not installed (requirements-ray.txt)")
+    out = tmp_path / "killed"
+    assert_resumed(out, straight, kill_mid_trial(out, "--engine", "ray"))
