@@ -4,7 +4,8 @@ selection alone.
     python benchmark.py [--batch_size 64] [--steps 30] [--rounds 5] [--threads N] [--cuda]
                         [--visdom-port PORT]
     python benchmark.py --metrics [--grid full | --run RUN_DIR] [--threads N] [--cuda]
-    python benchmark.py --study [--trials 4] [--trial-steps 200]
+    python benchmark.py --study [--trials 4] [--overhead-steps 20] [--rounds 3]
+                        [--trial-steps 400]
 
 All variants run in one process on the same batch size, interleaved round by round so that
 machine noise hits them alike; each line is the median over rounds of the mean step time of
@@ -48,7 +49,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant per round")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=None, help="default 5 (--study: 3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--cuda", action="store_true", help="benchmark on the GPU")
     p.add_argument("--visdom-port", type=int, help="add a variant streaming to visdom")
@@ -56,10 +57,14 @@ def main(argv=None):
     p.add_argument("--grid", default="full", help="dSprites grid for --metrics")
     p.add_argument("--study", action="store_true", help="time study.py's local engine instead")
     p.add_argument("--trials", type=int, default=4, help="with --study: trials for the overhead")
-    p.add_argument("--trial-steps", type=int, default=200, help="with --study: steps per trial")
+    p.add_argument("--overhead-steps", type=int, default=20,
+                   help="with --study: steps of the trials timed for the overhead")
+    p.add_argument("--trial-steps", type=int, default=400,
+                   help="with --study: steps of the trials timed for the throughput")
     p.add_argument("--run", help="with --metrics: encode with this run's checkpoint (default: a "
                                  "fresh model, whose latents may all be pruned by FactorVAE)")
     args = p.parse_args(argv)
+    args.rounds = args.rounds or (3 if args.study else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.metrics:
@@ -150,22 +155,33 @@ def _timed(command, threads=None):
 
 
 def benchmark_study(args):
-    cores, n, steps = os.cpu_count() or 1, args.trials, args.trial_steps
-    flags = STUDY_FLAGS + ["--steps", str(steps), "--log-interval", str(steps)]
+    cores, n = os.cpu_count() or 1, args.trials
     with tempfile.TemporaryDirectory() as tmp:
-        def study(name, seeds, *placement):
+        def flags(steps):
+            return STUDY_FLAGS + ["--steps", str(steps), "--log-interval", str(steps)]
+
+        def study(name, seeds, steps, *placement):
             return _timed(["study.py", "--out", f"{tmp}/{name}", "--metric", "Test_gt", "--seed",
-                           *map(str, seeds), *placement, "--", *flags])
-        plain = sum(_timed(["run.py", *flags, "--seed", str(seed), "--output_dir", tmp,
-                            "--run-name", f"plain{seed}"], threads=1) for seed in range(1, n + 1))
-        one = study("one", range(1, n + 1), "--workers", "1", "--threads", "1")
-        overhead = (one - plain) / n
-        print(f"{n} trials x {steps} steps, 1 thread each: back-to-back run.py {plain:.1f} s, "
-              f"study.py --workers 1 {one:.1f} s: overhead {overhead:.2f} s per trial")
-        seeds = range(1, cores + 1)
-        wide = study("wide", seeds)  # the default: one trial per core, one thread each
-        deep = study("deep", seeds, "--workers", "1", "--threads", str(cores))
-        single = _timed(["run.py", *flags, "--output_dir", tmp, "--run-name", "single"],
+                           *map(str, seeds), *placement, "--", *flags(steps)])
+        # Overhead: short trials, so that the training's own noise does not hide it; plain and
+        # study interleaved round by round.
+        overheads = []
+        for r in range(args.rounds):
+            plain = sum(_timed(["run.py", *flags(args.overhead_steps), "--seed", str(seed),
+                                "--output_dir", tmp, "--run-name", f"plain{r}_{seed}"], threads=1)
+                        for seed in range(1, n + 1))
+            one = study(f"one{r}", range(1, n + 1), args.overhead_steps, "--workers", "1",
+                        "--threads", "1")
+            overheads.append((one - plain) / n)
+            print(f"round {r + 1}: {n} trials x {args.overhead_steps} steps, 1 thread each: "
+                  f"back-to-back run.py {plain:.1f} s, study.py --workers 1 {one:.1f} s: "
+                  f"{overheads[-1]:+.2f} s per trial")
+        overhead = statistics.median(overheads)
+        print(f"study overhead per trial (median of {args.rounds} rounds): {overhead:+.2f} s")
+        steps, seeds = args.trial_steps, range(1, cores + 1)
+        wide = study("wide", seeds, steps)  # the default: one trial per core, one thread each
+        deep = study("deep", seeds, steps, "--workers", "1", "--threads", str(cores))
+        single = _timed(["run.py", *flags(steps), "--output_dir", tmp, "--run-name", "single"],
                         threads=cores)
     print(f"{cores} cores, {cores} trials x {steps} steps (wall-clock, start-up included):")
     print(f"  study.py default ({cores} workers x 1 thread) {wide:6.1f} s  "

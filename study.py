@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils import RunFolder, atomic_write_bytes, write_json
+from utils import ConfigError, RunFolder, atomic_write_bytes, write_json
 
 ROOT = Path(__file__).resolve().parent
 OBJECTIVE_AXES = {"Test_gt": ("alpha", "omega"), "test": ("alpha", "omega"), "VAE": (),
@@ -304,6 +304,20 @@ def exit_reason(code, tail):
         f": {errors[-1][len('error:'):].strip()}" if errors else "")
 
 
+def complete(folder):
+    """True when ``folder`` holds a run that trained all its steps (its checkpoint at the last
+    step, no evaluation left to redo)."""
+    run = RunFolder(folder)
+    if not run.checkpoint_path.is_file():
+        return False
+    try:
+        checkpoint = run.load_checkpoint()
+    except ConfigError:
+        return False  # run.py's resume names the problem
+    return (checkpoint["step"] >= checkpoint["config"]["steps"]
+            and not checkpoint.get("eval_pending"))
+
+
 def current_step(folder):
     """The last training step logged in ``folder``'s metrics.jsonl (0 without one), read from
     the file's tail."""
@@ -358,28 +372,39 @@ class Study:
         self.save()
 
     def lock(self):
-        """Hold DIR/.study.lock while this invocation runs the study: a second study.py on the
-        same DIR is refused at once (the lock goes with the process, so a killed study never
-        blocks its rerun)."""
+        """Hold DIR/.study.lock while this invocation runs the study (returns the open lock
+        file): a second study.py on the same DIR is refused at once; the lock goes with the
+        process, so a killed study never blocks its rerun."""
         self.out.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.out / ".study.lock", "a")
+        handle = open(self.out / ".study.lock", "a")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock.close()
+            handle.close()
             raise StudyError(f"another study.py is running the study in {self.out}; wait for it "
                              f"to end, or stop it first") from None
         self.data = json.loads(self.path.read_text()) if self.path.exists() else None
+        return handle
 
     def save(self):
         self.out.mkdir(parents=True, exist_ok=True)
         write_json(self.path, self.data)
 
-    def unfinished(self, retries):
-        todo = [t for t in self.data["trials"] if t["state"] != "finished"]
-        for trial in todo:
+    def unfinished(self, retries, progress):
+        """The trials to run; a trial whose run ended after the study last saw it (the study
+        was stopped or killed at that moment) is recorded as finished instead."""
+        todo = []
+        for trial in self.data["trials"]:
+            if trial["state"] == "finished":
+                continue
+            if complete(self.out / trial["name"]):
+                trial.update(state="finished", reason=None, log_tail=None)
+                progress.finished(trial)
+                continue
             if trial["state"] == "failed" and trial["attempts"] > retries:
                 trial["attempts"] = 0  # a new invocation gives a failed trial its retries again
+            todo.append(trial)
+        self.save()
         return todo
 
     def started(self, trial):
@@ -393,7 +418,7 @@ class Study:
         if code == 0:
             trial.update(state="finished", reason=None, log_tail=None)
             progress.finished(trial)
-        elif stopped or code == 130:
+        elif stopped:
             trial.update(state="pending", reason="stopped by a signal", log_tail=tail)
         else:
             retry = trial["attempts"] <= retries
@@ -460,7 +485,7 @@ def run_local(study, plan, retries, progress):
     """Run every unfinished trial, ``plan.workers`` at a time; returns True if stopped by a
     signal."""
     spec, out = study.data["spec"], study.out
-    queue = study.unfinished(retries)
+    queue = study.unfinished(retries, progress)
     running, stopping = {}, []  # worker slot -> (process, trial)
 
     def stop(signum, frame):
@@ -494,17 +519,44 @@ class TrialFailed(RuntimeError):
     """run.py ended with an error under Ray; Ray retries the trial."""
 
 
-def ray_trial(config):
-    """One trial as a Ray Tune function trainable: run.py in a child process on the node Ray
-    chose, with its threads set from the trial's CPUs (Ray sets CUDA_VISIBLE_DEVICES). A retry
-    by Ray runs this again, and run.py resumes from the run folder's own checkpoint."""
+def ray_trainable():
+    """The Ray Tune trainable of a trial (a class made here, so that Ray is imported only with
+    --engine ray): run.py in a child process on the node Ray chose, its threads set from the
+    trial's CPUs (Ray sets CUDA_VISIBLE_DEVICES). When Ray stops the trial (Ctrl-C, SIGTERM)
+    run.py gets SIGTERM and saves a checkpoint; a retry by Ray sets it up again, and run.py
+    resumes from the run folder's own checkpoint."""
     from ray import tune
-    out, trial = Path(config["out"]), config["trial"]
-    process = launch(config["spec"], trial, out, trial_env(config["threads"]))
-    code = process.wait()
-    if code != 0:
-        raise TrialFailed(exit_reason(code, Study(out).log_tail(trial)))
-    tune.report(final_values(out / trial["name"]) or {"finished": 1})
+
+    class Trial(tune.Trainable):
+        def setup(self, config):
+            self.out, self.trial = Path(config["out"]), config["trial"]
+            self.process = launch(config["spec"], self.trial, self.out,
+                                  trial_env(config["threads"]))
+
+        def step(self):
+            try:
+                code = self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                return {"step": current_step(self.out / self.trial["name"])}
+            if code != 0:
+                raise TrialFailed(exit_reason(code, Study(self.out).log_tail(self.trial)))
+            return {**final_values(self.out / self.trial["name"]), "done": True}
+
+        def save_checkpoint(self, checkpoint_dir):  # the run folder holds the real one
+            return {"run_folder": str(self.out / self.trial["name"]),
+                    "step": current_step(self.out / self.trial["name"])}
+
+        def load_checkpoint(self, checkpoint):  # run.py --resume reads the run folder's own
+            pass
+
+        def cleanup(self):
+            if self.process.poll() is None:  # stopped by Ray: a checkpoint at the next step
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout=300)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+    return Trial
 
 
 def run_ray(study, args, retries, progress):
@@ -512,7 +564,9 @@ def run_ray(study, args, retries, progress):
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no tables of its own
     import ray
     from ray import tune
-    todo = study.unfinished(retries)
+    todo = study.unfinished(retries, progress)
+    if not todo:
+        return False
     by_name = {t["name"]: t for t in todo}
     runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
     if args.address:
@@ -549,12 +603,14 @@ def run_ray(study, args, retries, progress):
         os.kill(os.getpid(), signal.SIGINT)
     previous = signal.signal(signal.SIGTERM, sigterm)
     # A failed trial's traceback goes to its error file; the study prints the reason in one line.
-    logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     resources = {"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial}
-    import study as module  # Ray workers import the trainable from this module (PYTHONPATH)
+    import study as module  # workers import it by name (PYTHONPATH), not pickled from __main__
     tuner = tune.Tuner(
-        tune.with_resources(module.ray_trial, resources),
-        param_space=dict(trial=tune.grid_search(todo), spec=study.data["spec"],
+        tune.with_resources(module.ray_trainable(), resources),
+        param_space=dict(trial=tune.grid_search([{k: t[k] for k in ("name", "metric", "seed",
+                                                                      "settings")} for t in todo]),
+                         spec=study.data["spec"],
                          out=str(study.out.resolve()),
                          threads=max(1, int(args.cpus_per_trial))),
         tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"]["name"],
@@ -562,6 +618,7 @@ def run_ray(study, args, retries, progress):
         run_config=tune.RunConfig(
             name=time.strftime("%Y%m%d-%H%M%S"), storage_path=str((study.out / ".ray").resolve()),
             failure_config=tune.FailureConfig(max_failures=retries), callbacks=[Bookkeeping()],
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
             verbose=0))
     try:
         tuner.fit()
@@ -701,7 +758,8 @@ def curves_figure(study, groups, path):
     for ax, loss in zip(axes, ("reconstruction", "KL", "synergy"), strict=True):
         ax.set_xlabel("step")
         ax.set_title(loss)
-    axes[0].legend(fontsize=8)
+    if axes[0].lines:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80, metadata={"Software": None})
@@ -780,7 +838,7 @@ def main(argv=None):
         fresh = [t for t in expand(spec) if known.get(t["name"]) != "finished"
                  and not (study.out / t["name"] / "config.json").exists()]
         configs = check_trials(spec, fresh, study.out, os.cpu_count() or 1)  # nothing written yet
-        study.lock()
+        held = study.lock()  # noqa: F841  (held until this process ends)
         study.check_spec(spec, args.extend)  # again, as it is now that no one else changes it
         study.adopt(spec)
     except StudyError as err:

@@ -101,6 +101,7 @@ def test_a_second_study_on_the_same_folder_is_refused_while_one_runs(finished, c
     (["--metric", "VAE", "--", "--omega", "2"], "run.py flag --omega is set by the study itself"),
     (["--metric", "Test_gt", "--omega", "2"], "would be refused by run.py"),
     (["--metric", "VAE", "--", "--batch_size", "1"], "would be refused by run.py"),
+    (["--metric", "VAE", "--", "--colour", "red"], "unrecognized arguments: --colour red"),
     (["--metric", "VAE", "--engine", "ray", "--workers", "2"], "--workers is for --engine local"),
     (["--metric", "VAE", "--gpus-per-trial", "0.5"], "--gpus-per-trial is for --engine ray"),
 ])
@@ -217,6 +218,24 @@ def test_a_trial_killed_before_its_first_checkpoint_starts_again_keeping_its_fil
     assert json.loads((out / "study.json").read_text())["trials"][0]["state"] == "finished"
 
 
+def test_a_crashing_trial_is_marked_failed_with_its_reason_and_the_others_go_on(tmp_path,
+                                                                               capsys):
+    out = tmp_path / "crash"  # alpha 1e300 makes the Non-Syn loss infinite: run.py stops, exit 3
+    argv = ["--out", str(out), "--metric", "Test_gt", "VAE", "--alpha", "1e300", "--retries", "1",
+            "--", *TINY, "--data-dir", str(tmp_path / "none")]
+    assert study.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "1 trial(s) failed" in captured.err
+    trials = {t["name"]: t for t in json.loads((out / "study.json").read_text())["trials"]}
+    crashed = trials["Test_gt_alpha1e+300_seed1"]
+    assert crashed["state"] == "failed" and crashed["attempts"] == 2
+    assert crashed["reason"].startswith("run.py exited with 3 (diverged or disk full): ")
+    assert crashed["log_tail"] and trials["VAE_seed1"]["state"] == "finished"
+    assert "failed Test_gt_alpha1e+300_seed1 (attempt 2): run.py exited with 3" in captured.out
+    summary = (out / "summary.md").read_text()
+    assert "| VAE |  | 1 |" in summary and "1 trial(s) have not finished" in summary
+
+
 def test_welch_tests_and_curves_come_from_the_runs_files(finished):
     from scipy.stats import ttest_ind
     out, _ = finished
@@ -279,7 +298,8 @@ def test_the_ray_engine_makes_the_same_run_folders_as_the_local_one(finished, tm
     local, argv = finished
     out = tmp_path / "ray"
     argv = [str(out) if a == str(local) else a for a in argv]
-    argv[argv.index("--"):argv.index("--")] = ["--engine", "ray"]
+    cut = argv.index("--workers")
+    argv[cut:cut + 2] = ["--engine", "ray"]  # Ray places them itself, one CPU each
     result = subprocess.run([sys.executable, str(ROOT / "study.py"), *argv],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -296,3 +316,29 @@ def test_a_trial_killed_under_ray_is_retried_and_resumes_from_its_checkpoint(tmp
     pytest.importorskip("ray", reason="the Ray extra is not installed (requirements-ray.txt)")
     out = tmp_path / "killed"
     assert_resumed(out, straight, kill_mid_trial(out, "--engine", "ray"))
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_ctrl_c_stops_the_study_with_checkpoints_and_the_same_command_resumes(tmp_path, engine):
+    if engine == "ray":
+        pytest.importorskip("ray", reason="the Ray extra is not installed (requirements-ray.txt)")
+    out = tmp_path / "s"
+    argv = [sys.executable, str(ROOT / "study.py"), "--out", str(out), "--metric", "VAE",
+            "--engine", engine, "--", "--grid", "reduced", "--batch_size", "8", "--steps", "1500",
+            "--log-interval", "5", "--save-interval", "500", "--eval-metrics", "none",
+            "--no-cuda", "--nb-test", "2", "--data-dir", str(tmp_path / "none")]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = out / "VAE_seed1" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, output
+    assert "Resume with the same command" in output
+    trial = json.loads((out / "study.json").read_text())["trials"][0]
+    assert trial["state"] == "pending", trial
+    assert "checkpoint saved" in (out / ".VAE_seed1.log").read_text()  # run.py got SIGTERM
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Resuming" in (out / ".VAE_seed1.log").read_text()
