@@ -195,7 +195,7 @@ def check_trials(spec, trials, out, cores):
     def check(trial):
         return subprocess.run([sys.executable, str(ROOT / "run.py"),
                                *trial_argv(spec, trial, out), "--dry-run"],
-                              capture_output=True, text=True, env=trial_env(1), cwd=ROOT)
+                              capture_output=True, text=True, env=trial_env(1))
     with ThreadPoolExecutor(cores) as pool:
         results = list(pool.map(check, trials))
     settings = {}
@@ -277,9 +277,10 @@ def trial_env(threads, device=None):
     return env
 
 
-def launch(spec, trial, out, env):
-    """Start the trial's run.py (``--resume`` from its checkpoint when it has one); its output
-    goes to DIR/.<name>.log."""
+def launch(spec, trial, out, env, cwd=None):
+    """Start the trial's run.py (``--resume`` from its checkpoint when it has one) in ``cwd``
+    (default: here; relative paths among the flags mean what they meant to study.py); its
+    output goes to DIR/.<name>.log."""
     folder = out / trial["name"]
     resume = (folder / "checkpoints/last.pt").exists()
     with open(out / f".{trial['name']}.log", "ab") as log:  # the child holds its own copy
@@ -291,7 +292,7 @@ def launch(spec, trial, out, env):
                       f"{kept} and the trial starts again\n".encode())
         argv = ["--resume", str(folder)] if resume else trial_argv(spec, trial, out)
         return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *argv], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 preexec_fn=_die_with_parent)
 
 
@@ -531,7 +532,7 @@ def ray_trainable():
         def setup(self, config):
             self.out, self.trial = Path(config["out"]), config["trial"]
             self.process = launch(config["spec"], self.trial, self.out,
-                                  trial_env(config["threads"]))
+                                  trial_env(config["threads"]), cwd=config["cwd"])
 
         def step(self):
             try:
@@ -611,7 +612,7 @@ def run_ray(study, args, retries, progress):
         param_space=dict(trial=tune.grid_search([{k: t[k] for k in ("name", "metric", "seed",
                                                                       "settings")} for t in todo]),
                          spec=study.data["spec"],
-                         out=str(study.out.resolve()),
+                         out=str(study.out.resolve()), cwd=os.getcwd(),
                          threads=max(1, int(args.cpus_per_trial))),
         tune_config=tune.TuneConfig(trial_name_creator=lambda t: t.config["trial"]["name"],
                                     trial_dirname_creator=lambda t: t.config["trial"]["name"]),

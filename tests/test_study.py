@@ -342,3 +342,10 @@ def test_ctrl_c_stops_the_study_with_checkpoints_and_the_same_command_resumes(tm
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Resuming" in (out / ".VAE_seed1.log").read_text()
+
+
+def test_relative_paths_mean_what_they_mean_where_the_study_was_started(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert study.main(["--out", "rel", "--metric", "VAE", "--", *TINY, "--data-dir", "none"]) == 0
+    assert (tmp_path / "rel" / "VAE_seed1" / "metrics.jsonl").exists()
+    assert not (ROOT / "rel").exists()
