@@ -349,3 +349,23 @@ def test_relative_paths_mean_what_they_mean_where_the_study_was_started(tmp_path
     assert study.main(["--out", "rel", "--metric", "VAE", "--", *TINY, "--data-dir", "none"]) == 0
     assert (tmp_path / "rel" / "VAE_seed1" / "metrics.jsonl").exists()
     assert not (ROOT / "rel").exists()
+
+
+def test_extend_adds_seeds_and_runs_only_the_new_trials(finished, tmp_path):
+    import shutil
+    local, argv = finished
+    out = tmp_path / "extended"
+    shutil.copytree(local, out)
+    before = digest(out / "VAE_seed1")
+    argv = [str(out) if a == str(local) else a for a in argv]
+    grown = [("3" if a == "2" and argv[i - 1] == "--seeds" else a) for i, a in enumerate(argv)]
+    assert study.main(grown) == 2  # a bigger grid without --extend is another spec
+    cut = grown.index("--")
+    assert study.main(grown[:cut] + ["--extend"] + grown[cut:]) == 0
+    trials = json.loads((out / "study.json").read_text())["trials"]
+    assert {t["name"]: t["attempts"] for t in trials} == {
+        "Test_gt_alpha5.0_omega0.9_seed1": 1, "Test_gt_alpha5.0_omega0.9_seed2": 1,
+        "Test_gt_alpha5.0_omega0.9_seed3": 1, "VAE_seed1": 1, "VAE_seed2": 1, "VAE_seed3": 1}
+    assert digest(out / "VAE_seed1") == before  # finished trials untouched
+    with open(out / "summary.csv") as f:
+        assert [r["n"] for r in csv.DictReader(f)] == ["3", "3"]
