@@ -296,6 +296,12 @@ def launch(spec, trial, out, env, cwd=None):
                                 preexec_fn=_die_with_parent)
 
 
+def log_tail(out, trial, lines=5):
+    """The last lines of the trial's log, DIR/.<name>.log."""
+    path = out / f".{trial['name']}.log"
+    return path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+
+
 def exit_reason(code, tail):
     if code < 0:
         return f"run.py was killed by {signal.Signals(-code).name}"
@@ -414,7 +420,7 @@ class Study:
 
     def ended(self, trial, code, stopped, progress, retries, reason=None):
         """Record how a trial's run.py ended; True when it should be retried."""
-        tail = self.log_tail(trial)
+        tail = log_tail(self.out, trial)
         retry = False
         if code == 0:
             trial.update(state="finished", reason=None, log_tail=None)
@@ -430,9 +436,6 @@ class Study:
         self.save()
         return retry
 
-    def log_tail(self, trial, lines=5):
-        path = self.out / f".{trial['name']}.log"
-        return path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
 
 
 class Progress:
@@ -540,7 +543,7 @@ def ray_trainable():
             except subprocess.TimeoutExpired:
                 return {"step": current_step(self.out / self.trial["name"])}
             if code != 0:
-                raise TrialFailed(exit_reason(code, Study(self.out).log_tail(self.trial)))
+                raise TrialFailed(exit_reason(code, log_tail(self.out, self.trial)))
             return {**final_values(self.out / self.trial["name"]), "done": True}
 
         def save_checkpoint(self, checkpoint_dir):  # the run folder holds the real one

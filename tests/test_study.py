@@ -144,17 +144,31 @@ def straight(tmp_path_factory):
     return torch.load(out / "Test_gt_seed3/checkpoints/last.pt", weights_only=True)["model"]
 
 
+def wait_for(condition, seconds=180):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def run_py_pids(out, marker="run.py"):
+    """PIDs of the run.py processes of the study in ``out`` (whose command line holds
+    ``marker``)."""
+    return [int(p) for p in os.listdir("/proc") if p.isdigit() and str(out) in cmdline(p)
+            and "run.py" in cmdline(p) and marker in cmdline(p)]
+
+
+def has_records(log):
+    return log.exists() and log.stat().st_size > 0
+
+
 def kill_mid_trial(out, *engine):
     """Start the one-trial study, SIGKILL its run.py after its first checkpoint, and return the
     study's output once it has ended."""
     process = subprocess.Popen([sys.executable, str(ROOT / "study.py"), *one_trial(out, *engine)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     checkpoint = out / "Test_gt_seed3" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 180
-    while not checkpoint.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    victims = [int(p) for p in os.listdir("/proc") if p.isdigit() and "--run-name\0Test_gt_seed3"
-               in cmdline(p) and str(out) in cmdline(p)]
+    wait_for(checkpoint.exists)
+    victims = run_py_pids(out, "--run-name\0Test_gt_seed3")
     assert victims, "the trial's run.py process was not found"
     os.kill(victims[0], signal.SIGKILL)
     output, _ = process.communicate(timeout=300)
@@ -181,16 +195,11 @@ def test_a_killed_study_stops_its_trials_with_a_checkpoint_and_resumes_them(tmp_
     process = subprocess.Popen([sys.executable, str(ROOT / "study.py"), *one_trial(out)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = out / "Test_gt_seed3" / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 180
-    while not checkpoint.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    trial = [int(p) for p in os.listdir("/proc") if p.isdigit() and str(out) in cmdline(p)
-             and "run.py" in cmdline(p)]
+    wait_for(checkpoint.exists)
+    trial = run_py_pids(out)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    deadline = time.monotonic() + 60
-    while any(cmdline(p) for p in trial) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not any(cmdline(p) for p in trial), seconds=60)
     assert trial and not any(cmdline(p) for p in trial), "the trial outlived its study"
     assert "python run.py --resume" in (out / ".Test_gt_seed3.log").read_text()  # SIGTERM, saved
     assert study.main(one_trial(out)) == 0  # the same command resumes it
@@ -205,12 +214,8 @@ def test_a_trial_killed_before_its_first_checkpoint_starts_again_keeping_its_fil
     process = subprocess.Popen([sys.executable, str(ROOT / "study.py"), *argv],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "VAE_seed1" / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    victim = [int(p) for p in os.listdir("/proc") if p.isdigit() and str(out) in cmdline(p)
-              and "run.py" in cmdline(p)]
-    os.kill(victim[0], signal.SIGKILL)
+    wait_for(lambda: has_records(log))
+    os.kill(run_py_pids(out)[0], signal.SIGKILL)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
     kept = [p for p in out.iterdir() if p.name.startswith(".VAE_seed1.unfinished-")]
@@ -329,9 +334,7 @@ def test_ctrl_c_stops_the_study_with_checkpoints_and_the_same_command_resumes(tm
             "--no-cuda", "--nb-test", "2", "--data-dir", str(tmp_path / "none")]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "VAE_seed1" / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: has_records(log))
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 130, output
