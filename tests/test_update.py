@@ -30,6 +30,16 @@ def spy_on_steps(solver, optimizer):
     return calls
 
 
+def first_step(tmp_path, **overrides):
+    """A small Solver after one train step: (solver, its model before the step, the RNG state
+    the step started from, the optimizer.step() calls seen, what train_step returned)."""
+    solver = make_solver(tmp_path, **overrides)
+    before = copy.deepcopy(solver.model)
+    rng = torch.get_rng_state()
+    calls = spy_on_steps(solver, solver.optim)
+    return solver, before, rng, calls, solver.train_step()
+
+
 def grads(loss, params, **kwargs):
     return torch.autograd.grad(loss, list(params), **kwargs)
 
@@ -54,11 +64,7 @@ def test_parameter_count_is_the_originals():
 
 
 def test_two_step_second_gradient_is_the_synergy_gradient_at_the_pre_step_parameters(tmp_path):
-    solver = make_solver(tmp_path)
-    before = copy.deepcopy(solver.model)
-    rng = torch.get_rng_state()
-    calls = spy_on_steps(solver, solver.optim)
-    solver.train_step()
+    solver, before, rng, calls, _ = first_step(tmp_path)
     assert len(calls) == 2
 
     recon, kl, mu, logvar = replay_first_batch(solver, before, rng)
@@ -110,11 +116,7 @@ def test_sample_mode_takes_the_synergy_gradient_after_the_first_step(tmp_path):
 
 
 def test_joint_update_is_one_step_on_the_sum(tmp_path):
-    solver = make_solver(tmp_path, update="joint")
-    before = copy.deepcopy(solver.model)
-    rng = torch.get_rng_state()
-    calls = spy_on_steps(solver, solver.optim)
-    solver.train_step()
+    solver, before, rng, calls, _ = first_step(tmp_path, update="joint")
     assert len(calls) == 1
     recon, kl, mu, logvar = replay_first_batch(solver, before, rng)
     syn, _ = synergy_penalty(mu, logvar, 0.9, 5.0)
@@ -122,11 +124,7 @@ def test_joint_update_is_one_step_on_the_sum(tmp_path):
 
 
 def test_joint_update_with_sample_takes_the_penalty_on_the_partner_batch_at_the_same_step(tmp_path):
-    solver = make_solver(tmp_path, update="joint", sample="sample")
-    before = copy.deepcopy(solver.model)
-    rng = torch.get_rng_state()
-    calls = spy_on_steps(solver, solver.optim)
-    solver.train_step()
+    solver, before, rng, calls, _ = first_step(tmp_path, update="joint", sample="sample")
     assert len(calls) == 1
     recon, kl, _, _ = replay_first_batch(solver, before, rng)
     mu2, logvar2 = before.encoder(solver.batches.partner(0))
@@ -137,11 +135,7 @@ def test_joint_update_with_sample_takes_the_penalty_on_the_partner_batch_at_the_
 
 @pytest.mark.parametrize("metric", ["VAE", "BVAE", "BVAE_gt"])
 def test_baselines_do_not_optimise_synergy(tmp_path, metric):
-    solver = make_solver(tmp_path, metric=metric, beta=4.0)
-    before = copy.deepcopy(solver.model)
-    rng = torch.get_rng_state()
-    calls = spy_on_steps(solver, solver.optim)
-    values, best = solver.train_step()
+    solver, before, rng, calls, (values, _) = first_step(tmp_path, metric=metric, beta=4.0)
     assert len(calls) == 1 and values["syn"] > 0 and not values["syn"].requires_grad
     recon, kl, _, _ = replay_first_batch(solver, before, rng)
     beta = 4.0 if metric in ("BVAE", "BVAE_gt") else 1.0
