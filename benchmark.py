@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from metrics import METRIC_NAMES, METRICS, PROTOCOLS, lookup
+from precision import native_bf16
 from solver import Config, Solver, Trained, encode_all
 from synergy import greedy_best_set
 from utils import RunFolder
@@ -72,17 +73,26 @@ def main(argv=None):
     if args.study:
         return benchmark_study(args)
 
-    variants = {"VAE step": dict(metric="VAE"),
-                "Non-Syn original": dict(metric="Test_gt", update="original"),
-                "Non-Syn two-step": dict(metric="Test_gt", update="two-step"),
-                "Non-Syn joint": dict(metric="Test_gt", update="joint")}
+    nchw = dict(memory_format=torch.contiguous_format)  # the eager NCHW fp32 step (7adde97)
+    variants = {"Non-Syn original": (dict(metric="Test_gt"), {}),
+                "Non-Syn original NCHW": (dict(metric="Test_gt"), nchw),
+                "VAE step": (dict(metric="VAE"), {}),
+                "VAE step NCHW": (dict(metric="VAE"), nchw),
+                "FactorVAE": (dict(metric="Factor"), {}),
+                "FactorVAE NCHW": (dict(metric="Factor"), nchw),
+                "Non-Syn two-step": (dict(metric="Test_gt", update="two-step"), {}),
+                "Non-Syn joint": (dict(metric="Test_gt", update="joint"), {})}
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if native_bf16(device):
+        variants["Non-Syn original bf16"] = (dict(metric="Test_gt", precision="bf16"), {})
+        variants["VAE step bf16"] = (dict(metric="VAE", precision="bf16"), {})
     if args.visdom_port:
-        variants["original + visdom"] = dict(metric="Test_gt", viz_on=True,
-                                             viz_port=args.visdom_port)
+        variants["original + visdom"] = (dict(metric="Test_gt", viz_on=True,
+                                              viz_port=args.visdom_port), {})
     with tempfile.TemporaryDirectory() as tmp:
         solvers = {name: Solver(Config(grid="reduced", batch_size=args.batch_size, cuda=args.cuda,
-                                       **kw), tmp) for name, kw in variants.items()}
-        device = next(iter(solvers.values())).device
+                                       alpha=5.0, omega=0.9, **kw), tmp, **options)
+                   for name, (kw, options) in variants.items()}
         kl = torch.rand(solvers["VAE step"].config.z_dim, device=device)
         timings = {name: [] for name in list(variants) + ["greedy selection"]}
         for solver in solvers.values():  # warm-up
@@ -104,11 +114,22 @@ def main(argv=None):
             timings["greedy selection"].append((time.perf_counter() - start) / (args.steps * 10))
 
     median = {name: statistics.median(t) for name, t in timings.items()}
-    base = median["VAE step"]
+    base, today = median["VAE step"], median["Non-Syn original NCHW"]
     print(f"device {device}, batch {args.batch_size}, threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}; median of {args.rounds} rounds x {args.steps} steps")
     for name, t in median.items():
-        print(f"  {name:18s} {t * 1e3:8.3f} ms   {t / base:5.3f} x VAE step")
+        print(f"  {name:22s} {t * 1e3:8.3f} ms   {t / base:5.3f} x VAE step")
+    print("speed-ups (the eager NCHW fp32 step / this one; > 1 is faster):")
+    for name, reference in (("Non-Syn original", "Non-Syn original NCHW"),
+                            ("Non-Syn original bf16", "Non-Syn original NCHW"),
+                            ("VAE step", "VAE step NCHW"), ("VAE step bf16", "VAE step NCHW"),
+                            ("FactorVAE", "FactorVAE NCHW")):
+        if name in median:
+            print(f"  {name:22s} {median[reference] / median[name]:5.2f}x  vs {reference}")
+    if "Non-Syn original bf16" not in median:
+        print(f"  (no bf16 variants: {device} has no native bf16)")
+    print(f"  default Non-Syn step: {1 / median['Non-Syn original']:.1f} steps/s; eager NCHW "
+          f"{1 / today:.1f} steps/s")
     for update in ("original", "two-step"):
         share = median["greedy selection"] / median[f"Non-Syn {update}"]
         print(f"  selection share of the {update} step: {share:.2%}")

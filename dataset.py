@@ -346,6 +346,14 @@ def download_dsprites(dest_dir, url=DSPRITES_URL, md5=DSPRITES_MD5, timeout=10):
     return dest
 
 
+def to_device(tensor, device):
+    """``tensor`` (on the host) on ``device``. To a GPU it goes from pinned memory without
+    blocking, so that a sampler's new epoch or block never makes a step wait for the host."""
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class EpochSampler:
     """Shuffled batches without replacement, epoch by epoch, as a DataLoader(shuffle=True).
 
@@ -369,7 +377,7 @@ class EpochSampler:
         """Dataset indices (batch_size,) for ``step`` (0-based), on the data's device."""
         epoch, pos = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            self._epoch, self._perm = epoch, self.permutation(epoch).to(self.device)
+            self._epoch, self._perm = epoch, to_device(self.permutation(epoch), self.device)
         return self._perm[pos * self.batch_size:(pos + 1) * self.batch_size]
 
 
@@ -394,7 +402,7 @@ class PartnerSampler:
         if block != self._block_index:
             generator = torch.Generator().manual_seed(derived_seed(self.seed, self.STREAM, block))
             draws = torch.randint(self.n, (self.block, self.batch_size), generator=generator)
-            self._block_index, self._indices = block, draws.to(self.device)
+            self._block_index, self._indices = block, to_device(draws, self.device)
         return self._indices[pos]
 
 

@@ -36,7 +36,7 @@ class Encoder(nn.Module):
         )
 
     def forward(self, x):
-        stats = self.net(x)
+        stats = self.net(x).float()  # fp32 even where autocast ran the layers in bf16
         return stats[:, :self.z_dim], stats[:, self.z_dim:]
 
 
@@ -58,7 +58,7 @@ class Decoder(nn.Module):
         )
 
     def forward(self, z):
-        return self.net(z)
+        return self.net(z).float()
 
 
 def reparameterise(mu, logvar, noise):
@@ -127,7 +127,7 @@ class Discriminator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
-        return self.net(z)
+        return self.net(z).float()
 
 
 def bernoulli_loss(logits, x):

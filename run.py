@@ -14,8 +14,9 @@ from datetime import datetime
 
 from dataset import CELEBA_CROPS, CELEBA_SOURCE, CELEBA_ZIP, GRIDS, DatasetError, download_dsprites
 from metrics import METRIC_NAMES, metric_list
+from precision import PRECISIONS
 from solver import (ARCHS, BOUNDS, DATASETS, INITS, OBJECTIVES, RESUMABLE, SAMPLES, UPDATES, Config,
-                    Diverged, Solver, run_metadata, stored_run)
+                    Diverged, Solver, pick_device, run_metadata, stored_run)
 from utils import ConfigError, DiskFull, RunFolder
 
 log = logging.getLogger("run")
@@ -110,6 +111,10 @@ def build_parser():
         help="optimisation steps, exactly (150000 or 1.5e5)")
     add("--seed", type=_number("seed"), default=d.seed, help="random seed")
     add("--no-cuda", dest="cuda", action="store_false", help="train on the CPU even with a GPU")
+    add("--precision", choices=PRECISIONS, default=d.precision,
+        help="the networks' arithmetic: fp32 = replay-exact; bf16 = autocast convolutions and "
+             "linear layers (fp32 weights, optimiser, losses and synergy), faster where the "
+             "GPU or CPU has native bf16, not replay-exact")
 
     add = group("data")
     add("--dataset", choices=DATASETS, default=d.dataset, help="dataset")
@@ -199,6 +204,7 @@ def resume_state(folder, args, given):
                           f"{', '.join('--' + k for k in sorted(fixed))} (only "
                           f"{', '.join('--' + k for k in RESUMABLE)} may change)")
     config = Config(**{**stored, **changes})
+    pick_device(config)  # the stored precision must run here, before any file is touched
     if config.steps <= checkpoint["step"] and not checkpoint.get("eval_pending"):
         raise ConfigError(f"the run in {folder} is already at step {checkpoint['step']}; pass "
                           f"--steps N with N > {checkpoint['step']} to train further")
@@ -235,6 +241,7 @@ def _run(args, given):
         if args.dry_run:  # the resolved settings, as one JSON line after the verdict
             config = (resume_state(RunFolder(args.resume), args, given)[0] if args.resume
                       else make_config(args, given))
+            pick_device(config)
             print(f"ok: the settings are valid\n{json.dumps(config.to_dict())}")
             return 0
         if args.resume:
@@ -248,6 +255,7 @@ def _run(args, given):
                 finished = Solver(config, folder, checkpoint).train()
         else:
             config = make_config(args, given)
+            pick_device(config)  # refuses a precision this machine cannot run, nothing written
             if args.download and config.dataset != "dsprites":
                 raise ConfigError("--download is only offered for dSprites. CelebA's Google Drive "
                                   f"downloads fail too often: get {CELEBA_ZIP} from {CELEBA_SOURCE} "

@@ -37,8 +37,9 @@ from model import (MODEL_SPECS, Discriminator, evaluating, init_as_pytorch_041, 
                    permute_dims, reparameterise)
 from monitor import VisdomMonitor
 from plotting import image_grid, mean_activations, save_ground_truth_plot
+from precision import PRECISIONS, autocast, check_precision
 from synergy import synergy_penalty
-from utils import (FORMAT_1_SETTINGS, ConfigError, RunFolder, atomic_file, derived_seed,
+from utils import (IMPLIED_SETTINGS, ConfigError, RunFolder, atomic_file, derived_seed,
                    git_commit, package_versions, rng_state, run_abandonable, set_rng_state)
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ BOUNDS = dict(
     viz_port=Bound(int, 1, 65535), viz_il_iter=Bound(int, 1), viz_la_iter=Bound(int, 1),
 )
 CHOICES = dict(metric=OBJECTIVES, update=UPDATES, sample=SAMPLES, arch=ARCHS, init=INITS,
-               dataset=DATASETS, grid=GRIDS, celeba_crop=tuple(CELEBA_CROPS))
+               precision=PRECISIONS, dataset=DATASETS, grid=GRIDS,
+               celeba_crop=tuple(CELEBA_CROPS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Config:
     sample: str = "no_sample"  # synergy on the training batch, or on a second batch
     arch: str = "2020"  # decoder: the final code's, or 2018's (the thesis figures)
     init: str = "original"  # weight initialisation: PyTorch 0.4.1's, or today's
+    precision: str = "fp32"  # the networks' arithmetic: fp32 (replay-exact) or bf16 autocast
     z_dim: int = 10  # latent dimensions
     alpha: float = 1.5  # weight of the synergy penalty
     omega: float = 0.8  # greedy policy: a latent joins the best set if omega * I(new) > I(old)
@@ -203,7 +206,7 @@ def stored_run(folder):
     config = Config.from_stored(checkpoint["config"], f"the checkpoint of {folder}")
     started = folder.read_config().get("config")
     if started is not None:
-        started = {**FORMAT_1_SETTINGS, **started} if checkpoint["format"] == 1 else started
+        started = {**IMPLIED_SETTINGS.get(checkpoint["format"], {}), **started}
         differ = sorted(k for k, v in config.to_dict().items()
                         if k not in RESUMABLE and started.get(k) != v)
         if differ:
@@ -221,15 +224,25 @@ def run_metadata(config, data):
 
 
 def pick_device(config):
-    return torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
+    """The device ``config`` trains on; refuses a precision that device cannot run well."""
+    device = torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
+    check_precision(config.precision, device)
+    return device
 
 
-def build_model(config, device):
-    """The VAE of ``config`` (dataset, z_dim, decoder arch), initialised as ``config.init`` says."""
+# The networks' activations are kept channels-last (NHWC): oneDNN and cuDNN run these
+# convolutions faster so, with no reordering between layers (docs/benchmarks.md). Values are
+# the same up to the order of float sums; a checkpoint stores the weights in either layout.
+MEMORY_FORMAT = torch.channels_last
+
+
+def build_model(config, device, memory_format=MEMORY_FORMAT):
+    """The VAE of ``config`` (dataset, z_dim, decoder arch), initialised as ``config.init`` says,
+    its convolution weights (and so its activations) in ``memory_format``."""
     model = MODEL_SPECS[config.dataset].build(config.z_dim, config.arch)
     if config.init == "original":
         init_as_pytorch_041(model)
-    return model.to(device)
+    return model.to(device, memory_format=memory_format)
 
 
 class Adam041(torch.optim.Optimizer):
@@ -286,7 +299,8 @@ class Solver:
     image batches) and ``noise`` (``noise(mu)``: standard normal noise like mu, for every
     reparameterised sample) default to the run's own data and RNG; a replay hands in its own."""
 
-    def __init__(self, config, folder, checkpoint=None, batches=None, noise=torch.randn_like):
+    def __init__(self, config, folder, checkpoint=None, batches=None, noise=torch.randn_like,
+                 memory_format=MEMORY_FORMAT):
         self.config = c = config
         self.folder = folder if isinstance(folder, RunFolder) else RunFolder(folder)
         self.device = pick_device(c)
@@ -296,7 +310,8 @@ class Solver:
         if not self.data.has_factors:
             log.info("%s has no ground-truth factors: ground-truth plots and disentanglement "
                      "metrics are skipped", c.dataset)
-        self.model = build_model(c, self.device)
+        self.model = build_model(c, self.device, memory_format)
+        self.autocast = lambda: autocast(self.device, c.precision)  # around forward passes only
         self.reconstruction_loss = MODEL_SPECS[c.dataset].reconstruction_loss
         nonsyn = c.metric in NONSYN
         adam = Adam041 if nonsyn and c.update == "original" else torch.optim.Adam
@@ -341,7 +356,8 @@ class Solver:
     def _elbo_terms(self):
         """Forward pass of the step's training batch: (recon, kl, mu, logvar, z)."""
         x = self.batches.train(self.step)
-        logits, mu, logvar, z = self.model(x, self.noise)
+        with self.autocast():
+            logits, mu, logvar, z = self.model(x, self.noise)
         return self.reconstruction_loss(logits, x), kl_loss(mu, logvar), mu, logvar, z
 
     def _penalty_posterior(self, mu, logvar):
@@ -351,7 +367,8 @@ class Solver:
         the noise stream stays in step with the original's."""
         if self.config.sample == "no_sample":
             return mu, logvar
-        mu, logvar = self.model.encoder(self.batches.partner(self.step))
+        with self.autocast():
+            mu, logvar = self.model.encoder(self.batches.partner(self.step))
         self.noise(mu)
         return mu, logvar
 
@@ -442,7 +459,8 @@ class Solver:
         c = self.config
         recon, kl, mu, logvar, z = self._elbo_terms()
         self.D.requires_grad_(False)
-        d_z = self.D(z)  # B, 2
+        with self.autocast():
+            d_z = self.D(z)  # B, 2
         tc = (d_z[:, 0] - d_z[:, 1]).mean()
         loss = recon + kl + c.gamma * tc
         self.optim.zero_grad(set_to_none=True)
@@ -450,12 +468,14 @@ class Solver:
         self.optim.step()
         self.D.requires_grad_(True)
 
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast():
             mu2, logvar2 = self.model.encoder(self.batches.partner(self.step))
-            z_perm = permute_dims(reparameterise(mu2, logvar2, self.noise(mu2)))
+        z_perm = permute_dims(reparameterise(mu2, logvar2, self.noise(mu2)))
         zeros = torch.zeros(len(z), dtype=torch.long, device=self.device)
-        d_loss = 0.5 * (F.cross_entropy(self.D(z.detach()), zeros)
-                        + F.cross_entropy(self.D(z_perm), torch.ones_like(zeros)))
+        with self.autocast():
+            d_joint, d_perm = self.D(z.detach()), self.D(z_perm)
+        d_loss = 0.5 * (F.cross_entropy(d_joint, zeros)
+                        + F.cross_entropy(d_perm, torch.ones_like(zeros)))
         self.optim_D.zero_grad(set_to_none=True)
         d_loss.backward()
         self.optim_D.step()
@@ -697,22 +717,24 @@ class Trained:
                                        metric_names, plot)
 
 
-def encode_all(model, data, should_stop=None, batch_size=None):
+def encode_all(model, data, should_stop=None, batch_size=None, precision="fp32"):
     """Posterior means of every image in dataset order: float32 array (N, z_dim), or None when
     ``should_stop()`` turns true on the way (a Ctrl-C should not wait for the whole grid).
+    ``precision`` bf16 runs the encoder under autocast (the means come back in fp32).
 
-    On the CPU small batches keep the activations in cache (96: ~65 s for the full grid on
-    2 cores, against ~160 s at 2048); a GPU wants large ones."""
+    On the CPU small batches keep the activations in cache (96 with channels-last weights:
+    ~60 s for the full grid on 2 cores; 256: ~85 s); a GPU wants large ones. The means are
+    gathered on the device and copied to the host once."""
     device = next(model.parameters()).device
     batch_size = batch_size or (4096 if device.type == "cuda" else 96)
-    mus = []
-    with evaluating(model):
+    codes = torch.empty(len(data), model.encoder.z_dim, device=device)
+    with evaluating(model), autocast(device, precision):
         for start in range(0, len(data), batch_size):
             if should_stop is not None and should_stop():
                 return None
             index = torch.arange(start, min(start + batch_size, len(data)), device=device)
-            mus.append(model.encoder(data.images(index))[0].cpu())
-    return torch.cat(mus).numpy()
+            codes[start:start + len(index)] = model.encoder(data.images(index))[0]
+    return codes.cpu().numpy()
 
 
 def evaluate_representation(model, data, config, folder, step, metric_names, plot=True,
@@ -721,7 +743,7 @@ def evaluate_representation(model, data, config, folder, step, metric_names, plo
     already has it) and compute the disentanglement metrics. Returns {metric: result}, or None
     when interrupted."""
     started = time.perf_counter()
-    codes = encode_all(model, data, should_stop)
+    codes = encode_all(model, data, should_stop, precision=config.precision)
     if codes is None:
         log.warning("evaluation at step %d skipped: interrupted", step)
         return None

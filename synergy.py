@@ -55,9 +55,9 @@ def greedy_best_set(kl, omega):
 
     nodes = torch.arange(z_dim + 1, device=device)  # z+1
     after = nodes[None, 1:] > nodes[:, None]  # z+1, z: latent j comes after node i in the scan
-    no_next = torch.tensor(z_dim + 1, device=device)
+    no_next = torch.full((), z_dim + 1, device=device)  # a fill, not a host-to-device copy
     n_doublings = max(1, math.ceil(math.log2(z_dim)))
-    neg_inf = torch.tensor(float("-inf"), dtype=k.dtype, device=device)
+    neg_inf = torch.full((), float("-inf"), dtype=k.dtype, device=device)
     for _ in range(z_dim - 1):
         v = s + k  # N, z: sum(k[B + [j]]), summed in acceptance order like the original
         record = torch.cat([s, v], dim=-1)  # N, z+1: the record once the scan reaches each node

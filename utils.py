@@ -164,10 +164,12 @@ class ConfigError(ValueError):
     """A setting, a run folder or a checkpoint is unusable; the message says what to do."""
 
 
-CHECKPOINT_FORMAT = 2  # bumped whenever the checkpoint's layout changes
-# Format 1 (before --arch, --init and the checksum) stored no arch or init: its runs were
-# trained with the 2020 decoder and today's PyTorch initialisation.
-FORMAT_1_SETTINGS = dict(arch="2020", init="current")
+CHECKPOINT_FORMAT = 3  # bumped whenever the checkpoint's layout changes
+# Settings that older formats did not store, with the values their runs were trained with:
+# format 1 (before --arch, --init and the checksum) the 2020 decoder and today's PyTorch
+# initialisation; formats 1 and 2 (before --precision) fp32.
+IMPLIED_SETTINGS = {1: dict(arch="2020", init="current", precision="fp32"),
+                    2: dict(precision="fp32")}
 
 
 def tensor_checksum(state):
@@ -338,15 +340,14 @@ class RunFolder:
                               f"({type(err).__name__}: {first[:120]}); it may be truncated "
                               f"or corrupt. Nothing was changed") from None
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-        if found == 1:
-            config = checkpoint.get("config")
-            if isinstance(config, dict):
-                checkpoint["config"] = {**FORMAT_1_SETTINGS, **config}
-        elif found != CHECKPOINT_FORMAT:
+        if found not in (*IMPLIED_SETTINGS, CHECKPOINT_FORMAT) or isinstance(found, bool):
             raise ConfigError(f"{path} has checkpoint format {found!r}; this version of the code "
-                              f"reads formats 1 and {CHECKPOINT_FORMAT}. Use the code the run was "
+                              f"reads formats 1 to {CHECKPOINT_FORMAT}. Use the code the run was "
                               f"trained with (config.json records its git commit)")
-        else:
+        config = checkpoint.get("config")
+        if found in IMPLIED_SETTINGS and isinstance(config, dict):
+            checkpoint["config"] = {**IMPLIED_SETTINGS[found], **config}
+        if found != 1:  # format 1 had no checksum
             stored = checkpoint.pop("checksum", None)
             if stored != tensor_checksum(checkpoint):
                 raise ConfigError(f"{path}: the checksum of its tensors does not match the one "

@@ -217,19 +217,27 @@ def test_atomically_written_files_keep_the_usual_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
 
 
-def test_a_format_1_checkpoint_resumes_with_its_implied_settings(tmp_path):
+@pytest.mark.parametrize("old_format, implied", [
+    (1, dict(arch="2020", init="current", precision="fp32")),  # before --arch, --init, checksum
+    (2, dict(precision="fp32")),  # before --precision
+])
+def test_an_older_checkpoint_resumes_with_its_implied_settings(tmp_path, old_format, implied):
     run_dir, path = checkpoint_of(tmp_path, "old")
     checkpoint = torch.load(path, weights_only=True)
-    del checkpoint["checksum"], checkpoint["config"]["arch"], checkpoint["config"]["init"]
-    checkpoint["format"] = 1
+    for name in implied:
+        del checkpoint["config"][name]
+    if old_format == 1:
+        del checkpoint["checksum"]
+    checkpoint["format"] = old_format
     torch.save(checkpoint, path)
     metadata = json.loads((run_dir / "config.json").read_text())
-    del metadata["config"]["arch"], metadata["config"]["init"]
+    for name in implied:
+        del metadata["config"][name]
     (run_dir / "config.json").write_text(json.dumps(metadata))
     assert main(["--resume", str(run_dir), "--steps", "6"]) == 0
     resumed = RunFolder(run_dir).load_checkpoint()
-    assert resumed["format"] == 2 and resumed["step"] == 6
-    assert (resumed["config"]["arch"], resumed["config"]["init"]) == ("2020", "current")
+    assert resumed["format"] == 3 and resumed["step"] == 6
+    assert {name: resumed["config"][name] for name in implied} == implied
 
 
 # --- 6. failed or killed starts leave no debris ------------------------------------------------

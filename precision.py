@@ -1,0 +1,58 @@
+"""Arithmetic precision of the networks (``--precision``): fp32, the default and the only
+replay-exact one, or bf16 autocast where the hardware runs it natively.
+
+With bf16 the convolutions and linear layers run under ``torch.autocast`` (forward; their
+backward follows the dtypes autocast chose), while the weights, Adam's moments, the losses, the
+per-latent KLs, the greedy policy and the synergy penalty stay in fp32: the networks hand back
+fp32 outputs (model.py), and everything after them is computed from those.
+"""
+import contextlib
+from pathlib import Path
+
+import torch
+
+from utils import ConfigError
+
+PRECISIONS = ("fp32", "bf16")
+# CPU flags (Linux /proc/cpuinfo) of native bf16 arithmetic: AVX512-BF16 and AMX on x86, the
+# Armv8.6 BF16 extension on aarch64. Elsewhere bf16 is emulated and slower than fp32.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_flags():
+    """The CPU's feature flags (empty where /proc/cpuinfo does not say)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return flags
+
+
+def native_bf16(device):
+    """Whether ``device`` computes bf16 natively (a CUDA GPU with bf16, or a CPU flag above)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return any(flag in cpu_flags() for flag in BF16_CPU_FLAGS)
+
+
+def check_precision(precision, device):
+    """Refuse a precision ``device`` cannot run well: one line naming the flag and what to do."""
+    if precision == "bf16" and not native_bf16(device):
+        where = ("this GPU" if torch.device(device).type == "cuda" else
+                 "this CPU has no AVX512-BF16 or AMX (nor Arm BF16)")
+        raise ConfigError(f"--precision bf16 needs native bf16 arithmetic, and {where}: there it "
+                          f"would be emulated, slower than fp32. Use --precision fp32 (the "
+                          f"default), or run on a CPU or GPU with bf16")
+
+
+def autocast(device, precision):
+    """A fresh context manager for the networks' forward passes at ``precision``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
