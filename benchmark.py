@@ -1,5 +1,5 @@
-"""Step-time benchmark: plain VAE vs Non-Syn VAE (original, two-step, joint) vs the greedy
-selection alone.
+"""Step-time benchmark: the default Non-Syn step against the step as it was before the Speed
+work, bf16, the plain VAE, FactorVAE, the other Non-Syn updates and the greedy selection alone.
 
     python benchmark.py [--batch_size 64] [--steps 30] [--rounds 5] [--threads N] [--cuda]
                         [--visdom-port PORT]
@@ -7,10 +7,13 @@ selection alone.
     python benchmark.py --study [--trials 4] [--overhead-steps 20] [--rounds 3]
                         [--trial-steps 400]
 
-All variants run in one process on the same batch size, interleaved round by round so that
-machine noise hits them alike; each line is the median over rounds of the mean step time of
-the training loop's step (Solver.advance). With --visdom-port (a running visdom server) a
-variant with live plotting at the default gather/push intervals is added.
+Variants run on the same batch size, interleaved round by round so that machine noise hits them
+alike; each line is the median over rounds of the mean step time of the training loop's step
+(Solver.advance). The default variants (channels-last, freed memory kept by malloc; bf16 where
+the device has it natively; "NCHW": the same with NCHW activations) run in this process; the
+"@7adde97" ones, the step as main had it before (NCHW activations, glibc's default malloc), run
+in a child process, because the allocator setting is process-wide. With --visdom-port (a running
+visdom server) a variant with live plotting at the default gather/push intervals is added.
 
 With --metrics it times an evaluation instead: one encoding pass over the grid, then every
 disentanglement metric with its default protocol on those codes (a freshly initialised model,
@@ -23,6 +26,7 @@ throughput, in steps/s of wall-clock time, of one trial per core (the default), 
 with every core, and of one plain run.py with every core.
 """
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -64,6 +68,7 @@ def main(argv=None):
                    help="with --study: steps of the trials timed for the throughput")
     p.add_argument("--run", help="with --metrics: encode with this run's checkpoint (default: a "
                                  "fresh model, whose latents may all be pruned by FactorVAE)")
+    p.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.rounds = args.rounds or (3 if args.study else 5)
     if args.threads:
@@ -72,64 +77,124 @@ def main(argv=None):
         return benchmark_metrics(args)
     if args.study:
         return benchmark_study(args)
+    if args.baseline_worker:
+        return baseline_worker(args)
 
-    nchw = dict(memory_format=torch.contiguous_format)  # the eager NCHW fp32 step (7adde97)
+    return benchmark_steps(args)
+
+
+NCHW = dict(memory_format=torch.contiguous_format)
+# The step as main was before the Speed work (7adde97): NCHW activations and glibc's default
+# malloc. It runs in a child process, because the allocator setting is process-wide.
+BASELINE = {"Non-Syn original @7adde97": (dict(metric="Test_gt"), NCHW),
+            "VAE step @7adde97": (dict(metric="VAE"), NCHW),
+            "FactorVAE @7adde97": (dict(metric="Factor"), NCHW)}
+SPEEDUPS = (("Non-Syn original", "Non-Syn original @7adde97"),
+            ("Non-Syn original", "Non-Syn original NCHW"),
+            ("Non-Syn original bf16", "Non-Syn original @7adde97"),
+            ("Non-Syn original bf16", "Non-Syn original"),
+            ("VAE step", "VAE step @7adde97"), ("VAE step bf16", "VAE step @7adde97"),
+            ("FactorVAE", "FactorVAE @7adde97"))
+
+
+def step_variants(args, device):
     variants = {"Non-Syn original": (dict(metric="Test_gt"), {}),
-                "Non-Syn original NCHW": (dict(metric="Test_gt"), nchw),
+                "Non-Syn original NCHW": (dict(metric="Test_gt"), NCHW),
                 "VAE step": (dict(metric="VAE"), {}),
-                "VAE step NCHW": (dict(metric="VAE"), nchw),
                 "FactorVAE": (dict(metric="Factor"), {}),
-                "FactorVAE NCHW": (dict(metric="Factor"), nchw),
                 "Non-Syn two-step": (dict(metric="Test_gt", update="two-step"), {}),
                 "Non-Syn joint": (dict(metric="Test_gt", update="joint"), {})}
-    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
     if native_bf16(device):
         variants["Non-Syn original bf16"] = (dict(metric="Test_gt", precision="bf16"), {})
         variants["VAE step bf16"] = (dict(metric="VAE", precision="bf16"), {})
     if args.visdom_port:
         variants["original + visdom"] = (dict(metric="Test_gt", viz_on=True,
                                               viz_port=args.visdom_port), {})
-    with tempfile.TemporaryDirectory() as tmp:
-        solvers = {name: Solver(Config(grid="reduced", batch_size=args.batch_size, cuda=args.cuda,
-                                       alpha=5.0, omega=0.9, **kw), tmp, **options)
-                   for name, (kw, options) in variants.items()}
-        kl = torch.rand(solvers["VAE step"].config.z_dim, device=device)
-        timings = {name: [] for name in list(variants) + ["greedy selection"]}
-        for solver in solvers.values():  # warm-up
+    return variants
+
+
+class Stepper:
+    """Solvers of some variants in this process, timed a round at a time."""
+
+    def __init__(self, args, variants, tmp):
+        self.steps = args.steps
+        self.solvers = {name: Solver(Config(grid="reduced", batch_size=args.batch_size,
+                                            cuda=args.cuda, alpha=5.0, omega=0.9, **kw),
+                                     tmp, **options)
+                        for name, (kw, options) in variants.items()}
+        for solver in self.solvers.values():  # warm-up
             for _ in range(5):
                 solver.advance()
-        for _ in range(args.rounds):
-            for name, solver in solvers.items():
+
+    def round(self):
+        """{variant: mean seconds per step over ``steps`` steps}, one variant after the other."""
+        times = {}
+        for name, solver in self.solvers.items():
+            _sync(solver.device)
+            start = time.perf_counter()
+            for _ in range(self.steps):
+                solver.advance()
+            _sync(solver.device)
+            times[name] = (time.perf_counter() - start) / self.steps
+        return times
+
+
+def baseline_worker(args):
+    """``--baseline-worker``: the BASELINE variants with glibc's default malloc, timed a round
+    each time a line arrives on stdin; one JSON line of timings answers each."""
+    import solver
+    solver.keep_freed_memory = lambda: False  # as 7adde97: freed memory goes back to the kernel
+    with tempfile.TemporaryDirectory() as tmp:
+        stepper = Stepper(args, BASELINE, tmp)
+        print("ready", flush=True)
+        for _ in sys.stdin:
+            print(json.dumps(stepper.round()), flush=True)
+
+
+def benchmark_steps(args):
+    device = torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    worker_flags = ["--baseline-worker", "--steps", str(args.steps), "--batch_size",
+                    str(args.batch_size), *(["--threads", str(args.threads)] if args.threads else []),
+                    *(["--cuda"] if args.cuda else [])]
+    baseline = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *worker_flags],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        if baseline.stdout.readline().strip() != "ready":
+            raise SystemExit("error: the baseline worker did not start")
+        with tempfile.TemporaryDirectory() as tmp:
+            stepper = Stepper(args, step_variants(args, device), tmp)
+            kl = torch.rand(10, device=device)
+            timings = {}
+            for _ in range(args.rounds):  # interleaved: this process's variants, then the baseline's
+                times = stepper.round()
+                baseline.stdin.write("round\n")
+                baseline.stdin.flush()
+                times.update(json.loads(baseline.stdout.readline()))
                 _sync(device)
                 start = time.perf_counter()
-                for _ in range(args.steps):
-                    solver.advance()
+                for _ in range(args.steps * 10):
+                    greedy_best_set(kl, 0.9)
                 _sync(device)
-                timings[name].append((time.perf_counter() - start) / args.steps)
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps * 10):
-                greedy_best_set(kl, 0.9)
-            _sync(device)
-            timings["greedy selection"].append((time.perf_counter() - start) / (args.steps * 10))
+                times["greedy selection"] = (time.perf_counter() - start) / (args.steps * 10)
+                for name, t in times.items():
+                    timings.setdefault(name, []).append(t)
+    finally:
+        baseline.stdin.close()
+        baseline.wait()
 
     median = {name: statistics.median(t) for name, t in timings.items()}
-    base, today = median["VAE step"], median["Non-Syn original NCHW"]
+    base = median["VAE step"]
     print(f"device {device}, batch {args.batch_size}, threads {torch.get_num_threads()}, "
-          f"torch {torch.__version__}; median of {args.rounds} rounds x {args.steps} steps")
+          f"torch {torch.__version__}; median of {args.rounds} interleaved rounds x {args.steps} "
+          f"steps")
     for name, t in median.items():
-        print(f"  {name:22s} {t * 1e3:8.3f} ms   {t / base:5.3f} x VAE step")
-    print("speed-ups (the eager NCHW fp32 step / this one; > 1 is faster):")
-    for name, reference in (("Non-Syn original", "Non-Syn original NCHW"),
-                            ("Non-Syn original bf16", "Non-Syn original NCHW"),
-                            ("VAE step", "VAE step NCHW"), ("VAE step bf16", "VAE step NCHW"),
-                            ("FactorVAE", "FactorVAE NCHW")):
+        print(f"  {name:26s} {t * 1e3:8.3f} ms   {t / base:5.3f} x VAE step")
+    print("speed-ups (> 1: faster than the reference):")
+    for name, reference in SPEEDUPS:
         if name in median:
             print(f"  {name:22s} {median[reference] / median[name]:5.2f}x  vs {reference}")
     if "Non-Syn original bf16" not in median:
         print(f"  (no bf16 variants: {device} has no native bf16)")
-    print(f"  default Non-Syn step: {1 / median['Non-Syn original']:.1f} steps/s; eager NCHW "
-          f"{1 / today:.1f} steps/s")
     for update in ("original", "two-step"):
         share = median["greedy selection"] / median[f"Non-Syn {update}"]
         print(f"  selection share of the {update} step: {share:.2%}")

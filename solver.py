@@ -40,7 +40,8 @@ from plotting import image_grid, mean_activations, save_ground_truth_plot
 from precision import PRECISIONS, autocast, check_precision
 from synergy import synergy_penalty
 from utils import (IMPLIED_SETTINGS, ConfigError, RunFolder, atomic_file, derived_seed,
-                   git_commit, package_versions, rng_state, run_abandonable, set_rng_state)
+                   git_commit, keep_freed_memory, package_versions, rng_state, run_abandonable,
+                   set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,7 @@ MEMORY_FORMAT = torch.channels_last
 def build_model(config, device, memory_format=MEMORY_FORMAT):
     """The VAE of ``config`` (dataset, z_dim, decoder arch), initialised as ``config.init`` says,
     its convolution weights (and so its activations) in ``memory_format``."""
+    keep_freed_memory()  # every model of a process trains or encodes with warm pages
     model = MODEL_SPECS[config.dataset].build(config.z_dim, config.arch)
     if config.init == "original":
         init_as_pytorch_041(model)

@@ -41,12 +41,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from precision import PRECISIONS
 from utils import ConfigError, RunFolder, atomic_write_bytes, write_json
 
 ROOT = Path(__file__).resolve().parent
 OBJECTIVE_AXES = {"Test_gt": ("alpha", "omega"), "test": ("alpha", "omega"), "VAE": (),
                   "BVAE": ("beta",), "BVAE_gt": ("beta",), "Factor": ("gamma",)}
 VALUE_AXES = ("alpha", "omega", "gamma", "beta")
+CHOICE_AXES = {"precision": PRECISIONS}  # axes of every objective, with their values
 PRESETS = {  # the thesis comparison: the original README's settings
     "thesis": dict(metric=["Test_gt", "Factor", "VAE", "BVAE"], alpha=[5.0], omega=[0.9],
                    gamma=[6.4], beta=[4.0],
@@ -69,6 +71,7 @@ def trial_name(metric, settings, seed):
     (an axis left at run.py's default does not appear)."""
     parts = [metric] + [f"{axis}{settings[axis]!r}" for axis in OBJECTIVE_AXES[metric]
                         if axis in settings]
+    parts += [settings[axis] for axis in CHOICE_AXES if axis in settings]  # e.g. _bf16
     return "_".join(parts + [f"seed{seed}"])
 
 
@@ -76,7 +79,7 @@ def expand(spec):
     """The trials of a spec: [{name, metric, seed, settings}] in a fixed order."""
     trials = []
     for metric in spec["metric"]:
-        axes = OBJECTIVE_AXES[metric]
+        axes = OBJECTIVE_AXES[metric] + tuple(CHOICE_AXES)
         values = [spec.get(axis) or [None] for axis in axes]
         for combo in itertools.product(*values):
             settings = {a: v for a, v in zip(axes, combo, strict=True) if v is not None}
@@ -90,7 +93,7 @@ def trial_argv(spec, trial, out):
     """run.py's argv for a new trial."""
     argv = list(spec["flags"]) + ["--metric", trial["metric"], "--seed", str(trial["seed"])]
     for axis, value in trial["settings"].items():
-        argv += [f"--{axis}", repr(value)]
+        argv += [f"--{axis}", value if axis in CHOICE_AXES else repr(value)]
     return argv + ["--output_dir", str(out), "--run-name", trial["name"]]
 
 
@@ -122,6 +125,9 @@ def parse_args(argv):
     seeds.add_argument("--seed", nargs="+", type=int, help="these seeds")
     for axis in VALUE_AXES:
         grid.add_argument(f"--{axis}", nargs="+", type=float, help=f"{axis} values")
+    for axis, choices in CHOICE_AXES.items():
+        grid.add_argument(f"--{axis}", nargs="+", choices=choices,
+                          help=f"{axis} of every objective's trials")
     grid.add_argument("--spec", help="a JSON file with the same keys (metric, seed, alpha, ..., "
                                      "flags)")
     grid.add_argument("--preset", choices=tuple(PRESETS), help="thesis: the thesis comparison")
@@ -160,7 +166,7 @@ def make_spec(p, args, shared):
             spec.update(json.loads(Path(args.spec).read_text()))
         except (OSError, json.JSONDecodeError) as err:
             p.error(f"--spec {args.spec}: {err}")
-    for key in ("metric",) + VALUE_AXES:
+    for key in ("metric", *VALUE_AXES, *CHOICE_AXES):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     if args.seeds is not None:
@@ -169,24 +175,28 @@ def make_spec(p, args, shared):
         spec["seed"] = args.seed
     spec.setdefault("seed", [1])
     spec["flags"] = list(spec.get("flags", [])) + shared
-    unknown = sorted(set(spec) - {"metric", "seed", "flags", *VALUE_AXES})
+    unknown = sorted(set(spec) - {"metric", "seed", "flags", *VALUE_AXES, *CHOICE_AXES})
     if unknown:
         p.error(f"unknown axis {', '.join(unknown)}; axes are metric, seed, "
-                f"{', '.join(VALUE_AXES)}")
+                f"{', '.join(VALUE_AXES + tuple(CHOICE_AXES))}")
     if not spec.get("metric"):
         p.error("no objective: give --metric (or --preset, --spec)")
-    for key in ("metric", "seed", *VALUE_AXES):
+    for key in ("metric", "seed", *VALUE_AXES, *CHOICE_AXES):
         if key in spec and (not isinstance(spec[key], list) or not spec[key]):
             p.error(f"axis {key} is empty: give at least one value")
+    for axis, choices in CHOICE_AXES.items():
+        if bad := [v for v in spec.get(axis, []) if v not in choices]:
+            p.error(f"axis {axis}: {bad[0]!r} is not one of {', '.join(choices)}")
     bad = [m for m in spec["metric"] if m not in OBJECTIVE_AXES]
     if bad:
         p.error(f"unknown objective {', '.join(bad)}; choose from {', '.join(OBJECTIVE_AXES)}")
     owned = {"--metric", "--seed", "--output_dir", "--output-dir", "--run-name", "--run_name",
-             "--resume", *(f"--{a}" for a in VALUE_AXES)}
+             "--resume", *(f"--{a}" for a in (*VALUE_AXES, *CHOICE_AXES))}
     clash = [f for f in spec["flags"] if f.split("=")[0] in owned]
     if clash:
         p.error(f"run.py flag {clash[0]} is set by the study itself; give it as an axis")
-    return {k: spec[k] for k in ("metric", "seed", *VALUE_AXES, "flags") if k in spec}
+    return {k: spec[k] for k in ("metric", "seed", *VALUE_AXES, *CHOICE_AXES, "flags")
+            if k in spec}
 
 
 def check_trials(spec, trials, out, cores):
@@ -695,7 +705,7 @@ def summarise(study):
     write_if_changed(study.out / "summary.csv", _csv(columns, rows))
     write_if_changed(study.out / "ttests.csv",
                      _csv(["a", "b", "measure", "n_a", "n_b", "p_value"], tests))
-    settings = [c for c in columns if c in VALUE_AXES]
+    settings = [c for c in columns if c in VALUE_AXES or c in CHOICE_AXES]
     lines = ["| metric | " + " | ".join(settings + ["n"] + measures) + " |",
              "|" + " --- |" * (2 + len(settings) + len(measures))]
     for r in rows:
@@ -780,7 +790,7 @@ def _csv(columns, rows):
 
 
 def _column_order(name):
-    first = ("metric", *VALUE_AXES, "n", "missing", *LOSSES)
+    first = ("metric", *VALUE_AXES, *CHOICE_AXES, "n", "missing", *LOSSES)
     stem = name.rsplit("_", 1)[0] if name.endswith(("_mean", "_std")) else name
     return (first.index(stem) if stem in first else len(first), name)
 
