@@ -4,7 +4,7 @@
                       [--loss-steps 4000]
     python figures.py --study DIR [--celeba RUN] [--out misc]   (a study.py folder: its first
                       finished seed of Non-Syn VAE, FactorVAE and VAE; --nonsyn etc. override)
-    python figures.py --curves RUN [RUN ...] [--out misc] [--curve-steps 1000]
+    python figures.py --curves RUN [RUN ...] [--band RUN ...] [--out misc] [--curve-steps 1000]
 
 writes into --out:
   traversals.gif       the Non-Syn run's traversal images in step order, step drawn on each frame
@@ -21,6 +21,8 @@ or, with --curves (Non-Syn runs logged every step, e.g. --arch 2018 over several
                        thesis curve's anchors
   curves_per_step.png  the same runs at every step (the short spikes the 20-step samples miss)
   curves.md            the 20-step samples at the anchors' steps against the anchors
+  curves_vs_band.md    with --band: at each anchor, whether the runs' mean lies within the
+                       --band runs' min-max (e.g. bf16 runs against the fp32 seeds)
 
 Everything comes from what the runs saved (traversal PNGs, metrics.jsonl, metrics.json, the
 ground-truth summaries); a run without a ground-truth summary is re-encoded from its checkpoint.
@@ -251,6 +253,34 @@ def curve_figures(folders, out_dir, max_step=1000):
     return len(sampled["syn"][0])
 
 
+def band_table(folders, band_folders, out_dir, max_step=1000):
+    """curves_vs_band.md: at each thesis anchor, whether the mean of ``folders``' 20-step
+    samples lies within the min-max band of ``band_folders``' (e.g. bf16 runs against the
+    fp32 seeds). Returns (anchors inside, anchors)."""
+    sampled, _ = sampled_curves(folders, max_step)
+    band, _ = sampled_curves(band_folders, max_step)
+    lines = [f"20-step samples at the thesis plot's anchors: the mean of {len(folders)} runs "
+             f"({', '.join(f.name for f in folders)}) against the min-max band of "
+             f"{len(band_folders)} runs ({', '.join(f.name for f in band_folders)}).", "",
+             "| term | step | thesis | band [min, max] | mean | inside |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    inside = total = 0
+    for term in ("recon", "kl", "syn"):
+        for step, anchor in THESIS_ANCHORS[term]:
+            if step > max_step:
+                continue
+            low, high = (band[term][1][:, step // SAMPLE_EVERY].min(),
+                         band[term][1][:, step // SAMPLE_EVERY].max())
+            mean = sampled[term][1][:, step // SAMPLE_EVERY].mean()
+            ok = bool(low <= mean <= high)
+            inside, total = inside + ok, total + 1
+            lines.append(f"| {term} | {step} | {anchor:g} | [{low:.4g}, {high:.4g}] | "
+                         f"{mean:.4g} | {'yes' if ok else 'no'} |")
+    lines += ["", f"{inside} of {total} anchors inside the band."]
+    (out_dir / "curves_vs_band.md").write_text("\n".join(lines) + "\n")
+    return inside, total
+
+
 def faces_figure(folder, path):
     step, image_path = traversal_images(folder)[-1]
     Image.open(image_path).save(path)
@@ -293,6 +323,9 @@ def main(argv=None):
     p.add_argument("--curves", nargs="+", metavar="RUN",
                    help="instead: compare these Non-Syn runs (logged every step) with the "
                         "thesis curve")
+    p.add_argument("--band", nargs="+", metavar="RUN",
+                   help="with --curves: also check the --curves runs' mean against these runs' "
+                        "min-max band at the anchors (curves_vs_band.md)")
     p.add_argument("--out", default="misc", help="folder for the figures")
     p.add_argument("--loss-steps", type=int, default=4000, help="steps shown in plots.png")
     p.add_argument("--curve-steps", type=int, default=1000, help="steps shown with --curves")
@@ -315,15 +348,19 @@ def main(argv=None):
     if args.curves:
         try:
             folders = [RunFolder(r) for r in args.curves]
-            for folder in folders:
+            band = [RunFolder(r) for r in args.band or []]
+            for folder in folders + band:
                 check_kind(folder, "--curves", NONSYN)
             out.mkdir(parents=True, exist_ok=True)
             points = curve_figures(folders, out, args.curve_steps)
+            if band:
+                inside, total = band_table(folders, band, out, args.curve_steps)
         except FigureError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         print(f"wrote {out}/: curves_thesis.png ({points} points per run), curves_per_step.png, "
-              f"curves.md")
+              f"curves.md" + (f", curves_vs_band.md ({inside} of {total} anchors inside the "
+                              f"band)" if band else ""))
         return 0
     runs = [("Non-Syn VAE", RunFolder(args.nonsyn)), ("FactorVAE", RunFolder(args.factor)),
             ("VAE", RunFolder(args.vae))]

@@ -7,11 +7,14 @@ per-latent KLs, the greedy policy and the synergy penalty stay in fp32: the netw
 fp32 outputs (model.py), and everything after them is computed from those.
 """
 import contextlib
+import logging
 from pathlib import Path
 
 import torch
 
 from utils import ConfigError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
 # CPU flags (Linux /proc/cpuinfo) of native bf16 arithmetic: AVX512-BF16 and AMX on x86, the
@@ -43,12 +46,22 @@ def native_bf16(device):
 
 def check_precision(precision, device):
     """Refuse a precision ``device`` cannot run well: one line naming the flag and what to do."""
-    if precision == "bf16" and not native_bf16(device):
-        where = ("this GPU" if torch.device(device).type == "cuda" else
+    if precision != "bf16":
+        return
+    if not native_bf16(device):
+        where = ("this GPU has none" if torch.device(device).type == "cuda" else
                  "this CPU has no AVX512-BF16 or AMX (nor Arm BF16)")
         raise ConfigError(f"--precision bf16 needs native bf16 arithmetic, and {where}: there it "
                           f"would be emulated, slower than fp32. Use --precision fp32 (the "
                           f"default), or run on a CPU or GPU with bf16")
+    if torch.device(device).type == "cpu" and "amx_bf16" not in cpu_flags() and not _warned:
+        _warned.append(True)
+        log.warning("--precision bf16 on a CPU with AVX512-BF16 but no AMX: there oneDNN's bf16 "
+                    "convolutions measured slower than fp32 (docs/benchmarks.md); fp32 is the "
+                    "faster choice on this CPU")
+
+
+_warned = []  # the AVX512-BF16 warning, once per process
 
 
 def autocast(device, precision):

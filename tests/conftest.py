@@ -54,6 +54,16 @@ def records(run_dir, kind="train"):
     return RunFolder(run_dir).records(kind)
 
 
+def layer_dtypes(model):
+    """The dtypes the convolution and linear layers of ``model`` compute in: a set, filled as the
+    model runs."""
+    seen = set()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            module.register_forward_hook(lambda m, inputs, out: seen.add(out.dtype))
+    return seen
+
+
 def cmdline(pid):
     """The command line of process ``pid`` (NUL-separated, as /proc has it), "" once it is gone."""
     try:

@@ -13,7 +13,7 @@ import torch
 import precision
 import solver as solver_module
 import study
-from conftest import records
+from conftest import layer_dtypes, records
 from run import main
 from solver import Config, Solver
 from utils import ConfigError, keep_freed_memory
@@ -113,13 +113,10 @@ def test_bf16_runs_only_the_networks_layers_in_bf16(tmp_path, monkeypatch, metri
     monkeypatch.setitem(solver_module.synergy_penalty.__globals__, "greedy_best_set", spy)
     s = Solver(Config(metric=metric, precision="bf16", grid="reduced", batch_size=16, cuda=False,
                       alpha=5.0, omega=0.9), tmp_path)
-    layer_dtypes = set()
-    for module in s.model.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
-            module.register_forward_hook(lambda m, i, out: layer_dtypes.add(out.dtype))
+    dtypes = layer_dtypes(s.model)
     for _ in range(3):
         values, best = s.advance()
-    assert layer_dtypes == {torch.bfloat16}
+    assert dtypes == {torch.bfloat16}
     assert seen_kl and set(seen_kl) == {torch.float32}
     assert all(v.dtype == torch.float32 for v in values.values())
     params = list(s.model.parameters()) + (list(s.D.parameters()) if s.D else [])

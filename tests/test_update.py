@@ -157,8 +157,28 @@ def test_factor_discriminator_step_leaves_the_vae_gradients_alone(tmp_path):
 
 def test_benchmark_runs_every_variant(capsys):
     import benchmark
+    from precision import native_bf16
     median = benchmark.main(["--steps", "1", "--rounds", "1", "--batch_size", "8"])
-    assert set(median) == {"VAE step", "Non-Syn original", "Non-Syn two-step", "Non-Syn joint",
-                           "greedy selection"}
+    expected = {"VAE step", "FactorVAE", "Non-Syn original", "Non-Syn original NCHW",
+                "Non-Syn two-step", "Non-Syn joint", "greedy selection",
+                "Non-Syn original @7adde97", "VAE step @7adde97", "FactorVAE @7adde97"}
+    if native_bf16("cpu"):
+        expected |= {"Non-Syn original bf16", "VAE step bf16"}
+    assert set(median) == expected
     assert all(t > 0 for t in median.values())
-    assert "selection share of the two-step step" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "selection share of the two-step step" in out
+    assert "Non-Syn original        " in out and "x  vs Non-Syn original @7adde97" in out
+
+
+def test_the_device_check_runs_end_to_end_on_the_cpu(capsys):
+    """``benchmark.py --device-check`` is written for a GPU machine; here it runs as a smoke
+    check: the GPU tests skip, and the packed-trial and encoding measurements run on the CPU."""
+    import benchmark
+    results = benchmark.main(["--device-check", "--steps", "2", "--packs", "1,2", "--grid",
+                              "reduced", "--batch_size", "8"])
+    out = capsys.readouterr().out
+    assert results["tests"] in (0, 5)  # all skipped without CUDA
+    assert "GPU tests (tests/test_gpu.py):" in out and "skipped" in out
+    assert results["one trial fp32"] > 0 and results["packed 2"] > 0
+    assert "2 packed trials, fp32:" in out and results["encoding fp32"] > 0
