@@ -38,17 +38,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dataset import ORIENTATION_VALUES, SCALE_VALUES, grid_axes
 from metrics import METRIC_NAMES, METRICS, PROTOCOLS, lookup
 from model import kl_loss
-from plotting import mean_activations, save_ground_truth_plot
+from plotting import save_ground_truth_plot
 from precision import native_bf16
-from solver import Config, Solver, Trained, encode_all
+from solver import Config, Solver, Trained, encode_all, grid_summary
 from synergy import greedy_best_set
 from utils import RunFolder
 
@@ -56,6 +56,43 @@ from utils import RunFolder
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _clock(device, work, repeat=1):
+    """(seconds that ``repeat`` calls of ``work`` take on ``device``, synchronised at both ends;
+    the last call's result)."""
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        out = work()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+@contextmanager
+def _workers(flags, k=1, env=None):
+    """``k`` child processes of this script in a worker mode (``flags``), each past its "ready"
+    line; afterwards their stdin is closed and they are waited for."""
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *flags], env=env,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(k)]
+    try:
+        if any(proc.stdout.readline().strip() != "ready" for proc in procs):
+            raise SystemExit(f"error: a benchmark worker ({flags[0]}) did not start")
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait()
+
+
+def _send(worker, line):
+    worker.stdin.write(line + "\n")
+    worker.stdin.flush()
+
+
+def _answer(worker):
+    return json.loads(worker.stdout.readline())
 
 
 def main(argv=None):
@@ -159,15 +196,8 @@ class Stepper:
 
     def round(self):
         """{variant: mean seconds per step over ``steps`` steps}, one variant after the other."""
-        times = {}
-        for name, solver in self.solvers.items():
-            _sync(solver.device)
-            start = time.perf_counter()
-            for _ in range(self.steps):
-                solver.advance()
-            _sync(solver.device)
-            times[name] = (time.perf_counter() - start) / self.steps
-        return times
+        return {name: _clock(solver.device, solver.advance, self.steps)[0] / self.steps
+                for name, solver in self.solvers.items()}
 
 
 def baseline_worker(args):
@@ -187,31 +217,19 @@ def benchmark_steps(args):
     worker_flags = ["--baseline-worker", "--steps", str(args.steps), "--batch_size",
                     str(args.batch_size), *(["--threads", str(args.threads)] if args.threads else []),
                     *(["--cuda"] if args.cuda else [])]
-    baseline = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *worker_flags],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        if baseline.stdout.readline().strip() != "ready":
-            raise SystemExit("error: the baseline worker did not start")
-        with tempfile.TemporaryDirectory() as tmp:
-            stepper = Stepper(args, step_variants(args, device), tmp)
-            kl = torch.rand(10, device=device)
-            timings = {}
-            for _ in range(args.rounds):  # interleaved: this process's variants, then the baseline's
-                times = stepper.round()
-                baseline.stdin.write("round\n")
-                baseline.stdin.flush()
-                times.update(json.loads(baseline.stdout.readline()))
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(args.steps * 10):
-                    greedy_best_set(kl, 0.9)
-                _sync(device)
-                times["greedy selection"] = (time.perf_counter() - start) / (args.steps * 10)
-                for name, t in times.items():
-                    timings.setdefault(name, []).append(t)
-    finally:
-        baseline.stdin.close()
-        baseline.wait()
+    with _workers(worker_flags) as (baseline,), tempfile.TemporaryDirectory() as tmp:
+        stepper = Stepper(args, step_variants(args, device), tmp)
+        kl = torch.rand(10, device=device)
+        timings = {}
+        for _ in range(args.rounds):  # interleaved: this process's variants, then the baseline's
+            times = stepper.round()
+            _send(baseline, "round")
+            times.update(_answer(baseline))
+            repeat = args.steps * 10
+            times["greedy selection"] = _clock(device, lambda: greedy_best_set(kl, 0.9),
+                                               repeat)[0] / repeat
+            for name, t in times.items():
+                timings.setdefault(name, []).append(t)
 
     median = {name: statistics.median(t) for name, t in timings.items()}
     base = median["VAE step"]
@@ -285,11 +303,8 @@ def benchmark_profile(args):
         phases = {}
 
         def timed(name, work):
-            _sync(device)
-            start = time.perf_counter()
-            out = work()
-            _sync(device)
-            phases.setdefault(name, []).append(time.perf_counter() - start)
+            seconds, out = _clock(device, work)
+            phases.setdefault(name, []).append(seconds)
             return out
         for _ in range(args.rounds * args.steps):  # the steps of step_original, phase by phase
             x = timed("data: the batch's indices, unpacked to floats",
@@ -325,22 +340,12 @@ def benchmark_profile(args):
             x = torch.rand(args.batch_size, *shape[1:], device=device)
             x = x.to(memory_format=torch.channels_last)
             with torch.no_grad():
-                for _ in range(3):
-                    layer(x)
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(10):
-                    layer(x)
-                _sync(device)
-            rates.append(2 * macs * args.batch_size * 10 / (time.perf_counter() - start))
+                _clock(device, lambda: layer(x), 3)  # warm-up
+                rates.append(2 * macs * args.batch_size * 10
+                             / _clock(device, lambda: layer(x), 10)[0])
         a = torch.rand(2048, 2048, device=device)
-        a @ a
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ a
-        _sync(device)
-        gemm = 5 * 2 * 2048 ** 3 / (time.perf_counter() - start)
+        _clock(device, lambda: a @ a)  # warm-up
+        gemm = 5 * 2 * 2048 ** 3 / _clock(device, lambda: a @ a, 5)[0]
     step = sum(per_step.values())
     flops = step_flops(solver.model, args.batch_size)
     print(f"device {device}, batch {args.batch_size}, threads {torch.get_num_threads()}; default "
@@ -371,10 +376,9 @@ def trained_for(args, memory_format=None):
 
 
 def timed_encoding(trained, precision="fp32"):
-    _sync(trained.device)
-    start = time.perf_counter()
-    codes = encode_all(trained.model, trained.data, precision=precision)
-    return time.perf_counter() - start, codes
+    """(seconds, codes) of one encoding pass over the grid."""
+    return _clock(trained.device,
+                  lambda: encode_all(trained.model, trained.data, precision=precision))
 
 
 def metrics_worker(args):
@@ -407,34 +411,23 @@ def benchmark_metrics(args):
     flags = ["--baseline-worker", "--metrics", "--grid", args.grid,
              *(["--run", args.run] if args.run else []), *(["--cuda"] if args.cuda else []),
              *(["--threads", str(args.threads)] if args.threads else [])]
-    baseline = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *flags],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        if baseline.stdout.readline().strip() != "ready":  # its data first, then ours
-            raise SystemExit("error: the baseline worker did not start")
+    # the worker makes its data first (it is ready once it has), then this process
+    with _workers(flags) as (baseline,), tempfile.TemporaryDirectory() as tmp:
         trained = trained_for(args)
         precisions = ["fp32"] + (["bf16"] if native_bf16(trained.device) else [])
         times, codes = {}, {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for _ in range(rounds):
-                for p in precisions:
-                    seconds, codes[p] = timed_encoding(trained, p)
-                    times.setdefault(p, []).append(seconds)
-                baseline.stdin.write(f"{tmp}/codes.npy\n")
-                baseline.stdin.flush()
-                times.setdefault("7adde97", []).append(json.loads(baseline.stdout.readline()))
-                codes["7adde97"] = np.load(f"{tmp}/codes.npy")
-            sizes, config = trained.data.factor_sizes, trained.config
-            axes = grid_axes(trained.data.grid)
-            start = time.perf_counter()
-            summary = mean_activations(codes["fp32"].reshape(*sizes, config.z_dim),
-                                       scales=SCALE_VALUES[axes[1]],
-                                       orientations=ORIENTATION_VALUES[axes[2]])
-            save_ground_truth_plot(summary, f"{tmp}/gt.png", f"{config.metric}")
-            plot_seconds = time.perf_counter() - start
-    finally:
-        baseline.stdin.close()
-        baseline.wait()
+        for _ in range(rounds):
+            for p in precisions:
+                seconds, codes[p] = timed_encoding(trained, p)
+                times.setdefault(p, []).append(seconds)
+            _send(baseline, f"{tmp}/codes.npy")
+            times.setdefault("7adde97", []).append(_answer(baseline))
+            codes["7adde97"] = np.load(f"{tmp}/codes.npy")
+        sizes, config = trained.data.factor_sizes, trained.config
+        start = time.perf_counter()
+        summary = grid_summary(codes["fp32"], trained.data, config.z_dim)
+        save_ground_truth_plot(summary, f"{tmp}/gt.png", f"{config.metric}")
+        plot_seconds = time.perf_counter() - start
     median = {k: statistics.median(v) for k, v in times.items()}
     print(f"device {trained.device}, {trained.config.grid} grid ({len(codes['fp32'])} images), "
           f"threads {torch.get_num_threads()}, {'run ' + args.run if args.run else 'fresh model'}"
@@ -475,11 +468,7 @@ def packed_worker(args):
         _sync(solver.device)
         print("ready", flush=True)
         sys.stdin.readline()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            solver.advance()
-        _sync(solver.device)
-        print(json.dumps(time.perf_counter() - start), flush=True)
+        print(json.dumps(_clock(solver.device, solver.advance, args.steps)[0]), flush=True)
 
 
 def packed_throughput(args, k, precision="fp32"):
@@ -488,23 +477,13 @@ def packed_throughput(args, k, precision="fp32"):
     flags = ["--packed-worker", "--steps", str(args.steps), "--batch_size", str(args.batch_size),
              "--precision", precision, *(["--cuda"] if args.cuda else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    workers = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *flags], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-               for _ in range(k)]
-    try:
-        if any(w.stdout.readline().strip() != "ready" for w in workers):
-            raise SystemExit("error: a packed trial did not start")
+    with _workers(flags, k, env) as trials:
         start = time.perf_counter()
-        for w in workers:
-            w.stdin.write("go\n")
-            w.stdin.flush()
-        for w in workers:
-            json.loads(w.stdout.readline())
+        for trial in trials:  # all started before any answer is read
+            _send(trial, "go")
+        for trial in trials:
+            _answer(trial)
         return k * args.steps / (time.perf_counter() - start)
-    finally:
-        for w in workers:
-            w.stdin.close()
-            w.wait()
 
 
 def benchmark_device(args):

@@ -269,8 +269,8 @@ def band_table(folders, band_folders, out_dir, max_step=1000):
         for step, anchor in THESIS_ANCHORS[term]:
             if step > max_step:
                 continue
-            low, high = (band[term][1][:, step // SAMPLE_EVERY].min(),
-                         band[term][1][:, step // SAMPLE_EVERY].max())
+            column = band[term][1][:, step // SAMPLE_EVERY]
+            low, high = column.min(), column.max()
             mean = sampled[term][1][:, step // SAMPLE_EVERY].mean()
             ok = bool(low <= mean <= high)
             inside, total = inside + ok, total + 1

@@ -7,6 +7,7 @@ per-latent KLs, the greedy policy and the synergy penalty stay in fp32: the netw
 fp32 outputs (model.py), and everything after them is computed from those.
 """
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -22,18 +23,19 @@ PRECISIONS = ("fp32", "bf16")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 
 
+@functools.cache
 def cpu_flags():
-    """The CPU's feature flags (empty where /proc/cpuinfo does not say)."""
+    """The CPU's feature flags (empty where /proc/cpuinfo does not say), read once."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     flags = set()
     for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
-    return flags
+    return frozenset(flags)
 
 
 def native_bf16(device):
@@ -54,14 +56,15 @@ def check_precision(precision, device):
         raise ConfigError(f"--precision bf16 needs native bf16 arithmetic, and {where}: there it "
                           f"would be emulated, slower than fp32. Use --precision fp32 (the "
                           f"default), or run on a CPU or GPU with bf16")
-    if torch.device(device).type == "cpu" and "amx_bf16" not in cpu_flags() and not _warned:
-        _warned.append(True)
-        log.warning("--precision bf16 on a CPU with AVX512-BF16 but no AMX: there oneDNN's bf16 "
-                    "convolutions measured slower than fp32 (docs/benchmarks.md); fp32 is the "
-                    "faster choice on this CPU")
+    if torch.device(device).type == "cpu" and "amx_bf16" not in cpu_flags():
+        _warn_bf16_without_amx()
 
 
-_warned = []  # the AVX512-BF16 warning, once per process
+@functools.cache  # once per process
+def _warn_bf16_without_amx():
+    log.warning("--precision bf16 on a CPU with AVX512-BF16 but no AMX: there oneDNN's bf16 "
+                "convolutions measured slower than fp32 (docs/benchmarks.md); fp32 is the faster "
+                "choice on this CPU")
 
 
 def autocast(device, precision):

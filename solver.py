@@ -739,6 +739,13 @@ def encode_all(model, data, should_stop=None, batch_size=None, precision="fp32")
     return codes.cpu().numpy()
 
 
+def grid_summary(codes, data, z_dim):
+    """The ground-truth plot's numbers (``plotting.mean_activations``) of the grid's codes."""
+    axes = grid_axes(data.grid)
+    return mean_activations(codes.reshape(*data.factor_sizes, z_dim),
+                            scales=SCALE_VALUES[axes[1]], orientations=ORIENTATION_VALUES[axes[2]])
+
+
 def evaluate_representation(model, data, config, folder, step, metric_names, plot=True,
                             should_stop=None):
     """Encode the whole grid once; from those means draw the ground-truth plot (unless the run
@@ -755,10 +762,7 @@ def evaluate_representation(model, data, config, folder, step, metric_names, plo
     # A good plot is never redrawn over; a missing or unreadable one (a cut-short write) is.
     plot_ok, summary_ok = readable_png(plot_path), readable_npz(summary_path)
     if plot and not (plot_ok and summary_ok):
-        axes = grid_axes(data.grid)
-        summary = mean_activations(codes.reshape(*sizes, config.z_dim),
-                                   scales=SCALE_VALUES[axes[1]],
-                                   orientations=ORIENTATION_VALUES[axes[2]])
+        summary = grid_summary(codes, data, config.z_dim)
         if not summary_ok:
             with atomic_file(summary_path) as f:
                 np.savez(f, **summary)

@@ -49,6 +49,7 @@ OBJECTIVE_AXES = {"Test_gt": ("alpha", "omega"), "test": ("alpha", "omega"), "VA
                   "BVAE": ("beta",), "BVAE_gt": ("beta",), "Factor": ("gamma",)}
 VALUE_AXES = ("alpha", "omega", "gamma", "beta")
 CHOICE_AXES = {"precision": PRECISIONS}  # axes of every objective, with their values
+AXES = VALUE_AXES + tuple(CHOICE_AXES)
 PRESETS = {  # the thesis comparison: the original README's settings
     "thesis": dict(metric=["Test_gt", "Factor", "VAE", "BVAE"], alpha=[5.0], omega=[0.9],
                    gamma=[6.4], beta=[4.0],
@@ -166,7 +167,7 @@ def make_spec(p, args, shared):
             spec.update(json.loads(Path(args.spec).read_text()))
         except (OSError, json.JSONDecodeError) as err:
             p.error(f"--spec {args.spec}: {err}")
-    for key in ("metric", *VALUE_AXES, *CHOICE_AXES):
+    for key in ("metric", *AXES):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
     if args.seeds is not None:
@@ -175,13 +176,12 @@ def make_spec(p, args, shared):
         spec["seed"] = args.seed
     spec.setdefault("seed", [1])
     spec["flags"] = list(spec.get("flags", [])) + shared
-    unknown = sorted(set(spec) - {"metric", "seed", "flags", *VALUE_AXES, *CHOICE_AXES})
+    unknown = sorted(set(spec) - {"metric", "seed", "flags", *AXES})
     if unknown:
-        p.error(f"unknown axis {', '.join(unknown)}; axes are metric, seed, "
-                f"{', '.join(VALUE_AXES + tuple(CHOICE_AXES))}")
+        p.error(f"unknown axis {', '.join(unknown)}; axes are metric, seed, {', '.join(AXES)}")
     if not spec.get("metric"):
         p.error("no objective: give --metric (or --preset, --spec)")
-    for key in ("metric", "seed", *VALUE_AXES, *CHOICE_AXES):
+    for key in ("metric", "seed", *AXES):
         if key in spec and (not isinstance(spec[key], list) or not spec[key]):
             p.error(f"axis {key} is empty: give at least one value")
     for axis, choices in CHOICE_AXES.items():
@@ -191,12 +191,11 @@ def make_spec(p, args, shared):
     if bad:
         p.error(f"unknown objective {', '.join(bad)}; choose from {', '.join(OBJECTIVE_AXES)}")
     owned = {"--metric", "--seed", "--output_dir", "--output-dir", "--run-name", "--run_name",
-             "--resume", *(f"--{a}" for a in (*VALUE_AXES, *CHOICE_AXES))}
+             "--resume", *(f"--{a}" for a in AXES)}
     clash = [f for f in spec["flags"] if f.split("=")[0] in owned]
     if clash:
         p.error(f"run.py flag {clash[0]} is set by the study itself; give it as an axis")
-    return {k: spec[k] for k in ("metric", "seed", *VALUE_AXES, *CHOICE_AXES, "flags")
-            if k in spec}
+    return {k: spec[k] for k in ("metric", "seed", *AXES, "flags") if k in spec}
 
 
 def check_trials(spec, trials, out, cores):
@@ -705,7 +704,7 @@ def summarise(study):
     write_if_changed(study.out / "summary.csv", _csv(columns, rows))
     write_if_changed(study.out / "ttests.csv",
                      _csv(["a", "b", "measure", "n_a", "n_b", "p_value"], tests))
-    settings = [c for c in columns if c in VALUE_AXES or c in CHOICE_AXES]
+    settings = [c for c in columns if c in AXES]
     lines = ["| metric | " + " | ".join(settings + ["n"] + measures) + " |",
              "|" + " --- |" * (2 + len(settings) + len(measures))]
     for r in rows:
@@ -790,7 +789,7 @@ def _csv(columns, rows):
 
 
 def _column_order(name):
-    first = ("metric", *VALUE_AXES, *CHOICE_AXES, "n", "missing", *LOSSES)
+    first = ("metric", *AXES, "n", "missing", *LOSSES)
     stem = name.rsplit("_", 1)[0] if name.endswith(("_mean", "_std")) else name
     return (first.index(stem) if stem in first else len(first), name)
 
