@@ -50,7 +50,7 @@ from plotting import save_ground_truth_plot
 from precision import native_bf16
 from solver import Config, Solver, Trained, encode_all, grid_summary
 from synergy import greedy_best_set
-from utils import RunFolder
+from utils import RunFolder, usable_cpus
 
 
 def _sync(device):
@@ -545,7 +545,7 @@ def _timed(command, threads=None):
 
 
 def benchmark_study(args):
-    cores, n = os.cpu_count() or 1, args.trials
+    cores, n = usable_cpus(), args.trials
     with tempfile.TemporaryDirectory() as tmp:
         def flags(steps):
             return STUDY_FLAGS + ["--steps", str(steps), "--log-interval", str(steps)]

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils import atomic_file, derived_seed, disk_full_named
+from utils import atomic_file, derived_seed, disk_full_named, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,22 @@ class DSprites:
         return unpack_images(self.packed[index])
 
 
+def check_data_dir(data_dir):
+    """A ``--data-dir`` that is not a folder is an error naming it, not a silent fallback."""
+    if data_dir is None:
+        return
+    path = Path(data_dir)
+    if not path.exists():
+        raise DatasetError(f"--data-dir {path} does not exist; give the folder that holds "
+                           f"{DSPRITES_FILE} (or CelebA), or leave --data-dir out to search ./ "
+                           f"and ./datasets")
+    if not path.is_dir():
+        raise DatasetError(f"--data-dir {path} is a file, not a folder; give the folder that "
+                           f"holds it")
+
+
 def _candidate_dirs(data_dir):
+    check_data_dir(data_dir)
     if data_dir is not None:
         return [Path(data_dir)]
     return [Path.cwd(), Path.cwd() / "datasets"]
@@ -561,7 +576,7 @@ def preprocess_celeba(source, cache, crop, workers=None, chunk=512):
              cache)
     chunks = [names[i:i + chunk] for i in range(0, len(names), chunk)]
     if workers is None:  # processes only pay off beyond one chunk
-        workers = (os.cpu_count() or 1) if len(chunks) > 1 else 0
+        workers = usable_cpus() if len(chunks) > 1 else 0
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     try:
         with disk_full_named(cache):

@@ -11,6 +11,8 @@ writes into --out:
   latents.png          Non-Syn VAE vs FactorVAE: final traversals with each latent labelled by the
                        ground-truth factor it tracks most, beside their ground-truth plots
   VAE_traversals.png   the same for the plain VAE
+  traversal_labelled.png  the Non-Syn run's final traversal, its rows named (original,
+                       reconstruction, z0: the factor it tracks, ...)
   plots.png            reconstruction, KL and synergy loss of the Non-Syn run (first --loss-steps)
   faces_celeba.png     the CelebA run's final traversal (only with --celeba)
   comparison.md/.json  final losses and disentanglement scores per run
@@ -36,8 +38,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from plotting import latent_labels
-from solver import NONSYN, Trained
+from plotting import label_rows, latent_labels, traversal_labels
+from metrics import METRIC_LABELS, METRIC_NAMES
+from solver import NONSYN, SAMPLE_MEASURES, Trained, objective_label
 from utils import ConfigError, RunFolder
 
 
@@ -132,6 +135,17 @@ def _traversal_panel(ax, image_path, labels, title):
                                                          for j, label in enumerate(labels)])
     ax.set_xticks([])
     ax.set_title(title)
+
+
+def labelled_traversal(folder, path):
+    """The run's final traversal PNG with its rows named (``plotting.label_rows``)."""
+    step, summary = ground_truth_summary(folder)
+    traversals = dict(traversal_images(folder))
+    image_step = step if step in traversals else max(traversals)
+    pixels = np.asarray(Image.open(traversals[image_step]).convert("L"))
+    labels = traversal_labels(len(summary["variance"]), latent_labels(summary))
+    Image.fromarray(label_rows(pixels, labels)).save(path)
+    return image_step
 
 
 def comparison_figure(runs, path):
@@ -288,24 +302,38 @@ def faces_figure(folder, path):
 
 
 def comparison_table(runs, out_dir):
-    """Final losses and scores per run, as comparison.md and comparison.json."""
+    """Per run its final evaluation: recon, KL, ELBO and I_max over the fixed evaluation sample
+    (the same measure for every objective; blank for a run evaluated before they existed) and
+    the disentanglement scores, as comparison.md and comparison.json."""
     table = []
     for name, folder in runs:
         train, evaluations = training_records(folder)
         if not train:
             raise FigureError(f"{folder}/{folder.LOG} has no training record")
         config = folder.read_config()["config"]
-        last = train[-1]
+        reports = folder.evaluations()
+        measured = [e for e in reports if e.get("measures")]
+        measures = measured[-1]["measures"] if measured else {}
         table.append(dict(run=name, folder=folder.name, metric=config["metric"],
-                          step=last["step"], recon=last["recon"], kl=last["kl"], syn=last["syn"],
+                          objective=objective_label(config), step=train[-1]["step"],
+                          measures={k: measures[k] for k in SAMPLE_MEASURES if k in measures},
+                          measure_omega=measures.get("measure_omega"),
                           scores=evaluations[-1]["scores"] if evaluations else {}))
-    names = sorted({k for row in table for k in row["scores"]})
-    lines = ["| run | --metric | step | recon | KL | synergy | " + " | ".join(names) + " |",
-             "|" + " --- |" * (6 + len(names))]
+    names = [n for n in METRIC_NAMES if any(n in row["scores"] for row in table)]
+    omegas = sorted({row["measure_omega"] for row in table if row["measure_omega"]})
+    i_max = f"I_max (omega {', '.join(f'{w:g}' for w in omegas) or '0.9'})"
+    lines = ["| run | objective | step | recon | KL | ELBO | " + i_max + " | "
+             + " | ".join(METRIC_LABELS[n] for n in names) + " |",
+             "|" + " --- |" * (7 + len(names))]
     for row in table:
+        m = row["measures"]
+        cells = [f"{m['recon']:.1f}", f"{m['kl']:.2f}", f"{m['elbo']:.1f}",
+                 f"{m['i_max']:.3f}"] if m else [""] * 4
         scores = [f"{row['scores'][n]:.3f}" if n in row["scores"] else "" for n in names]
-        lines.append(f"| {row['run']} | {row['metric']} | {row['step']} | {row['recon']:.1f} | "
-                     f"{row['kl']:.2f} | {row['syn']:.3f} | " + " | ".join(scores) + " |")
+        lines.append(f"| {row['run']} | {row['objective']} | {row['step']:,} | "
+                     + " | ".join(cells + scores) + " |")
+    lines.append("\nrecon, KL, ELBO, I_max: the final evaluation's fixed sample of images "
+                 "(docs/studies.md); I_max alpha-free at one omega for every objective.")
     (Path(out_dir) / "comparison.md").write_text("\n".join(lines) + "\n")
     (Path(out_dir) / "comparison.json").write_text(json.dumps(table, indent=2) + "\n")
     return table
@@ -375,6 +403,7 @@ def main(argv=None):
         frames = write_gif(runs[0][1], out / "traversals.gif")
         comparison_figure(runs[:2], out / "latents.png")
         comparison_figure(runs[2:], out / "VAE_traversals.png")
+        labelled_traversal(runs[0][1], out / "traversal_labelled.png")
         points = loss_plot(runs[0][1], out / "plots.png", args.loss_steps)
         if celeba:
             faces_figure(celeba[0][1], out / "faces_celeba.png")
@@ -383,6 +412,7 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}/: traversals.gif ({frames} frames), latents.png, VAE_traversals.png, "
+          f"traversal_labelled.png, "
           f"plots.png ({points} points){', faces_celeba.png' if args.celeba else ''}, "
           f"comparison.md, comparison.json")
     return 0

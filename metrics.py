@@ -19,8 +19,12 @@ import argparse
 
 import numpy as np
 
+from utils import did_you_mean
+
 METRIC_NAMES = ("factor_vae", "mig", "beta_vae", "dci", "sap")
 DEFAULT_METRICS = ("factor_vae", "mig")
+METRIC_LABELS = dict(factor_vae="FactorVAE score", mig="MIG", beta_vae="BetaVAE score",
+                     dci="DCI disentanglement", sap="SAP score")
 
 # Each protocol's parameters, disentanglement_lib's defaults: the one place they are written.
 # ``evaluate`` passes them (with any overrides) to the metric functions, which have no defaults.
@@ -234,6 +238,7 @@ def metric_list(text):
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in METRIC_NAMES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown metric(s) {', '.join(unknown)}; choose from "
-                                         f"{', '.join(METRIC_NAMES)}, all or none")
+        hint = did_you_mean(unknown[0], (*METRIC_NAMES, "all", "none"))
+        raise argparse.ArgumentTypeError(f"unknown metric(s) {', '.join(unknown)}{hint} (choose "
+                                         f"from {', '.join(METRIC_NAMES)}, all or none)")
     return ",".join(n for n in METRIC_NAMES if n in names)

@@ -7,6 +7,7 @@ import logging
 import queue
 import threading
 import time
+import urllib.parse
 import warnings
 
 import numpy as np
@@ -39,6 +40,7 @@ class VisdomMonitor:
     def __init__(self, run_name, port, gather_every, push_every, z_dim, server="http://localhost"):
         self.env, self.latent_env = run_name, f"{run_name}_latents"
         self.server, self.port = server, port
+        self.url = f"{server}:{port}/env/{urllib.parse.quote(self.env)}"  # where the plots are
         self.gather_every, self.push_every, self.z_dim = gather_every, push_every, z_dim
         self.names, self.gathered = None, []  # gathered: (step, values (n,), best_freq (z,))
         self.enabled = False
@@ -108,11 +110,13 @@ class VisdomMonitor:
     # --- the sender thread --------------------------------------------------------------------
 
     def _serve(self):
-        if not self._connect():
+        if self._connect():
+            self._announce()
+        else:
             self._lost(f"visdom is not reachable at {self.server}:{self.port} "
                        f"({self._error}); training goes on. Start the server (python -m "
                        f"visdom.server -port {self.port}) and the run connects within "
-                       f"{self.RETRY_SECONDS:.0f} s")
+                       f"{self.RETRY_SECONDS:.0f} s; its plots will be at {self.url}")
         while (item := self._queue.get()) is not None:
             if item[0] == "lines":
                 self._unsent.append(item[1:])
@@ -148,8 +152,12 @@ class VisdomMonitor:
         if not self._connect():
             return False
         self._down = False
-        log.info("visdom connected at %s:%s, env %s", self.server, self.port, self.env)
+        self._announce()
         return True
+
+    def _announce(self):
+        log.info("visdom: this run's plots are at %s (best-set frequency per latent: %s_latents)",
+                 self.url, self.url)
 
     def _send_lines(self):
         try:

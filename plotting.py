@@ -25,6 +25,29 @@ def image_grid(rows, padding=2):
     return pixels[:, :, 0] if ch == 1 else pixels
 
 
+def label_rows(pixels, labels, padding=2, margin=None):
+    """``image_grid``'s pixels with a white left margin naming each row (e.g. "original",
+    "reconstruction", "z0: position x", ...); the plain grid stays the run's own file."""
+    from PIL import Image, ImageDraw
+    height = pixels.shape[0]
+    row = (height - padding) / len(labels)
+    margin = margin or 8 + 6 * max(len(label) for label in labels)
+    image = Image.fromarray(pixels).convert("RGB")
+    canvas = Image.new("RGB", (image.width + margin, height), "white")
+    canvas.paste(image, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(labels):
+        draw.text((4, padding + r * row + row / 2), label, fill="black", anchor="lm")
+    return np.asarray(canvas)
+
+
+def traversal_labels(z_dim, factors=None):
+    """Row labels of the traversal grid: the test images, their reconstructions, one row per
+    latent (with the factor it tracks, where known)."""
+    return ["original", "reconstruction"] + [
+        f"z{j}" + (f": {factors[j]}" if factors else "") for j in range(z_dim)]
+
+
 def mean_activations(mu, scales, orientations):
     """What the ground-truth plot shows, from posterior means mu over the factor grid (shape,
     scale, orientation, posX, posY, z_dim): a few small arrays, saved beside the plot."""
@@ -44,7 +67,8 @@ def save_ground_truth_plot(summary, path, title=""):
     (a path or a binary file) and returned. One row per active latent: a heatmap of mu_j averaged over shape, scale and
     orientation, drawn as the original (``imshow(mean_pos[:, :, j])``: rows = posX, columns =
     posY), one colour range [min, max] over all latents; mu_j against scale and against
-    orientation, one line per shape (shared y-limits per column)."""
+    orientation, one line per shape (shared y-limits per column). Each row is labelled with its
+    latent and the factor it tracks (``latent_labels``); the colour bar with what it shows."""
     from matplotlib.figure import Figure
 
     scales, orientations = summary["scales"], summary["orientations"]
@@ -64,26 +88,30 @@ def save_ground_truth_plot(summary, path, title=""):
     by_scale = summary["by_scale"][..., active]  # shape, scale, A
     by_rotation = summary["by_rotation"][..., active]  # shape, orientation, A
     vmin, vmax = summary["pos"].min(), summary["pos"].max()
+    known = all(f"marginal_{name}" in summary for name in FACTOR_NAMES)
+    names = latent_labels(summary) if known else [None] * len(summary["variance"])
     ylims = [(a.min() - 0.1 * np.ptp(a) - 1e-3, a.max() + 0.1 * np.ptp(a) + 1e-3)
              for a in (by_scale, by_rotation)]
     for row, j in enumerate(active):
         ax_pos, ax_scale, ax_rot = axes[row]
         image = ax_pos.imshow(pos[:, :, row], cmap="coolwarm", vmin=vmin, vmax=vmax,
                               origin="upper", extent=(0, 1, 1, 0))
-        ax_pos.set_ylabel(f"z{j}: posX")
+        tracks = {"none": "no single factor"}.get(names[j], names[j])
+        ax_pos.set_ylabel(f"z{j}: {tracks}" if tracks else f"z{j}", fontsize="medium")
         for shape_index, name in enumerate(("square", "ellipse", "heart")):
             ax_scale.plot(scales, by_scale[shape_index, :, row], label=name)
             ax_rot.plot(orientations, by_rotation[shape_index, :, row], label=name)
         ax_scale.set_ylim(*ylims[0])
         ax_rot.set_ylim(*ylims[1])
-    axes[0, 0].set_title("pos")
-    axes[0, 1].set_title("scale")
-    axes[0, 2].set_title("rotation")
+    axes[0, 0].set_title("mean over position\n(rows: x, columns: y)", fontsize="medium")
+    axes[0, 1].set_title("mean against scale", fontsize="medium")
+    axes[0, 2].set_title("mean against rotation", fontsize="medium")
     axes[0, 2].legend(fontsize="small")
-    axes[-1, 0].set_xlabel("posY")
+    axes[-1, 0].set_xlabel("position y")
     axes[-1, 1].set_xlabel("scale")
     axes[-1, 2].set_xlabel("orientation (rad)")
-    fig.colorbar(image, ax=axes[:, 0], shrink=0.8)
+    bar = fig.colorbar(image, ax=axes[:, 0], shrink=0.8)
+    bar.set_label("posterior mean of the latent")
     fig.savefig(path, format="png")
     return fig
 

@@ -9,6 +9,7 @@ fp32 outputs (model.py), and everything after them is computed from those.
 import contextlib
 import functools
 import logging
+import platform
 from pathlib import Path
 
 import torch
@@ -36,6 +37,29 @@ def cpu_flags():
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
     return frozenset(flags)
+
+
+@functools.cache
+def cpu_model():
+    """The CPU's model name ("model name" in /proc/cpuinfo, else the platform's word)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_record(config, device):
+    """What config.json says of the machine a run trained on: the device asked for (--no-cuda
+    or not) and the one used, its model, torch's threads and the precision."""
+    used = torch.device(device)
+    return dict(requested="cuda" if config.cuda else "cpu", used=str(used),
+                model=torch.cuda.get_device_name(used) if used.type == "cuda" else cpu_model(),
+                cpu=cpu_model(), torch_threads=torch.get_num_threads(),
+                precision=config.precision)
 
 
 def native_bf16(device):

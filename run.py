@@ -12,12 +12,14 @@ import sys
 import threading
 from datetime import datetime
 
-from dataset import CELEBA_CROPS, CELEBA_SOURCE, CELEBA_ZIP, GRIDS, DatasetError, download_dsprites
+from dataset import (CELEBA_CROPS, CELEBA_SOURCE, CELEBA_ZIP, GRIDS, DatasetError, check_data_dir,
+                     download_dsprites)
 from metrics import METRIC_NAMES, metric_list
-from precision import PRECISIONS
-from solver import (ARCHS, BOUNDS, DATASETS, INITS, OBJECTIVES, RESUMABLE, SAMPLES, UPDATES, Config,
-                    Diverged, Solver, pick_device, run_metadata, stored_run)
-from utils import ConfigError, DiskFull, RunFolder
+from precision import PRECISIONS, device_record
+from solver import (ARCHS, BOUNDS, DATASETS, INITS, OBJECTIVE_SETTINGS, OBJECTIVES, RESUMABLE,
+                    SAMPLES, UPDATES, Config, Diverged, Solver, pick_device, run_metadata,
+                    stored_run)
+from utils import ArgumentParser, ConfigError, DiskFull, RunFolder
 
 log = logging.getLogger("run")
 
@@ -58,7 +60,7 @@ def _other_spelling(flag):
 
 def build_parser():
     d = Config()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description="Non-Synergistic VAE (Barrientos & Sootla, 2018) and baselines on dSprites. "
                     "Multi-word flags take '_' or '-' alike (--batch_size or --batch-size).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -96,6 +98,10 @@ def build_parser():
     add("--alpha", type=_number("alpha"), default=d.alpha, help="synergy penalty weight")
     add("--omega", type=_number("omega"), default=d.omega,
         help="greedy policy threshold, 0 < omega <= 1")
+    add("--measure-omega", dest="measure_omega", type=_number("measure_omega"),
+        default=d.measure_omega,
+        help="the greedy threshold of the logged i_max (KL of the worst set, alpha-free), the "
+             "same for every objective so that runs compare; syn stays alpha * I_max at --omega")
     add("--gamma", type=_number("gamma"), default=d.gamma, help="FactorVAE TC weight")
     add("--beta", type=_number("beta"), default=d.beta, help="beta-VAE KL weight (--metric BVAE)")
 
@@ -135,7 +141,8 @@ def build_parser():
     add = group("run folder")
     add("--output_dir", default=d.output_dir, help="parent folder of run folders")
     add("--run-name", dest="run_name", default=d.run_name,
-        help="run folder name (default: metric, alpha, omega, seed and a timestamp)")
+        help="run folder name (default: metric, the settings of its objective (alpha and "
+             "omega, gamma or beta), seed and a timestamp)")
     add("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     add("--dry-run", action="store_true", help="only check the flags and settings; write nothing")
     add("--nb-test", dest="nb_test", type=_number("nb_test"), default=d.nb_test,
@@ -149,6 +156,9 @@ def build_parser():
     add("--eval-metrics", dest="eval_metrics", type=metric_list, default=d.eval_metrics,
         help="disentanglement metrics computed at every --gt-interval and at the end "
              f"(comma-separated from {', '.join(METRIC_NAMES)}; or all, none)")
+    add("--eval-sample", dest="eval_sample", type=_number("eval_sample"), default=d.eval_sample,
+        help="images of the fixed sample (seed 0) over which the final evaluation measures "
+             "recon, KL, ELBO and i_max (the summaries' measures)")
 
     add = group("monitoring")
     add("--viz_on", type=_bool, default=d.viz_on,
@@ -188,8 +198,13 @@ def make_config(args, given=()):
 
 
 def default_run_name(config):
-    return (f"{config.metric}_alpha{config.alpha}_omega{config.omega}_seed{config.seed}_"
-            f"{datetime.now():%Y%m%d-%H%M%S}")
+    """<metric>_<the settings that define its objective>_seed<s>_<timestamp>, e.g.
+    Test_gt_alpha5.0_omega0.9_seed120_..., Factor_gamma6.4_seed1_..., VAE_seed1_..."""
+    settings = [f"{name}{getattr(config, name)}" for name in OBJECTIVE_SETTINGS[config.metric]]
+    if config.precision != Config.precision:
+        settings.append(config.precision)
+    return "_".join([config.metric, *settings, f"seed{config.seed}",
+                     f"{datetime.now():%Y%m%d-%H%M%S}"])
 
 
 def resume_state(folder, args, given):
@@ -246,13 +261,16 @@ def _run(args, given):
             return 0
         if args.resume:
             folder = RunFolder(args.resume)
+            folder.check_run()  # before the lock: a wrong path gets no .lock file
             with folder.writer_lock():
                 folder.remove_orphans()
                 config, checkpoint, changed = resume_state(folder, args, given)
                 folder.trim_log(checkpoint["step"])
-                folder.record_resume(checkpoint["step"], changed)
+                solver = Solver(config, folder, checkpoint)
+                folder.record_resume(checkpoint["step"], changed,
+                                     device_record(config, solver.device))
                 log.info("Resuming %s at step %d of %d", folder, checkpoint["step"], config.steps)
-                finished = Solver(config, folder, checkpoint).train()
+                finished = solver.train()
         else:
             config = make_config(args, given)
             pick_device(config)  # refuses a precision this machine cannot run, nothing written
@@ -262,12 +280,13 @@ def _run(args, given):
                                   "and put it in --data-dir")
             if args.download:
                 download_dsprites(config.data_dir or "datasets")
+            check_data_dir(config.data_dir)  # before the run folder exists
             folder = RunFolder.create(config.output_dir, config.run_name, default_run_name(config))
             log.info("Run folder: %s", folder)
             try:
                 with folder.writer_lock():
                     solver = Solver(config, folder)
-                    folder.write_config(run_metadata(config, solver.data))
+                    folder.write_config(run_metadata(config, solver.data, solver.device))
                     finished = solver.train()
             except (ConfigError, DatasetError, DiskFull, KeyboardInterrupt):
                 folder.remove_if_empty()  # a start that failed leaves no folder to block its name

@@ -10,8 +10,8 @@ differ only by their train step:
   VAE, BVAE      recon + beta * KL (beta = 1 for VAE; BVAE_gt is the original's name of BVAE);
                  synergy logged, not optimised
   Factor         FactorVAE: recon + KL + gamma * TC with a density-ratio discriminator
-Every train step returns (values, best): a dict of detached 0-dim tensors and the bool best-set
-mask. They are read on the host only at log time, so the step never synchronises with the device.
+Every train step returns (values, best): a dict of detached 0-dim tensors (every objective's
+with ``i_max``, the alpha-free synergy measure at ``measure_omega``) and the bool best-set mask. They are read on the host only at log time, so the step never synchronises with the device.
 """
 import dataclasses
 import logging
@@ -37,8 +37,8 @@ from model import (MODEL_SPECS, Discriminator, evaluating, init_as_pytorch_041, 
                    permute_dims, reparameterise)
 from monitor import VisdomMonitor
 from plotting import image_grid, mean_activations, save_ground_truth_plot
-from precision import PRECISIONS, autocast, check_precision
-from synergy import synergy_penalty
+from precision import PRECISIONS, autocast, check_precision, device_record
+from synergy import kl_per_latent, synergy_penalty, worst_set_kl
 from utils import (IMPLIED_SETTINGS, ConfigError, RunFolder, atomic_file, derived_seed,
                    git_commit, keep_freed_memory, package_versions, rng_state, run_abandonable,
                    set_rng_state)
@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 
 OBJECTIVES = ("Test_gt", "test", "VAE", "BVAE", "BVAE_gt", "Factor")  # --metric
 NONSYN = ("Test_gt", "test")
+# What a reader calls each objective, and the settings that define it (the rest are unused).
+OBJECTIVE_NAMES = {"Test_gt": "Non-Syn VAE", "test": "Non-Syn VAE", "VAE": "VAE",
+                   "BVAE": "beta-VAE", "BVAE_gt": "beta-VAE", "Factor": "FactorVAE"}
+OBJECTIVE_SETTINGS = {"Test_gt": ("alpha", "omega"), "test": ("alpha", "omega"), "VAE": (),
+                      "BVAE": ("beta",), "BVAE_gt": ("beta",), "Factor": ("gamma",)}
 UPDATES = ("original", "two-step", "joint")
 SAMPLES = ("no_sample", "sample")
 DATASETS = ("dsprites", "celeba")
@@ -56,7 +61,7 @@ ARCHS = ("2020", "2018")  # the final decoder; the thesis figures' decoder (no R
 INITS = ("original", "current")  # PyTorch 0.4.1's default initialisation, or today's
 # Settings that may change when a run is resumed; everything else is fixed by the checkpoint.
 RESUMABLE = ("steps", "log_interval", "save_interval", "gt_interval", "viz_on", "viz_port",
-             "viz_il_iter", "viz_la_iter", "cuda", "data_dir", "eval_metrics")
+             "viz_il_iter", "viz_la_iter", "cuda", "data_dir", "eval_metrics", "eval_sample")
 
 
 class Bound(NamedTuple):
@@ -79,6 +84,7 @@ class Bound(NamedTuple):
 # Every numeric setting's bounds, checked for flags (run.py) and for every Config alike.
 BOUNDS = dict(
     z_dim=Bound(int, 1), alpha=Bound(float, 0), omega=Bound(float, 0, 1, low_open=True),
+    measure_omega=Bound(float, 0, 1, low_open=True), eval_sample=Bound(int, 1),
     gamma=Bound(float, 0), beta=Bound(float, 0),
     lr_VAE=Bound(float, 0, low_open=True), beta1_VAE=Bound(float, 0, 1),
     beta2_VAE=Bound(float, 0, 1), lr_D=Bound(float, 0, low_open=True),
@@ -103,6 +109,7 @@ class Config:
     z_dim: int = 10  # latent dimensions
     alpha: float = 1.5  # weight of the synergy penalty
     omega: float = 0.8  # greedy policy: a latent joins the best set if omega * I(new) > I(old)
+    measure_omega: float = 0.9  # the omega of the logged i_max, the same for every objective
     gamma: float = 6.4  # FactorVAE total-correlation weight
     beta: float = 4.0  # beta-VAE KL weight
     lr_VAE: float = 1e-4
@@ -130,6 +137,7 @@ class Config:
     viz_il_iter: int = 20  # gather visdom values every N steps
     viz_la_iter: int = 100  # push them every N steps
     eval_metrics: str = ",".join(DEFAULT_METRICS)  # disentanglement metrics at every gt-interval
+    eval_sample: int = 10_000  # images of the final evaluation's recon / KL / ELBO / i_max sample
 
     def __post_init__(self):
         """Check every setting as its flag would, so that a Config built in code or read from a
@@ -194,6 +202,22 @@ class Config:
 
 
 
+def objective_label(settings):
+    """A reader's name for a run's objective from its settings (a Config's dict, or part of
+    one: missing settings are the defaults), e.g. "Non-Syn VAE (alpha 5, omega 0.9)",
+    "FactorVAE (gamma 6.4)", "VAE"; a non-default update, sample or precision is named too."""
+    default = Config()
+    get = lambda name: settings.get(name, getattr(default, name))  # noqa: E731
+    metric = get("metric")
+    parts = [f"{name} {get(name):g}" for name in OBJECTIVE_SETTINGS[metric]]
+    if metric in NONSYN:
+        parts += [f"{name} {get(name)}" for name in ("update", "sample")
+                  if get(name) != getattr(default, name)]
+    if get("precision") != default.precision:
+        parts.append(get("precision"))
+    return OBJECTIVE_NAMES[metric] + (f" ({', '.join(parts)})" if parts else "")
+
+
 class Diverged(RuntimeError):
     """Training produced a non-finite loss or weight; the message names the step and the term."""
 
@@ -203,11 +227,12 @@ def stored_run(folder):
     written: a readable checkpoint of a known format whose tensors match their checksum, stored
     settings checked like flags, and the same run as config.json describes (settings that a
     resume may change aside)."""
+    folder.check_run()
     checkpoint = folder.load_checkpoint()
     config = Config.from_stored(checkpoint["config"], f"the checkpoint of {folder}")
     started = folder.read_config().get("config")
     if started is not None:
-        started = {**IMPLIED_SETTINGS.get(checkpoint["format"], {}), **started}
+        started = {**IMPLIED_SETTINGS[1], **started}  # written before a setting existed
         differ = sorted(k for k, v in config.to_dict().items()
                         if k not in RESUMABLE and started.get(k) != v)
         if differ:
@@ -217,9 +242,11 @@ def stored_run(folder):
     return checkpoint, config
 
 
-def run_metadata(config, data):
-    """What config.json records besides the settings: data source and size, versions, commit."""
+def run_metadata(config, data, device):
+    """What config.json records besides the settings: data source and size, the device asked
+    for and used (``precision.device_record``), versions, commit."""
     return dict(config=config.to_dict(), data_source=data.source, n_images=len(data),
+                device=device_record(config, device),
                 versions=package_versions(), git_commit=git_commit(),
                 factors=list(FACTOR_NAMES) if data.has_factors else None)
 
@@ -381,6 +408,19 @@ class Solver:
                                     retain_graph=retain_graph)
         return syn, best, grads
 
+    def _measured(self, values, mu, logvar, best):
+        """``values`` plus ``i_max``: the KL of the worst set of the training batch's posterior
+        at ``measure_omega``, alpha-free and defined alike for every objective (``syn`` is the
+        run's own alpha * I_max at its omega). The run's best set is reused when it is the same
+        set."""
+        c = self.config
+        kl = kl_per_latent(mu.detach(), logvar.detach()).mean(0)
+        if c.omega == c.measure_omega and (c.metric not in NONSYN or c.sample == "no_sample"):
+            i_max = kl.masked_fill(best, 0.0).sum()
+        else:
+            i_max = worst_set_kl(kl, c.measure_omega)[0]
+        return dict(values, i_max=i_max), best
+
     def step_original(self):
         """Non-Syn VAE exactly as the original trains it (``--update original``, the default),
         replay-tested against the original trainer step for step (tests/test_replay.py)."""
@@ -402,8 +442,8 @@ class Solver:
         self.optim.zero_grad()
         syn.backward()
         self.optim.step()
-        return dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
-                    total=(recon + kl + syn).detach()), best
+        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
+                                   total=(recon + kl + syn).detach()), mu, logvar, best)
 
     def step_two_step(self):
         """Non-Syn VAE, the original's two Adam steps with both gradients taken at the
@@ -428,8 +468,8 @@ class Solver:
         for p in self.model.decoder.parameters():
             p.grad.zero_()
         self.optim.step()
-        return dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
-                    total=(recon + kl + syn).detach()), best
+        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
+                                   total=(recon + kl + syn).detach()), mu, logvar, best)
 
     def step_joint(self):
         """Non-Syn VAE, one Adam step on recon + KL + alpha * KL(worst set) at θ_t."""
@@ -439,8 +479,8 @@ class Solver:
         self.optim.zero_grad(set_to_none=True)
         (recon + kl + syn).backward()
         self.optim.step()
-        return dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
-                    total=(recon + kl + syn).detach()), best
+        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
+                                   total=(recon + kl + syn).detach()), mu, logvar, best)
 
     def step_vae(self):
         """Plain VAE (beta = 1) or beta-VAE: recon + beta * KL. Synergy is only measured."""
@@ -452,7 +492,8 @@ class Solver:
         loss.backward()
         self.optim.step()
         syn, best = synergy_penalty(mu.detach(), logvar.detach(), c.omega, c.alpha)
-        return dict(recon=recon.detach(), kl=kl.detach(), syn=syn, total=loss.detach()), best
+        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn,
+                                   total=loss.detach()), mu, logvar, best)
 
     def step_factor(self):
         """FactorVAE: recon + KL + gamma * TC, TC estimated by the discriminator's logit gap;
@@ -482,8 +523,8 @@ class Solver:
         d_loss.backward()
         self.optim_D.step()
         syn, best = synergy_penalty(mu.detach(), logvar.detach(), c.omega, c.alpha)
-        return dict(recon=recon.detach(), kl=kl.detach(), syn=syn, tc=tc.detach(),
-                    d_loss=d_loss.detach(), total=loss.detach()), best
+        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn, tc=tc.detach(),
+                                   d_loss=d_loss.detach(), total=loss.detach()), mu, logvar, best)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -586,15 +627,17 @@ class Solver:
                                           should_stop=lambda: self._stop_signal is not None)
         if results is None:
             return
+        final = self.step == self.config.steps
+        measures = sample_measures(self.model, self.data, self.config) if final else None
         self.eval_pending = False
-        if not results:
-            return
-        self.folder.write_record(log_file, "eval", dict(
-            step=self.step, scores={n: r["score"] for n, r in results.items()},
-            eval_seconds=round(time.perf_counter() - started, 3)))
-        if self.step == self.config.steps:
+        if results:
+            self.folder.write_record(log_file, "eval", dict(
+                step=self.step, scores={n: r["score"] for n, r in results.items()},
+                eval_seconds=round(time.perf_counter() - started, 3)))
+        if final:
+            log_measures(self.step, measures)
             self.folder.append_evaluation(evaluation_report(self.step, self.data, results,
-                                                            source="end of training"))
+                                                            "end of training", measures))
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -746,29 +789,75 @@ def grid_summary(codes, data, z_dim):
                             scales=SCALE_VALUES[axes[1]], orientations=ORIENTATION_VALUES[axes[2]])
 
 
+SAMPLE_MEASURES = ("recon", "kl", "elbo", "i_max")  # of ``sample_measures``, every objective
+MEASURE_LABELS = dict(recon="recon", kl="KL", elbo="ELBO", i_max="I_max")
+SAMPLE_PROTOCOL = ("mean over a fixed sample of images (drawn without replacement with "
+                   "eval_seed): one forward pass each, recon decoded from one sample z ~ q(z|x) "
+                   "(noise from eval_seed), KL analytic, elbo = -(recon + kl), i_max the KL of "
+                   "the worst set of the sample-mean KL per latent at measure_omega")
+
+
+def sample_measures(model, data, config, seed=EVAL_SEED, batch_size=500):
+    """recon, kl, elbo and i_max of ``model`` over a fixed sample of ``config.eval_sample``
+    images of ``data`` (SAMPLE_PROTOCOL): the same images and noise for every run with the same
+    data and sample size, whatever its objective."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(data), generator=generator)[:config.eval_sample]
+    noise = torch.randn(len(index), config.z_dim, generator=generator)
+    reconstruction_loss = MODEL_SPECS[config.dataset].reconstruction_loss
+    recon = torch.zeros((), dtype=torch.float64, device=device)
+    kl = torch.zeros(config.z_dim, dtype=torch.float64, device=device)
+    with evaluating(model):
+        for start in range(0, len(index), batch_size):
+            x = data.images(index[start:start + batch_size].to(device))
+            with autocast(device, config.precision):
+                mu, logvar = model.encoder(x)
+                z = reparameterise(mu, logvar, noise[start:start + len(x)].to(device))
+                logits = model.decoder(z).float()
+            recon += reconstruction_loss(logits, x).double() * len(x)
+            kl += kl_per_latent(mu, logvar).double().sum(0)
+    recon, kl = (recon / len(index)).item(), (kl / len(index))
+    i_max = worst_set_kl(kl, config.measure_omega)[0].item()
+    kl_total = kl.sum().item()
+    return dict(recon=recon, kl=kl_total, elbo=-(recon + kl_total), i_max=i_max,
+                kl_per_latent=[round(k, 6) for k in kl.tolist()], n_images=len(index),
+                measure_omega=config.measure_omega, protocol=SAMPLE_PROTOCOL)
+
+
+def log_measures(step, measures):
+    log.info("step %d | evaluation sample of %d images: recon %.2f | KL %.2f | ELBO %.2f | "
+             "i_max %.3f (omega %g)", step, measures["n_images"], measures["recon"],
+             measures["kl"], measures["elbo"], measures["i_max"], measures["measure_omega"])
+
+
 def evaluate_representation(model, data, config, folder, step, metric_names, plot=True,
                             should_stop=None):
     """Encode the whole grid once; from those means draw the ground-truth plot (unless the run
     already has it) and compute the disentanglement metrics. Returns {metric: result}, or None
     when interrupted."""
     started = time.perf_counter()
+    plot_path = folder.gt_plot_path(config.alpha, step)
+    summary_path = folder.gt_summary_path(config.alpha, step)
+    # A good plot is never redrawn over; a missing or unreadable one (a cut-short write) is.
+    plot_ok, summary_ok = readable_png(plot_path), readable_npz(summary_path)
+    plot = plot and not (plot_ok and summary_ok)
+    if not plot and not metric_names:
+        return {}  # nothing that needs the grid's codes
     codes = encode_all(model, data, should_stop, precision=config.precision)
     if codes is None:
         log.warning("evaluation at step %d skipped: interrupted", step)
         return None
     sizes = data.factor_sizes
-    plot_path = folder.gt_plot_path(config.alpha, step)
-    summary_path = folder.gt_summary_path(config.alpha, step)
-    # A good plot is never redrawn over; a missing or unreadable one (a cut-short write) is.
-    plot_ok, summary_ok = readable_png(plot_path), readable_npz(summary_path)
-    if plot and not (plot_ok and summary_ok):
+    if plot:
         summary = grid_summary(codes, data, config.z_dim)
         if not summary_ok:
             with atomic_file(summary_path) as f:
                 np.savez(f, **summary)
         if not plot_ok:
             with atomic_file(plot_path) as f:
-                save_ground_truth_plot(summary, f, f"{config.metric}, step {step}")
+                save_ground_truth_plot(summary, f, f"{objective_label(config.to_dict())}, step "
+                                                   f"{step:,}")
     encoded = time.perf_counter()
     score = lambda: evaluate(lookup(codes, sizes), sizes, metric_names)  # noqa: E731
     # Metrics can take minutes (DCI fits thousands of trees): during training they run in a
@@ -803,9 +892,10 @@ def readable_npz(path):
         return False
 
 
-def evaluation_report(step, data, results, source):
-    """One metrics.json entry: the scores with their protocols, the data and library versions."""
-    return dict(step=step, source=source, scores=results, eval_seed=EVAL_SEED,
+def evaluation_report(step, data, results, source, measures=None):
+    """One metrics.json entry: the scores with their protocols, the evaluation sample's
+    ``measures`` (``sample_measures``), the data and library versions."""
+    return dict(step=step, source=source, scores=results, measures=measures, eval_seed=EVAL_SEED,
                 data=dict(source=data.source, grid=data.grid, factors=list(FACTOR_NAMES),
                           factor_sizes=list(data.factor_sizes), representation="posterior mean"),
                 versions=package_versions(), at=datetime.now().isoformat(timespec="seconds"))

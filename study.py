@@ -16,9 +16,10 @@ multiply its trials. DIR/study.json records the spec, the trials and each trial'
 the same command again skips finished trials, resumes interrupted ones from their checkpoints
 and retries failed ones (at most --retries times). A different spec for an existing DIR is
 refused (``--extend`` may add axis values or seeds). Written at the end of every invocation:
-summary.md / summary.csv (per configuration: finished seeds, mean ± std of the final losses and
-scores), ttests.csv (Welch's t-test between configurations of different objectives) and
-curves.png (the losses against the step, mean ± std band per configuration).
+summary.md / summary.csv (per configuration: finished seeds, mean ± std of recon, KL, ELBO and
+i_max over the final evaluation's fixed sample, and of the scores), ttests.csv (Welch's t-test
+between configurations of different objectives) and curves.png (recon, KL and i_max of the
+training log against the step, mean ± std band per configuration).
 """
 import argparse
 import csv
@@ -41,12 +42,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from metrics import METRIC_LABELS
 from precision import PRECISIONS
-from utils import ConfigError, RunFolder, atomic_write_bytes, write_json
+from solver import MEASURE_LABELS, OBJECTIVE_SETTINGS, SAMPLE_MEASURES, objective_label
+from utils import (ArgumentParser, ConfigError, RunFolder, atomic_write_bytes, usable_cpus,
+                   write_json)
 
 ROOT = Path(__file__).resolve().parent
-OBJECTIVE_AXES = {"Test_gt": ("alpha", "omega"), "test": ("alpha", "omega"), "VAE": (),
-                  "BVAE": ("beta",), "BVAE_gt": ("beta",), "Factor": ("gamma",)}
+OBJECTIVE_AXES = OBJECTIVE_SETTINGS  # the value axes that multiply each objective's trials
 VALUE_AXES = ("alpha", "omega", "gamma", "beta")
 CHOICE_AXES = {"precision": PRECISIONS}  # axes of every objective, with their values
 AXES = VALUE_AXES + tuple(CHOICE_AXES)
@@ -56,7 +59,8 @@ PRESETS = {  # the thesis comparison: the original README's settings
                    flags=["--steps", "150000", "--gt-interval", "5000"]),
 }
 STATES = ("pending", "running", "finished", "failed")
-LOSSES = ("recon", "kl", "syn")
+CURVES = (("recon", "reconstruction loss"), ("kl", "KL divergence"),
+          ("i_max", "I_max: KL of the worst set"))  # per-step training log, every objective
 RAY_INSTALL = "pip install -r requirements-ray.txt"
 EXIT_MEANINGS = {2: "bad settings or data", 3: "diverged or disk full", 130: "interrupted"}
 
@@ -103,11 +107,6 @@ def configuration(trial):
     return trial["metric"], tuple(sorted(trial["settings"].items()))
 
 
-def label(config):
-    metric, settings = config
-    return " ".join([metric] + [f"{axis}={value}" for axis, value in settings])
-
-
 # --- the command line ----------------------------------------------------------------------------
 
 def parse_args(argv):
@@ -116,7 +115,7 @@ def parse_args(argv):
     if "--" in argv:
         cut = argv.index("--")
         argv, shared = argv[:cut], argv[cut + 1:]
-    p = argparse.ArgumentParser(description=__doc__,
+    p = ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the study folder")
     grid = p.add_argument_group("the grid")
@@ -257,7 +256,8 @@ def plan_local(cores, gpus, workers=None, threads=None, per_gpu=None, cuda=True)
         workers = workers or max(1, cores // threads)
         devices = [None] * workers
     if workers * threads > cores:
-        raise StudyError(f"{workers} worker(s) x {threads} thread(s) exceed the {cores} cores: "
+        raise StudyError(f"{workers} worker(s) x {threads} thread(s) exceed the {cores} CPUs this "
+                         f"process may use (its affinity mask and CPU quota): "
                          f"trials that oversubscribe the CPU slow each other down many times "
                          f"over")
     return Plan(workers, threads, devices)
@@ -586,7 +586,7 @@ def run_ray(study, args, retries, progress):
         ray.init(address=args.address, runtime_env=runtime_env, log_to_driver=False,
                  logging_level=logging.ERROR)
     else:
-        ray.init(num_cpus=os.cpu_count(), runtime_env=runtime_env, log_to_driver=False,
+        ray.init(num_cpus=usable_cpus(), runtime_env=runtime_env, log_to_driver=False,
                  logging_level=logging.ERROR, include_dashboard=False)
     stopped = []
 
@@ -655,14 +655,33 @@ def final_line(folder):
 
 
 def final_values(folder):
-    """A finished run's final recon, KL, synergy and disentanglement scores (its own files,
-    read through RunFolder)."""
-    run = RunFolder(folder)
-    train, evaluations = run.records("train"), run.evaluations()
-    values = {k: train[-1][k] for k in LOSSES} if train else {}
-    if evaluations:
-        values.update({k: v["score"] for k, v in evaluations[-1]["scores"].items()})
+    """A finished run's measures: recon, KL, ELBO and i_max over the evaluation sample of its
+    final evaluation (``solver.sample_measures``; i_max keyed by its omega when it is not the
+    default 0.9) and the last evaluation's disentanglement scores, from its own files. A run
+    evaluated before the sample measures existed has scores only: the last step's minibatch
+    losses measure something else and are never mixed in."""
+    values = {}
+    evaluations = RunFolder(folder).evaluations()
+    measured = [e["measures"] for e in evaluations if e.get("measures")]
+    if measured:
+        for name in SAMPLE_MEASURES:
+            values[measure_key(name, measured[-1])] = measured[-1][name]
+    scored = [e["scores"] for e in evaluations if e.get("scores")]
+    if scored:
+        values.update({k: v["score"] for k, v in scored[-1].items()})
     return values
+
+
+def measure_key(name, measures):
+    omega = measures["measure_omega"]
+    return name if name != "i_max" or omega == 0.9 else f"i_max@{omega:g}"
+
+
+def measure_label(key):
+    """'I_max (omega 0.9)', 'FactorVAE score', ... for a summary column."""
+    if key.startswith("i_max"):
+        return f"I_max (omega {key.partition('@')[2] or '0.9'})"
+    return MEASURE_LABELS.get(key) or METRIC_LABELS.get(key, key)
 
 
 def mean_std(samples):
@@ -671,6 +690,25 @@ def mean_std(samples):
     if len(samples) < 2:
         return mean, 0.0
     return mean, math.sqrt(sum((x - mean) ** 2 for x in samples) / (len(samples) - 1))
+
+
+def mean_std_text(mean, std):
+    """``427 ± 102``, ``14.9 ± 1.4``, ``0.59 ± 0.12``: the std to two significant digits (three
+    from 100 up, no decimals), the mean to the same decimal place; a lone value to 4 digits."""
+    if not std or not math.isfinite(std):
+        return f"{mean:.4g}"
+    decimals = max(0, 1 - math.floor(math.log10(abs(std))))
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def configuration_label(study, config, trials):
+    """The objective's name with the settings its runs really used (their config.json), e.g.
+    "Non-Syn VAE (alpha 5, omega 0.9)"."""
+    for trial in trials:
+        stored = RunFolder(study.out / trial["name"]).read_config().get("config")
+        if stored:
+            return objective_label(stored)
+    return objective_label(dict(metric=config[0], **dict(config[1])))
 
 
 def write_if_changed(path, data):
@@ -686,53 +724,69 @@ def summarise(study):
     groups = {}
     for trial in study.data["trials"]:
         groups.setdefault(configuration(trial), []).append(trial)
-    rows, samples = [], {}
+    rows, samples, labels = [], {}, {}
     for config, trials in groups.items():
         finished = [t for t in trials if t["state"] == "finished"]
         values = samples[config] = {}
         for trial in finished:
             for name, value in final_values(study.out / trial["name"]).items():
                 values.setdefault(name, []).append(value)
-        row = dict(metric=config[0], **dict(config[1]), n=len(finished),
+        labels[config] = configuration_label(study, config, finished or trials)
+        row = dict(label=labels[config], metric=config[0], **dict(config[1]), n=len(finished),
                    missing=len(trials) - len(finished))
         for name, xs in values.items():
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std(xs)
+            row[f"{name}_n"] = len(xs)
         rows.append(row)
     columns = sorted({k for r in rows for k in r}, key=_column_order)
     measures = sorted({k[:-5] for k in columns if k.endswith("_mean")}, key=_column_order)
-    tests = welch_tests(samples, measures)
+    tests = welch_tests(samples, measures, labels)
     write_if_changed(study.out / "summary.csv", _csv(columns, rows))
     write_if_changed(study.out / "ttests.csv",
                      _csv(["a", "b", "measure", "n_a", "n_b", "p_value"], tests))
-    settings = [c for c in columns if c in AXES]
-    lines = ["| metric | " + " | ".join(settings + ["n"] + measures) + " |",
-             "|" + " --- |" * (2 + len(settings) + len(measures))]
+    lines = ["| objective | n | " + " | ".join(measure_label(m) for m in measures) + " |",
+             "|" + " --- |" * (2 + len(measures))]
+    partial = False
     for r in rows:
-        cells = [str(r.get(s, "")) for s in settings] + [str(r["n"])]
-        cells += [f"{r[m + '_mean']:.4g} ± {r[m + '_std']:.2g}" if m + "_mean" in r else ""
-                  for m in measures]
-        lines.append(f"| {r['metric']} | " + " | ".join(cells) + " |")
-    lines.append("\nmean ± sample standard deviation over the finished seeds (n) of the final "
-                 "training losses and the last evaluation's scores.")
+        cells = []
+        for m in measures:
+            if m + "_mean" not in r:
+                cells.append("")
+                continue
+            text = mean_std_text(r[m + "_mean"], r[m + "_std"])
+            if r[m + "_n"] != r["n"]:
+                text, partial = f"{text} (n={r[m + '_n']})", True
+            cells.append(text)
+        lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
+    omegas = sorted({m.partition("@")[2] or "0.9" for m in measures if m.startswith("i_max")})
+    lines.append("\nmean ± sample standard deviation over the finished seeds (n). recon, KL, "
+                 "ELBO and I_max: the final evaluation's fixed sample of images, the same for "
+                 "every run (" + (f"I_max: the KL of the worst set at omega {', '.join(omegas)}, "
+                                  "alpha-free, alike for every objective; " if omegas else "")
+                 + "docs/studies.md); scores: the last evaluation.")
+    if partial:
+        lines.append("\n(n=k): only k of the finished seeds have this measure (runs evaluated "
+                     "before it existed); the others are left out, not mixed in.")
     missing = sum(r["missing"] for r in rows)
     if missing:
         lines.append(f"\n{missing} trial(s) have not finished; the table summarises the rest.")
     if tests:
         lines += ["", "Welch's t-test p-values between configurations of different objectives "
-                      "(ttests.csv):", "", "| a | b | " + " | ".join(measures) + " |",
+                      "(ttests.csv):", "", "| a | b | " + " | ".join(
+                          measure_label(m) for m in measures) + " |",
                   "|" + " --- |" * (2 + len(measures))]
         pairs = {}
         for t in tests:
             pairs.setdefault((t["a"], t["b"]), {})[t["measure"]] = t["p_value"]
         for (a, b), ps in pairs.items():
             lines.append(f"| {a} | {b} | " + " | ".join(
-                f"{ps[m]:.3g}" if m in ps else "" for m in measures) + " |")
+                f"{ps[m]:.2g}" if m in ps else "" for m in measures) + " |")
     write_if_changed(study.out / "summary.md", ("\n".join(lines) + "\n").encode())
-    curves_figure(study, groups, study.out / "curves.png")
+    curves_figure(study, groups, labels, study.out / "curves.png")
     return rows
 
 
-def welch_tests(samples, measures):
+def welch_tests(samples, measures, labels):
     """Welch's t-test p-value per measure for every pair of configurations whose objectives
     differ (both with at least two finished seeds)."""
     from scipy.stats import ttest_ind
@@ -744,14 +798,15 @@ def welch_tests(samples, measures):
             xs, ys = samples[a].get(measure, []), samples[b].get(measure, [])
             if len(xs) >= 2 and len(ys) >= 2:
                 p = float(ttest_ind(xs, ys, equal_var=False).pvalue)
-                tests.append(dict(a=label(a), b=label(b), measure=measure, n_a=len(xs),
+                tests.append(dict(a=labels[a], b=labels[b], measure=measure, n_a=len(xs),
                                   n_b=len(ys), p_value=p))
     return tests
 
 
-def curves_figure(study, groups, path):
-    """recon, KL and synergy against the step: per configuration the mean over its finished
-    seeds with a ± one standard deviation band (steps logged by all of them)."""
+def curves_figure(study, groups, labels, path):
+    """recon, KL and i_max of the training log against the step: per configuration the mean
+    over its finished seeds with a ± one standard deviation band (steps logged by all of them;
+    runs logged before i_max existed are left out of that panel)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -762,15 +817,18 @@ def curves_figure(study, groups, path):
         if not runs:
             continue
         steps = sorted(set.intersection(*(set(r) for r in runs)))
-        for ax, loss in zip(axes, LOSSES, strict=True):
-            stats = [mean_std([r[s][loss] for r in runs]) for s in steps]
+        for ax, (loss, _) in zip(axes, CURVES, strict=True):
+            logged = [r for r in runs if all(loss in r[s] for s in steps)]
+            if not logged:
+                continue
+            stats = [mean_std([r[s][loss] for r in logged]) for s in steps]
             mean = [m for m, _ in stats]
-            ax.plot(steps, mean, color=f"C{i}", label=f"{label(config)} (n={len(runs)})")
+            ax.plot(steps, mean, color=f"C{i}", label=f"{labels[config]} (n={len(logged)})")
             ax.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats],
                             color=f"C{i}", alpha=0.2, linewidth=0)
-    for ax, loss in zip(axes, ("reconstruction", "KL", "synergy"), strict=True):
+    for ax, (_, title) in zip(axes, CURVES, strict=True):
         ax.set_xlabel("step")
-        ax.set_title(loss)
+        ax.set_title(f"{title} (training minibatch)", fontsize=10)
     if axes[0].lines:
         axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -789,8 +847,9 @@ def _csv(columns, rows):
 
 
 def _column_order(name):
-    first = ("metric", *AXES, "n", "missing", *LOSSES)
-    stem = name.rsplit("_", 1)[0] if name.endswith(("_mean", "_std")) else name
+    first = ("label", "metric", *AXES, "n", "missing", *SAMPLE_MEASURES)
+    stem = name.rsplit("_", 1)[0] if name.endswith(("_mean", "_std", "_n")) else name
+    stem = stem.partition("@")[0]
     return (first.index(stem) if stem in first else len(first), name)
 
 
@@ -842,7 +901,7 @@ def main(argv=None):
                 f", {args.cpus_per_trial:g} CPU(s) and {args.gpus_per_trial:g} GPU(s) per trial")
         else:
             cuda = not any(f in ("--no-cuda", "--no_cuda") for f in spec["flags"])
-            plan = plan_local(os.cpu_count() or 1, visible_gpus() if cuda else [], args.workers,
+            plan = plan_local(usable_cpus(), visible_gpus() if cuda else [], args.workers,
                               args.threads, args.trials_per_gpu, cuda)
             where = (f"{plan.workers} worker(s) x {plan.threads} thread(s)"
                      + (f" on GPU(s) {', '.join(plan.devices)}" if plan.devices[0] else ""))
@@ -850,7 +909,7 @@ def main(argv=None):
         known = {t["name"]: t["state"] for t in (study.data or {}).get("trials", [])}
         fresh = [t for t in expand(spec) if known.get(t["name"]) != "finished"
                  and not (study.out / t["name"] / "config.json").exists()]
-        configs = check_trials(spec, fresh, study.out, os.cpu_count() or 1)  # nothing written yet
+        configs = check_trials(spec, fresh, study.out, usable_cpus())  # nothing written yet
         held = study.lock()  # noqa: F841  (held until this process ends)
         study.check_spec(spec, args.extend)  # again, as it is now that no one else changes it
         study.adopt(spec)

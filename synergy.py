@@ -3,8 +3,9 @@
 For a factorised Gaussian posterior the KL is additive over latent dimensions, so the
 original's "I_max" of any subset S of latents is the sum of the per-latent batch-mean
 KLs k_j over S. A greedy policy picks a "best" set B from the vector k; the penalty is
-``alpha * sum_{j not in B} k_j``, the KL of the "worst" set. Selection uses values only;
-gradients flow through the penalty alone.
+``alpha * sum_{j not in B} k_j``, alpha times the KL of the "worst" set (I_max, which every
+objective logs alpha-free at one measurement omega). Selection uses values only; gradients flow
+through the penalty alone.
 
 Everything here is a pure function on tensors: no host synchronisation, any device.
 """
@@ -75,12 +76,18 @@ def greedy_best_set(kl, omega):
     return best.reshape(kl.shape)
 
 
+def worst_set_kl(kl, omega):
+    """I_max, alpha-free: the KL of the "worst" set (every latent outside the greedy best set at
+    ``omega``) of per-latent batch-mean KLs ``kl`` (..., z). Returns (I_max (...), best mask)."""
+    best = greedy_best_set(kl, omega)
+    return kl.masked_fill(best, 0.0).sum(-1), best
+
+
 def synergy_penalty(mu, logvar, omega, alpha):
     """Synergy loss ``alpha * KL(worst set)`` and the best-set mask, from one batch's posterior.
 
     mu, logvar: (B, z). Returns (syn, best): syn a 0-dim tensor differentiable w.r.t. mu and
     logvar; best a bool (z,) mask (selection carries no gradient).
     """
-    kl = kl_per_latent(mu, logvar).mean(0)  # z
-    best = greedy_best_set(kl, omega)
-    return alpha * kl.masked_fill(best, 0.0).sum(), best
+    i_max, best = worst_set_kl(kl_per_latent(mu, logvar).mean(0), omega)
+    return alpha * i_max, best

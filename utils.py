@@ -1,5 +1,7 @@
 """Small shared helpers: atomic files, provenance, RNG state, and the owner of a run folder."""
+import argparse
 import ctypes
+import difflib
 import errno
 import fcntl
 import hashlib
@@ -182,16 +184,96 @@ def set_rng_state(state, device):
 
 # --- the run folder ------------------------------------------------------------------------------
 
+def closest(value, choices):
+    """The choice ``value`` was probably meant to be (case aside, or a near spelling), or None."""
+    folded = {str(c).lower(): c for c in choices}
+    if str(value).lower() in folded:
+        return folded[str(value).lower()]
+    near = difflib.get_close_matches(str(value).lower(), list(folded), n=1, cutoff=0.6)
+    return folded[near[0]] if near else None
+
+
+def did_you_mean(value, choices):
+    """'; did you mean 'Test_gt'?' or '' (for error messages)."""
+    match = closest(value, choices)
+    return f"; did you mean {match!r}?" if match is not None else ""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose invalid-choice error suggests the closest valid value:
+    ``argument --metric: invalid choice: 'test_gt'; did you mean 'Test_gt'? (choose from ...)``."""
+
+    def _check_value(self, action, value):
+        if action.choices is not None and value not in action.choices:
+            raise argparse.ArgumentError(action, f"invalid choice: {value!r}"
+                                         f"{did_you_mean(value, action.choices)} (choose from "
+                                         f"{', '.join(map(str, action.choices))})")
+
+
+def usable_cpus(cgroup_root="/sys/fs/cgroup", proc_cgroup="/proc/self/cgroup"):
+    """The CPUs this process may use: its affinity mask (taskset, SLURM, a container's cpuset),
+    capped by a cgroup CPU quota where one is set (v2 ``cpu.max`` of its cgroup and every
+    ancestor, or v1 ``cpu.cfs_quota_us``), rounded down, at least 1. ``os.cpu_count()`` counts
+    the machine's CPUs instead, and oversubscribes under any of those limits."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quotas = [q for q in _cgroup_quotas(Path(cgroup_root), Path(proc_cgroup)) if q > 0]
+    if quotas:
+        cpus = min(cpus, int(min(quotas)))
+    return max(1, cpus)
+
+
+def _cgroup_quotas(root, proc_cgroup):
+    """CPU quotas (in CPUs) that apply to this process, from cgroup v2 or v1 files."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        lines = []
+    quotas = []
+    for line in lines:
+        hierarchy, _, path = line.partition(":")[2].partition(":")
+        folders = [root / path.lstrip("/")] if hierarchy == "" else [
+            root / name / path.lstrip("/") for name in (hierarchy, "cpu", "cpu,cpuacct")
+            if "cpu" in hierarchy.split(",")]
+        for folder in folders:
+            for level in (folder, *folder.parents):
+                if not level.is_relative_to(root):
+                    break
+                quotas.append(_read_quota(level, v2=hierarchy == ""))
+    return [q for q in quotas if q is not None]
+
+
+def _read_quota(folder, v2):
+    try:
+        if v2:
+            quota, period = (folder / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+            period = (folder / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1"):
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
 class ConfigError(ValueError):
     """A setting, a run folder or a checkpoint is unusable; the message says what to do."""
 
 
-CHECKPOINT_FORMAT = 3  # bumped whenever the checkpoint's layout changes
+CHECKPOINT_FORMAT = 4  # bumped whenever the checkpoint's layout changes
 # Settings that older formats did not store, with the values their runs were trained with:
 # format 1 (before --arch, --init and the checksum) the 2020 decoder and today's PyTorch
-# initialisation; formats 1 and 2 (before --precision) fp32.
-IMPLIED_SETTINGS = {1: dict(arch="2020", init="current", precision="fp32"),
-                    2: dict(precision="fp32")}
+# initialisation; formats 1 and 2 (before --precision) fp32; formats 1 to 3 (before i_max and
+# the evaluation sample) the measurement omega and sample size their runs are evaluated with
+# now. A config.json that lacks one of these settings was written before it existed: it gets
+# the same value (format 1's table).
+_BEFORE_I_MAX = dict(measure_omega=0.9, eval_sample=10_000)
+IMPLIED_SETTINGS = {1: dict(arch="2020", init="current", precision="fp32", **_BEFORE_I_MAX),
+                    2: dict(precision="fp32", **_BEFORE_I_MAX),
+                    3: _BEFORE_I_MAX}
 
 
 def tensor_checksum(state):
@@ -376,6 +458,39 @@ class RunFolder:
                                   f"stored in it; the file is corrupt. Nothing was changed")
         return checkpoint
 
+    def check_run(self):
+        """Raise ConfigError (one line) unless this is a run folder with a checkpoint; a folder
+        that holds run folders gets them named, so that the user can pick one."""
+        if not self.path.exists():
+            raise ConfigError(f"{self.path} does not exist; give a run folder (outputs/<run "
+                              f"name>, as printed when the run started)")
+        if not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a run folder")
+        if self.checkpoint_path.is_file():
+            return
+        if (self.path / self.CONFIG).is_file():
+            raise ConfigError(f"{self.path} has no checkpoint yet ({self.CHECKPOINT}): the run "
+                              f"stopped before its first save; start it again")
+        runs = sorted(p.name for p in self.path.iterdir() if (p / self.CHECKPOINT).is_file())
+        inside = (f"; the run folders inside it: {', '.join(runs[:8])}"
+                  f"{f' and {len(runs) - 8} more' if len(runs) > 8 else ''}" if runs
+                  else "; it holds no run folders either")
+        raise ConfigError(f"{self.path} is not a run folder (no {self.CHECKPOINT}){inside}")
+
+    def lock_holder(self):
+        """The PID (text) of the process that trains in this folder now, or None."""
+        try:
+            handle = open(self.path / ".lock")
+        except OSError:
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "unknown"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
     @contextmanager
     def writer_lock(self):
         """Hold the folder's advisory lock while this process trains in it. A second process is
@@ -409,11 +524,12 @@ class RunFolder:
         path = self.path / self.CONFIG
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def record_resume(self, step, changed):
-        """Append one resumption (its step and the settings changed) to config.json."""
+    def record_resume(self, step, changed, device=None):
+        """Append one resumption (its step, the settings changed, the device) to config.json."""
         metadata = self.read_config()
         metadata.setdefault("resumes", []).append(
-            dict(step=step, changed=changed, at=datetime.now().isoformat(timespec="seconds")))
+            dict(step=step, changed=changed, device=device,
+                 at=datetime.now().isoformat(timespec="seconds")))
         self.write_config(metadata)
 
     # --- metrics.jsonl and metrics.json -----------------------------------------------------------

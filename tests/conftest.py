@@ -99,3 +99,10 @@ def write_celeba_zip(path, n_images, broken=()):
             data = b"\xff\xd8 not a jpeg" if i in broken else jpeg_bytes(photo(i))
             archive.writestr(f"img_align_celeba/{i:06d}.jpg", data)
     return path
+
+
+def no_data(parent):
+    """An empty --data-dir under ``parent``: the procedural dSprites, whatever ./ holds."""
+    folder = parent / "no-data"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

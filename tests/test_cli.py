@@ -9,17 +9,17 @@ import pytest
 import torch
 
 import dataset
-from conftest import records
+from conftest import no_data, records
 from run import main
 
 QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "6", "--log-interval", "2",
          "--save-interval", "3", "--gt-interval", "6", "--no-cuda", "--nb-test", "4",
-         "--eval-metrics", "none"]
+         "--eval-metrics", "none", "--eval-sample", "200"]
 
 
 def run_cli(tmp_path, name, *flags):
     code = main([*QUICK, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
-                 str(tmp_path / "no-data"), *flags])
+                 str(no_data(tmp_path)), *flags])
     return code, tmp_path / name
 
 
@@ -209,6 +209,45 @@ def test_metrics_during_training_and_evaluate_command(tmp_path):
         assert again["scores"][name]["score"] == final["scores"][name]["score"]
 
 
+def test_evaluate_scores_the_runs_own_metrics_and_the_sample_measures(tmp_path, capsys):
+    import evaluate
+    code, run_dir = run_cli(tmp_path, "own", "--eval-metrics", "mig")
+    capsys.readouterr()
+    assert evaluate.main([str(run_dir), "--no-cuda"]) == 0
+    last = json.loads((run_dir / "metrics.json").read_text())["evaluations"][-1]
+    assert last["source"] == "evaluate.py" and set(last["scores"]) == {"mig"}
+    assert last["measures"]["n_images"] == 200  # the run's own --eval-sample
+    out = capsys.readouterr().out
+    assert "mig " in out and "i_max " in out
+
+
+def test_evaluate_on_a_run_still_training_warns_and_writes_nothing(tmp_path, capsys, caplog):
+    import hashlib
+    import subprocess
+    import sys
+    import evaluate
+    code, run_dir = run_cli(tmp_path, "busy", "--eval-metrics", "mig")
+    digest = lambda: {p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                      for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"f = open({str(run_dir / '.lock')!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+        "f.seek(0); f.truncate(); f.write('4242\\n'); f.flush(); print('held', flush=True)\n"
+        "time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = digest()
+        with caplog.at_level("WARNING"):
+            assert evaluate.main([str(run_dir), "--no-cuda"]) == 0
+        assert digest() == before  # nothing written into the folder of a run in training
+        warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+        assert "still training (PID 4242)" in warning and "step 6 of 6" in warning
+        assert "not written" in capsys.readouterr().out
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
     import evaluate
     assert evaluate.main([str(tmp_path)]) == 2
@@ -264,7 +303,7 @@ def test_unknown_checkpoint_format_is_refused_with_a_clear_error(tmp_path, capsy
     assert main(["--resume", str(run_dir), "--steps", "8"]) == 2
     assert "checkpoint format 99" in capsys.readouterr().err
     assert evaluate.main([str(run_dir)]) == 2
-    assert "reads formats 1 to 3" in capsys.readouterr().err
+    assert "reads formats 1 to 4" in capsys.readouterr().err
     assert path.read_bytes() == before
 
 
@@ -308,3 +347,86 @@ def test_dry_run_checks_and_prints_the_settings_writing_nothing(tmp_path, capsys
         main(["--dry-run", "--omega", "2"])
     assert refused.value.code == 2 and "--omega" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# --- first contact: common mistakes get one line, and leave nothing behind ----------------------
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_data_dir_that_does_not_exist_is_named_and_no_folder_is_made(tmp_path, capsys):
+    missing = tmp_path / "datsets"
+    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--data-dir", str(missing)]) == 2
+    line = one_error_line(capsys)
+    assert str(missing) in line and "does not exist" in line
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    (tmp_path / "a-file").write_text("x")
+    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--data-dir",
+                 str(tmp_path / "a-file")]) == 2
+    assert "is a file, not a folder" in one_error_line(capsys)
+
+
+def test_an_existing_data_dir_without_the_npz_trains_on_the_procedural_dsprites(tmp_path,
+                                                                                caplog):
+    with caplog.at_level("INFO"):
+        code, run_dir = run_cli(tmp_path, "procedural")
+    assert code == 0
+    assert any("procedural renderer" in r.getMessage() and "--download" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_resume_of_a_path_that_does_not_exist_is_one_line(tmp_path, capsys):
+    assert main(["--resume", str(tmp_path / "outputs" / "nope")]) == 2
+    line = one_error_line(capsys)
+    assert "nope does not exist" in line
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_resume_of_a_folder_of_runs_names_them_and_leaves_no_lock(tmp_path, capsys):
+    assert run_cli(tmp_path / "outputs", "first")[0] == 0
+    assert run_cli(tmp_path / "outputs", "second")[0] == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert main(["--resume", str(tmp_path / "outputs"), "--steps", "8"]) == 2
+    line = one_error_line(capsys)
+    assert "is not a run folder" in line and "first, second" in line
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == before  # no .lock
+    (tmp_path / "empty").mkdir()
+    assert main(["--resume", str(tmp_path / "empty")]) == 2
+    assert "holds no run folders" in one_error_line(capsys)
+    assert not any((tmp_path / "empty").iterdir())
+    assert main(["--dry-run", "--resume", str(tmp_path / "empty")]) == 2
+    assert not any((tmp_path / "empty").iterdir())
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--metric", "test_gt"], "did you mean 'Test_gt'?"),
+    (["--metric", "factor"], "did you mean 'Factor'?"),
+    (["--update", "twostep"], "did you mean 'two-step'?"),
+    (["--eval-metrics", "factorvae"], "did you mean 'factor_vae'?"),
+])
+def test_an_invalid_choice_suggests_the_closest_valid_value(capsys, argv, hint):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert hint in capsys.readouterr().err
+
+
+def test_config_json_records_the_device_asked_for_and_used(tmp_path):
+    code, run_dir = run_cli(tmp_path, "cpu")
+    device = json.loads((run_dir / "config.json").read_text())["device"]
+    assert device["requested"] == "cpu" and device["used"] == "cpu"  # --no-cuda in QUICK
+    assert device["torch_threads"] == torch.get_num_threads() and device["precision"] == "fp32"
+    assert device["cpu"] and device["model"] == device["cpu"]
+    flags = [f for f in QUICK if f != "--no-cuda"]
+    assert main([*flags, "--output_dir", str(tmp_path), "--run-name", "asked",
+                 "--data-dir", str(no_data(tmp_path))]) == 0
+    device = json.loads((tmp_path / "asked" / "config.json").read_text())["device"]
+    assert device["requested"] == "cuda"
+    assert device["used"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert main(["--resume", str(run_dir), "--steps", "8"]) == 0
+    resume = json.loads((run_dir / "config.json").read_text())["resumes"][0]
+    assert resume["device"]["used"] == "cpu"

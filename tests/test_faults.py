@@ -15,18 +15,19 @@ import torch
 
 import evaluate
 import figures
-from conftest import ROOT, cmdline, records, write_celeba_zip
+from conftest import ROOT, cmdline, no_data, records, write_celeba_zip
 from dataset import CELEBA_ZIP, DSPRITES_FILE, DatasetError, load_celeba
 from run import main
 from utils import RunFolder
 
 QUICK = ["--grid", "reduced", "--batch_size", "8", "--log-interval", "2", "--save-interval", "4",
-         "--gt-interval", "1000", "--no-cuda", "--nb-test", "2", "--eval-metrics", "none"]
+         "--gt-interval", "1000", "--no-cuda", "--nb-test", "2", "--eval-metrics", "none",
+         "--eval-sample", "200"]
 
 
 def run_cli(tmp_path, name, *flags):
     return main([*QUICK, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
-                 str(tmp_path / "no-data"), *flags]), tmp_path / name
+                 str(no_data(tmp_path)), *flags]), tmp_path / name
 
 
 def sha256(path):
@@ -182,11 +183,15 @@ def test_oversized_celeba_members_are_refused_before_reading(tmp_path):
 
 # --- 9. small ones -----------------------------------------------------------------------------
 
-def test_evaluate_refuses_no_metrics_before_encoding(tmp_path, capsys):
-    with pytest.raises(SystemExit) as info:
-        evaluate.main([str(tmp_path), "--eval-metrics", "none"])
-    assert info.value.code == 2
-    assert "--eval-metrics none leaves nothing to evaluate" in capsys.readouterr().err
+def test_evaluate_with_no_metrics_measures_the_sample_without_encoding_the_grid(tmp_path,
+                                                                                 monkeypatch):
+    import solver
+    code, run_dir = run_cli(tmp_path, "r", "--steps", "4")
+    assert code == 0
+    monkeypatch.setattr(solver, "encode_all", lambda *a, **k: pytest.fail("grid encoded"))
+    assert evaluate.main([str(run_dir), "--eval-metrics", "none", "--no-cuda"]) == 0
+    last = RunFolder(run_dir).evaluations()[-1]
+    assert last["scores"] == {} and last["measures"]["n_images"] == 200
 
 
 def test_figures_checks_every_runs_kind_and_the_out_folder_before_writing(tmp_path, capsys):
@@ -218,8 +223,10 @@ def test_atomically_written_files_keep_the_usual_permissions(tmp_path):
 
 
 @pytest.mark.parametrize("old_format, implied", [
-    (1, dict(arch="2020", init="current", precision="fp32")),  # before --arch, --init, checksum
-    (2, dict(precision="fp32")),  # before --precision
+    (1, dict(arch="2020", init="current", precision="fp32", measure_omega=0.9,
+             eval_sample=10000)),  # before --arch, --init, the checksum
+    (2, dict(precision="fp32", measure_omega=0.9, eval_sample=10000)),  # before --precision
+    (3, dict(measure_omega=0.9, eval_sample=10000)),  # before i_max
 ])
 def test_an_older_checkpoint_resumes_with_its_implied_settings(tmp_path, old_format, implied):
     run_dir, path = checkpoint_of(tmp_path, "old")
@@ -236,8 +243,11 @@ def test_an_older_checkpoint_resumes_with_its_implied_settings(tmp_path, old_for
     (run_dir / "config.json").write_text(json.dumps(metadata))
     assert main(["--resume", str(run_dir), "--steps", "6"]) == 0
     resumed = RunFolder(run_dir).load_checkpoint()
-    assert resumed["format"] == 3 and resumed["step"] == 6
+    assert resumed["format"] == 4 and resumed["step"] == 6
     assert {name: resumed["config"][name] for name in implied} == implied
+    # config.json still lacks the settings; the now current checkpoint resumes again
+    assert main(["--resume", str(run_dir), "--steps", "7"]) == 0
+    assert RunFolder(run_dir).load_checkpoint()["step"] == 7
 
 
 # --- 6. failed or killed starts leave no debris ------------------------------------------------
@@ -251,7 +261,7 @@ def test_a_failed_start_leaves_no_folder_and_its_name_stays_free(tmp_path, capsy
     assert "not a valid dSprites file" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "r").exists()
     assert main([*QUICK, "--steps", "2", "--output_dir", str(tmp_path / "runs"), "--run-name",
-                 "r", "--data-dir", str(tmp_path / "none")]) == 0
+                 "r", "--data-dir", str(no_data(tmp_path))]) == 0
 
 
 def test_a_folder_left_without_a_checkpoint_may_be_reused_by_its_name(tmp_path):
@@ -260,7 +270,7 @@ def test_a_folder_left_without_a_checkpoint_may_be_reused_by_its_name(tmp_path):
     (left / "checkpoints" / ".last.pt.abc.tmp").write_bytes(b"half a checkpoint")
     (left / ".lock").write_text("123\n")
     assert main([*QUICK, "--steps", "2", "--output_dir", str(tmp_path / "runs"), "--run-name",
-                 "r", "--data-dir", str(tmp_path / "none")]) == 0
+                 "r", "--data-dir", str(no_data(tmp_path))]) == 0
     assert RunFolder(left).load_checkpoint()["step"] == 2
     assert not list((left / "checkpoints").glob("*.tmp"))  # the orphan went at the first save
     kept = tmp_path / "runs" / "kept"  # a folder with outputs is never reused

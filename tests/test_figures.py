@@ -21,7 +21,8 @@ def runs(tmp_path_factory):
         code = main(["--grid", "reduced", "--batch_size", "16", "--steps", "8", "--log-interval",
                      "2", "--save-interval", "2", "--gt-interval", "8", "--no-cuda", "--nb-test",
                      "5", "--alpha", "5.0", "--omega", "0.9", "--output_dir", str(root),
-                     "--run-name", metric, "--data-dir", str(root), "--metric", metric])
+                     "--run-name", metric, "--data-dir", str(root), "--metric", metric,
+                     "--eval-sample", "200"])
         assert code == 0
         folders[metric] = root / metric
     return folders
@@ -55,7 +56,11 @@ def test_figures_from_tiny_runs(runs, celeba_run, tmp_path):
     assert all(row["step"] == 8 and set(row["scores"]) == {"factor_vae", "mig"}
                for row in table[:3])
     assert table[3]["run"] == "CelebA" and table[3]["step"] == 2 and table[3]["scores"] == {}
-    assert "| Non-Syn VAE | Test_gt | 8 |" in (out / "comparison.md").read_text()
+    assert "| Non-Syn VAE | Non-Syn VAE (alpha 5, omega 0.9) | 8 |" in (out / "comparison.md").read_text()
+    assert table[0]["measures"] == {k: json.loads((runs["Test_gt"] / "metrics.json").read_text())[
+        "evaluations"][-1]["measures"][k] for k in ("recon", "kl", "elbo", "i_max")}
+    labelled, plain = Image.open(out / "traversal_labelled.png"), Image.open(runs["Test_gt"] / "alpha_5.0_traversal_8.png")
+    assert labelled.size[1] == plain.size[1] and labelled.size[0] > plain.size[0] + 40
 
 
 def test_latent_labels_name_the_factor_with_most_explained_variance():

@@ -15,7 +15,7 @@ import torch
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import study  # noqa: E402
-from conftest import layer_dtypes, records  # noqa: E402
+from conftest import layer_dtypes, no_data, records  # noqa: E402
 from run import main  # noqa: E402
 from solver import Config, Solver  # noqa: E402
 from test_replay import FIXTURE, ReplayBatches, ReplayNoise, in_module_order  # noqa: E402
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device: the GPU path is checked on a GPU machine "
                                        "(python benchmark.py --device-check)")
 QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "9", "--log-interval", "2",
-         "--save-interval", "4", "--gt-interval", "9", "--nb-test", "4", "--eval-metrics", "none"]
+         "--save-interval", "4", "--gt-interval", "9", "--nb-test", "4", "--eval-metrics", "none",
+         "--eval-sample", "200"]
 
 
 class OnDevice:
@@ -97,7 +98,7 @@ def test_interrupted_and_resumed_run_on_cuda_ends_with_the_same_weights(tmp_path
     try:
         def run(name):
             return main([*QUICK, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
-                         str(tmp_path / "none"), "--seed", "5"])
+                         str(no_data(tmp_path)), "--seed", "5"])
         assert run("straight") == 0
         at_step(6, lambda solver: os.kill(os.getpid(), signal.SIGTERM))
         assert run("resumed") == 130
@@ -130,7 +131,7 @@ def test_a_study_packs_four_trials_on_one_gpu(tmp_path):
     out = tmp_path / "s"
     argv = ["--out", str(out), "--metric", "Test_gt", "--seeds", "4", "--alpha", "5",
             "--omega", "0.9", "--trials-per-gpu", "4", "--workers", "4", "--", *QUICK,
-            "--data-dir", str(tmp_path / "none")]
+            "--data-dir", str(no_data(tmp_path))]
     assert study.main(argv) == 0
     state = json.loads((out / "study.json").read_text())
     assert [t["state"] for t in state["trials"]] == ["finished"] * 4

@@ -96,3 +96,32 @@ def test_ground_truth_heatmap_is_drawn_as_the_original(tmp_path):
     for image, j in zip(heatmaps, (0, 1), strict=True):
         assert np.array_equal(image.get_array(), pos[:, :, j])  # rows = posX, not transposed
         assert image.get_clim() == (-6.0, 3.0)  # [min, max] over all latents
+
+
+def test_ground_truth_plot_names_each_latent_and_the_factor_it_tracks(tmp_path):
+    from dataset import FACTOR_NAMES
+    pos = np.zeros((4, 4, 2))
+    summary = dict(variance=np.array([1.0, 1.0]), pos=pos, by_scale=np.zeros((3, 6, 2)),
+                   by_rotation=np.zeros((3, 10, 2)), scales=np.linspace(0.5, 1, 6),
+                   orientations=np.linspace(0, 6, 10))
+    for name, size in zip(FACTOR_NAMES, (3, 6, 10, 4, 4), strict=True):
+        summary[f"marginal_{name}"] = np.zeros((size, 2))
+    summary["marginal_posX"][:, 0] = [-1.0, -0.3, 0.3, 1.0]  # z0 tracks position x
+    summary["marginal_scale"][:, 1] = [-1.0, -0.6, -0.2, 0.2, 0.6, 1.0]  # z1 tracks scale
+    fig = save_ground_truth_plot(summary, tmp_path / "gt.png", "Non-Syn VAE (alpha 5), step 3")
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.images]
+    assert labels == ["z0: position x", "z1: scale"]
+    assert fig.get_suptitle() == "Non-Syn VAE (alpha 5), step 3"
+    assert any(ax.get_ylabel() == "posterior mean of the latent" for ax in fig.axes)  # colour bar
+
+
+def test_labelled_traversal_rows_keep_the_grid_and_add_a_margin():
+    from plotting import label_rows, traversal_labels
+    pixels = image_grid(torch.zeros(4, 3, 1, 64, 64))
+    labels = traversal_labels(2, ["position x", "none"])
+    assert labels == ["original", "reconstruction", "z0: position x", "z1: none"]
+    labelled = label_rows(pixels, labels)
+    assert labelled.shape[0] == pixels.shape[0] and labelled.shape[1] > pixels.shape[1]
+    margin = labelled.shape[1] - pixels.shape[1]
+    assert np.array_equal(labelled[:, margin:, 0], pixels)  # the grid itself unchanged
+    assert (labelled[:, :margin] < 128).any()  # text drawn in the margin

@@ -13,21 +13,21 @@ import torch
 import precision
 import solver as solver_module
 import study
-from conftest import layer_dtypes, records
+from conftest import layer_dtypes, no_data, records
 from run import main
 from solver import Config, Solver
 from utils import ConfigError, keep_freed_memory
 
 QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "6", "--log-interval", "2",
          "--save-interval", "3", "--gt-interval", "6", "--no-cuda", "--nb-test", "4",
-         "--eval-metrics", "none"]
+         "--eval-metrics", "none", "--eval-sample", "200"]
 native = pytest.mark.skipif(not precision.native_bf16("cpu"),
                             reason="this CPU has no native bf16 (AVX512-BF16 / AMX)")
 
 
 def run_cli(tmp_path, name, *flags):
     return main([*QUICK, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
-                 str(tmp_path / "no-data"), *flags]), tmp_path / name
+                 str(no_data(tmp_path)), *flags]), tmp_path / name
 
 
 def without_bf16(monkeypatch):
@@ -61,7 +61,7 @@ def test_bf16_without_native_support_is_refused_at_once_and_writes_nothing(tmp_p
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "--precision bf16 needs native bf16" in err and "--precision fp32" in err
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["no-data"]  # nothing but the empty data folder
     assert run_cli(tmp_path, "r", "--precision", "bf16", "--dry-run")[0] == 2  # studies check so
     with pytest.raises(ConfigError, match="needs native bf16"):
         Solver(Config(precision="bf16", grid="reduced", cuda=False), tmp_path / "s")

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import study
-from conftest import ROOT, cmdline
+from conftest import ROOT, cmdline, no_data
 
 TINY = ["--grid", "reduced", "--batch_size", "8", "--steps", "6", "--log-interval", "3",
         "--save-interval", "3", "--gt-interval", "6", "--eval-metrics", "mig", "--no-cuda",
-        "--nb-test", "2"]
+        "--nb-test", "2", "--eval-sample", "200"]
 
 
 def grid(out, *extra, data_dir):
@@ -35,7 +35,7 @@ def digest(folder):
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "s"
-    argv = grid(out, "--workers", "2", data_dir=out.parent / "none")
+    argv = grid(out, "--workers", "2", data_dir=no_data(out.parent))
     assert study.main(argv) == 0
     return out, argv
 
@@ -52,20 +52,22 @@ def test_a_two_by_two_study_makes_four_runs_and_a_two_row_summary(finished):
     assert [(r["metric"], r["n"]) for r in rows] == [("Test_gt", "2"), ("VAE", "2")]
     for row in rows:  # the summary's numbers, recomputed from the runs' own files
         folders = sorted(p for p in out.iterdir() if p.is_dir() and p.name.startswith(row["metric"] + "_"))
-        for name, source in (("recon", "train"), ("syn", "train"), ("mig", "report")):
+        for name, source in (("recon", "measures"), ("i_max", "measures"), ("elbo", "measures"),
+                             ("mig", "scores")):
             values = []
             for folder in folders:
-                if source == "train":
-                    rows_ = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-                    values.append([r for r in rows_ if r["kind"] == "train"][-1][name])
-                else:
-                    report = json.loads((folder / "metrics.json").read_text())
-                    values.append(report["evaluations"][-1]["scores"][name]["score"])
+                last = json.loads((folder / "metrics.json").read_text())["evaluations"][-1]
+                values.append(last[source][name] if source == "measures"
+                              else last[source][name]["score"])
             mean = sum(values) / 2
             std = math.sqrt(sum((v - mean) ** 2 for v in values))  # n - 1 = 1
             assert float(row[f"{name}_mean"]) == pytest.approx(mean, rel=1e-12)
             assert float(row[f"{name}_std"]) == pytest.approx(std, rel=1e-9, abs=1e-15)
-    assert "| Test_gt | 5.0 | 0.9 | 2 |" in (out / "summary.md").read_text()
+    assert {r["label"] for r in rows} == {"Non-Syn VAE (alpha 5, omega 0.9)", "VAE"}
+    summary = (out / "summary.md").read_text()
+    assert "| objective | n | recon | KL | ELBO | I_max (omega 0.9) | MIG |" in summary
+    assert "| Non-Syn VAE (alpha 5, omega 0.9) | 2 | " in summary and "| VAE | 2 | " in summary
+    assert not re.search(r"\de[+-]\d", summary)  # no 1e+02 in a table
 
 
 def test_rerunning_a_finished_study_changes_nothing_and_takes_seconds(finished):
@@ -128,12 +130,12 @@ def test_unknown_or_empty_axes_in_a_spec_file_are_named(tmp_path, capsys):
 
 KILL_FLAGS = ["--grid", "reduced", "--batch_size", "8", "--steps", "60", "--log-interval", "5",
               "--save-interval", "5", "--gt-interval", "1000", "--eval-metrics", "none",
-              "--no-cuda", "--nb-test", "2"]
+              "--no-cuda", "--nb-test", "2", "--eval-sample", "200"]
 
 
 def one_trial(out, *engine):
     return ["--out", str(out), "--metric", "Test_gt", "--seed", "3", *engine, "--",
-            *KILL_FLAGS, "--data-dir", str(out.parent / "none")]
+            *KILL_FLAGS, "--data-dir", str(no_data(out.parent))]
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +212,7 @@ def test_a_killed_study_stops_its_trials_with_a_checkpoint_and_resumes_them(tmp_
 def test_a_trial_killed_before_its_first_checkpoint_starts_again_keeping_its_files(tmp_path):
     out = tmp_path / "early"
     argv = ["--out", str(out), "--metric", "VAE", "--", *KILL_FLAGS, "--save-interval", "1000",
-            "--data-dir", str(tmp_path / "none")]  # no checkpoint before the end
+            "--data-dir", str(no_data(tmp_path))]  # no checkpoint before the end
     process = subprocess.Popen([sys.executable, str(ROOT / "study.py"), *argv],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "VAE_seed1" / "metrics.jsonl"
@@ -227,7 +229,7 @@ def test_a_crashing_trial_is_marked_failed_with_its_reason_and_the_others_go_on(
                                                                                capsys):
     out = tmp_path / "crash"  # alpha 1e300 makes the Non-Syn loss infinite: run.py stops, exit 3
     argv = ["--out", str(out), "--metric", "Test_gt", "VAE", "--alpha", "1e300", "--retries", "1",
-            "--", *TINY, "--data-dir", str(tmp_path / "none")]
+            "--", *TINY, "--data-dir", str(no_data(tmp_path))]
     assert study.main(argv) == 1
     captured = capsys.readouterr()
     assert "1 trial(s) failed" in captured.err
@@ -238,7 +240,7 @@ def test_a_crashing_trial_is_marked_failed_with_its_reason_and_the_others_go_on(
     assert crashed["log_tail"] and trials["VAE_seed1"]["state"] == "finished"
     assert "failed Test_gt_alpha1e+300_seed1 (attempt 2): run.py exited with 3" in captured.out
     summary = (out / "summary.md").read_text()
-    assert "| VAE |  | 1 |" in summary and "1 trial(s) have not finished" in summary
+    assert "| VAE | 1 |" in summary and "1 trial(s) have not finished" in summary
 
 
 def test_welch_tests_and_curves_come_from_the_runs_files(finished):
@@ -248,10 +250,9 @@ def test_welch_tests_and_curves_come_from_the_runs_files(finished):
         tests = {(r["a"], r["b"], r["measure"]): r for r in csv.DictReader(f)}
     finals = {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        rows_ = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        finals.setdefault(folder.name.split("_seed")[0], []).append(
-            [r for r in rows_ if r["kind"] == "train"][-1]["recon"])
-    test = tests[("Test_gt alpha=5.0 omega=0.9", "VAE", "recon")]
+        finals.setdefault(folder.name.split("_seed")[0], []).append(json.loads(
+            (folder / "metrics.json").read_text())["evaluations"][-1]["measures"]["i_max"])
+    test = tests[("Non-Syn VAE (alpha 5, omega 0.9)", "VAE", "i_max")]
     expected = ttest_ind(finals["Test_gt_alpha5.0_omega0.9"], finals["VAE"], equal_var=False)
     assert float(test["p_value"]) == pytest.approx(expected.pvalue, rel=1e-9)
     assert (test["n_a"], test["n_b"]) == ("2", "2")
@@ -272,7 +273,7 @@ def test_local_placement_packs_gpus_and_never_oversubscribes(gpus, kw, expected)
 
 
 @pytest.mark.parametrize("gpus, kw, message", [
-    ([], dict(workers=2, threads=2), "exceed the 2 cores"),
+    ([], dict(workers=2, threads=2), "exceed the 2 CPUs this process may use"),
     ([], dict(per_gpu=2), "no GPU is visible"),
     (["0"], dict(per_gpu=2, cuda=False), "--no-cuda"),
     (["0"], dict(per_gpu=1, workers=2), "exceeds 1 GPU(s) x --trials-per-gpu 1"),
@@ -331,7 +332,7 @@ def test_ctrl_c_stops_the_study_with_checkpoints_and_the_same_command_resumes(tm
     argv = [sys.executable, str(ROOT / "study.py"), "--out", str(out), "--metric", "VAE",
             "--engine", engine, "--", "--grid", "reduced", "--batch_size", "8", "--steps", "1500",
             "--log-interval", "5", "--save-interval", "500", "--eval-metrics", "none",
-            "--no-cuda", "--nb-test", "2", "--data-dir", str(tmp_path / "none")]
+            "--no-cuda", "--nb-test", "2", "--data-dir", str(no_data(tmp_path))]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "VAE_seed1" / "metrics.jsonl"
     wait_for(lambda: has_records(log))
@@ -349,7 +350,8 @@ def test_ctrl_c_stops_the_study_with_checkpoints_and_the_same_command_resumes(tm
 
 def test_relative_paths_mean_what_they_mean_where_the_study_was_started(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert study.main(["--out", "rel", "--metric", "VAE", "--", *TINY, "--data-dir", "none"]) == 0
+    no_data(tmp_path)
+    assert study.main(["--out", "rel", "--metric", "VAE", "--", *TINY, "--data-dir", "no-data"]) == 0
     assert (tmp_path / "rel" / "VAE_seed1" / "metrics.jsonl").exists()
     assert not (ROOT / "rel").exists()
 
@@ -372,3 +374,38 @@ def test_extend_adds_seeds_and_runs_only_the_new_trials(finished, tmp_path):
     assert digest(out / "VAE_seed1") == before  # finished trials untouched
     with open(out / "summary.csv") as f:
         assert [r["n"] for r in csv.DictReader(f)] == ["3", "3"]
+
+
+def test_default_workers_count_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    from utils import usable_cpus
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    v2 = tmp_path / "v2"
+    (v2 / "job" / "step").mkdir(parents=True)
+    (v2 / "job" / "cpu.max").write_text("250000 100000\n")  # 2.5 CPUs on an ancestor
+    (v2 / "job" / "step" / "cpu.max").write_text("max 100000\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/job/step\n")
+    assert usable_cpus(v2, proc) == 2
+    (v2 / "job" / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(v2, proc) == 6  # no quota: the affinity mask
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct" / "slurm").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "slurm" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu,cpuacct" / "slurm" / "cpu.cfs_period_us").write_text("100000\n")
+    proc.write_text("4:memory:/x\n3:cpu,cpuacct:/slurm\n")
+    assert usable_cpus(v1, proc) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert usable_cpus(v1, proc) == 1  # taskset -c 3
+    plan = study.plan_local(usable_cpus(v1, proc), [])
+    assert (plan.workers, plan.threads) == (1, 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_study_under_taskset_plans_one_worker_per_allowed_cpu(tmp_path):
+    """The real process: pinned to one CPU, study.py's default plan is one worker."""
+    code = ("import os, sys; sys.path.insert(0, %r); os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+            "import study; from utils import usable_cpus\n"
+            "plan = study.plan_local(usable_cpus(), [])\n"
+            "print(usable_cpus(), plan.workers, plan.threads)") % str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1", "1"]

@@ -81,15 +81,19 @@ def train(tmp_path, name, port, *flags):
     return main(["--grid", "reduced", "--batch_size", "16", "--no-cuda", "--nb-test", "4",
                  "--output_dir", str(tmp_path), "--run-name", name, "--data-dir", str(tmp_path),
                  "--gt-interval", "1000", "--eval-metrics", "none", "--viz_on", "True",
-                 "--viz_port", str(port), *flags])
+                 "--viz_port", str(port), "--eval-sample", "100", *flags])
 
 
 @pytest.mark.parametrize("metric, terms", [("Test_gt", ["recon", "kl", "syn", "total"]),
                                            ("Factor", ["recon", "kl", "syn", "tc", "d_loss"])])
-def test_plotted_series_equal_metrics_jsonl(tmp_path, server, metric, terms):
-    assert train(tmp_path, "live", server, "--metric", metric, "--steps", "12",
-                 "--log-interval", "2", "--viz_il_iter", "2", "--viz_la_iter", "4",
-                 "--save-interval", "6") == 0
+def test_plotted_series_equal_metrics_jsonl(tmp_path, server, metric, terms, caplog):
+    with caplog.at_level("INFO"):
+        assert train(tmp_path, "live", server, "--metric", metric, "--steps", "12",
+                     "--log-interval", "2", "--viz_il_iter", "2", "--viz_la_iter", "4",
+                     "--save-interval", "6") == 0
+    url = f"http://localhost:{server}/env/live"  # printed once connected, the page to open
+    assert any(url in r.getMessage() for r in caplog.records)
+    assert urllib.request.urlopen(url, timeout=5).status == 200
     rows = records(tmp_path / "live")
     vis = client(server)
     for term in terms:
