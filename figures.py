@@ -40,7 +40,7 @@ from PIL import Image, ImageDraw
 
 from plotting import label_rows, latent_labels, traversal_labels
 from metrics import METRIC_LABELS, METRIC_NAMES
-from solver import NONSYN, SAMPLE_MEASURES, Trained, objective_label
+from solver import NONSYN, SAMPLE_MEASURES, Config, Trained, objective_label
 from utils import ConfigError, RunFolder
 
 
@@ -311,9 +311,7 @@ def comparison_table(runs, out_dir):
         if not train:
             raise FigureError(f"{folder}/{folder.LOG} has no training record")
         config = folder.read_config()["config"]
-        reports = folder.evaluations()
-        measured = [e for e in reports if e.get("measures")]
-        measures = measured[-1]["measures"] if measured else {}
+        measures = folder.last_evaluated("measures")
         table.append(dict(run=name, folder=folder.name, metric=config["metric"],
                           objective=objective_label(config), step=train[-1]["step"],
                           measures={k: measures[k] for k in SAMPLE_MEASURES if k in measures},
@@ -321,7 +319,7 @@ def comparison_table(runs, out_dir):
                           scores=evaluations[-1]["scores"] if evaluations else {}))
     names = [n for n in METRIC_NAMES if any(n in row["scores"] for row in table)]
     omegas = sorted({row["measure_omega"] for row in table if row["measure_omega"]})
-    i_max = f"I_max (omega {', '.join(f'{w:g}' for w in omegas) or '0.9'})"
+    i_max = f"I_max (omega {', '.join(f'{w:g}' for w in omegas or [Config.measure_omega])})"
     lines = ["| run | objective | step | recon | KL | ELBO | " + i_max + " | "
              + " | ".join(METRIC_LABELS[n] for n in names) + " |",
              "|" + " --- |" * (7 + len(names))]

@@ -11,7 +11,8 @@ differ only by their train step:
                  synergy logged, not optimised
   Factor         FactorVAE: recon + KL + gamma * TC with a density-ratio discriminator
 Every train step returns (values, best): a dict of detached 0-dim tensors (every objective's
-with ``i_max``, the alpha-free synergy measure at ``measure_omega``) and the bool best-set mask. They are read on the host only at log time, so the step never synchronises with the device.
+with ``i_max``, the alpha-free synergy measure at ``measure_omega``) and the bool best-set mask.
+They are read on the host only at log time, so the step never synchronises with the device.
 """
 import dataclasses
 import logging

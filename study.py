@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from metrics import METRIC_LABELS
 from precision import PRECISIONS
-from solver import MEASURE_LABELS, OBJECTIVE_SETTINGS, SAMPLE_MEASURES, objective_label
+from solver import MEASURE_LABELS, OBJECTIVE_SETTINGS, SAMPLE_MEASURES, Config, objective_label
 from utils import (ArgumentParser, ConfigError, RunFolder, atomic_write_bytes, usable_cpus,
                    write_json)
 
@@ -59,6 +59,7 @@ PRESETS = {  # the thesis comparison: the original README's settings
                    flags=["--steps", "150000", "--gt-interval", "5000"]),
 }
 STATES = ("pending", "running", "finished", "failed")
+MEASURE_OMEGA = Config.measure_omega  # the default; an i_max at another omega gets its own column
 CURVES = (("recon", "reconstruction loss"), ("kl", "KL divergence"),
           ("i_max", "I_max: KL of the worst set"))  # per-step training log, every objective
 RAY_INSTALL = "pip install -r requirements-ray.txt"
@@ -660,27 +661,23 @@ def final_values(folder):
     default 0.9) and the last evaluation's disentanglement scores, from its own files. A run
     evaluated before the sample measures existed has scores only: the last step's minibatch
     losses measure something else and are never mixed in."""
-    values = {}
-    evaluations = RunFolder(folder).evaluations()
-    measured = [e["measures"] for e in evaluations if e.get("measures")]
-    if measured:
-        for name in SAMPLE_MEASURES:
-            values[measure_key(name, measured[-1])] = measured[-1][name]
-    scored = [e["scores"] for e in evaluations if e.get("scores")]
-    if scored:
-        values.update({k: v["score"] for k, v in scored[-1].items()})
+    run = RunFolder(folder)
+    measures = run.last_evaluated("measures")
+    values = {measure_key(name, measures): measures[name] for name in SAMPLE_MEASURES
+              if name in measures}
+    values.update({k: v["score"] for k, v in run.last_evaluated("scores").items()})
     return values
 
 
 def measure_key(name, measures):
     omega = measures["measure_omega"]
-    return name if name != "i_max" or omega == 0.9 else f"i_max@{omega:g}"
+    return name if name != "i_max" or omega == MEASURE_OMEGA else f"i_max@{omega:g}"
 
 
 def measure_label(key):
     """'I_max (omega 0.9)', 'FactorVAE score', ... for a summary column."""
     if key.startswith("i_max"):
-        return f"I_max (omega {key.partition('@')[2] or '0.9'})"
+        return f"I_max (omega {key.partition('@')[2] or f'{MEASURE_OMEGA:g}'})"
     return MEASURE_LABELS.get(key) or METRIC_LABELS.get(key, key)
 
 
@@ -758,7 +755,8 @@ def summarise(study):
                 text, partial = f"{text} (n={r[m + '_n']})", True
             cells.append(text)
         lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
-    omegas = sorted({m.partition("@")[2] or "0.9" for m in measures if m.startswith("i_max")})
+    omegas = sorted({m.partition("@")[2] or f"{MEASURE_OMEGA:g}" for m in measures
+                     if m.startswith("i_max")})
     lines.append("\nmean ± sample standard deviation over the finished seeds (n). recon, KL, "
                  "ELBO and I_max: the final evaluation's fixed sample of images, the same for "
                  "every run (" + (f"I_max: the KL of the worst set at omega {', '.join(omegas)}, "

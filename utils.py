@@ -237,7 +237,7 @@ def _cgroup_quotas(root, proc_cgroup):
         folders = [root / path.lstrip("/")] if hierarchy == "" else [
             root / name / path.lstrip("/") for name in (hierarchy, "cpu", "cpu,cpuacct")
             if "cpu" in hierarchy.split(",")]
-        for folder in folders:
+        for folder in dict.fromkeys(folders):  # v1 names its cpu hierarchy in several ways
             for level in (folder, *folder.parents):
                 if not level.is_relative_to(root):
                     break
@@ -587,6 +587,12 @@ class RunFolder:
         """The evaluations appended to metrics.json so far."""
         path = self.path / self.REPORT
         return json.loads(path.read_text())["evaluations"] if path.exists() else []
+
+    def last_evaluated(self, part):
+        """``part`` ("scores" or "measures") of the latest evaluation in metrics.json that has
+        it, or {}: runs evaluated before the sample measures existed have scores only."""
+        found = [e[part] for e in self.evaluations() if e.get(part)]
+        return found[-1] if found else {}
 
     def append_evaluation(self, evaluation):
         write_json(self.path / self.REPORT,
