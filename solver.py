@@ -206,7 +206,8 @@ class Config:
 def objective_label(settings):
     """A reader's name for a run's objective from its settings (a Config's dict, or part of
     one: missing settings are the defaults), e.g. "Non-Syn VAE (alpha 5, omega 0.9)",
-    "FactorVAE (gamma 6.4)", "VAE"; a non-default update, sample or precision is named too."""
+    "FactorVAE (gamma 6.4)", "VAE"; a non-default update, sample, decoder or precision is named
+    too ("VAE (arch 2018)")."""
     default = Config()
     get = lambda name: settings.get(name, getattr(default, name))  # noqa: E731
     metric = get("metric")
@@ -214,6 +215,8 @@ def objective_label(settings):
     if metric in NONSYN:
         parts += [f"{name} {get(name)}" for name in ("update", "sample")
                   if get(name) != getattr(default, name)]
+    if get("arch") != default.arch:
+        parts.append(f"arch {get('arch')}")
     if get("precision") != default.precision:
         parts.append(get("precision"))
     return OBJECTIVE_NAMES[metric] + (f" ({', '.join(parts)})" if parts else "")

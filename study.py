@@ -44,14 +44,16 @@ from tqdm import tqdm
 
 from metrics import METRIC_LABELS
 from precision import PRECISIONS
-from solver import MEASURE_LABELS, OBJECTIVE_SETTINGS, SAMPLE_MEASURES, Config, objective_label
+from solver import (ARCHS, MEASURE_LABELS, OBJECTIVE_SETTINGS, SAMPLE_MEASURES, Config,
+                    objective_label)
 from utils import (ArgumentParser, ConfigError, RunFolder, atomic_write_bytes, usable_cpus,
                    write_json)
 
 ROOT = Path(__file__).resolve().parent
 OBJECTIVE_AXES = OBJECTIVE_SETTINGS  # the value axes that multiply each objective's trials
 VALUE_AXES = ("alpha", "omega", "gamma", "beta")
-CHOICE_AXES = {"precision": PRECISIONS}  # axes of every objective, with their values
+CHOICE_AXES = {"precision": PRECISIONS, "arch": ARCHS}  # axes of every objective, their values
+CHOICE_NAMES = {"precision": "{}", "arch": "arch{}"}  # in trial names: _bf16, _arch2018
 AXES = VALUE_AXES + tuple(CHOICE_AXES)
 PRESETS = {  # the thesis comparison: the original README's settings
     "thesis": dict(metric=["Test_gt", "Factor", "VAE", "BVAE"], alpha=[5.0], omega=[0.9],
@@ -77,8 +79,17 @@ def trial_name(metric, settings, seed):
     (an axis left at run.py's default does not appear)."""
     parts = [metric] + [f"{axis}{settings[axis]!r}" for axis in OBJECTIVE_AXES[metric]
                         if axis in settings]
-    parts += [settings[axis] for axis in CHOICE_AXES if axis in settings]  # e.g. _bf16
+    parts += [CHOICE_NAMES[axis].format(settings[axis]) for axis in CHOICE_AXES
+              if axis in settings]  # e.g. _bf16, _arch2018
     return "_".join(parts + [f"seed{seed}"])
+
+
+def axis_values(spec, axis, metric):
+    """The values of ``axis`` for ``metric``'s trials: a spec gives an axis as a list (every
+    objective) or as {objective: list} (e.g. "arch": {"VAE": ["2020"], "Test_gt": ["2018"]});
+    None where it gives none."""
+    values = spec.get(axis)
+    return values.get(metric) if isinstance(values, dict) else values
 
 
 def expand(spec):
@@ -86,7 +97,7 @@ def expand(spec):
     trials = []
     for metric in spec["metric"]:
         axes = OBJECTIVE_AXES[metric] + tuple(CHOICE_AXES)
-        values = [spec.get(axis) or [None] for axis in axes]
+        values = [axis_values(spec, axis, metric) or [None] for axis in axes]
         for combo in itertools.product(*values):
             settings = {a: v for a, v in zip(axes, combo, strict=True) if v is not None}
             for seed in spec["seed"]:
@@ -181,15 +192,29 @@ def make_spec(p, args, shared):
         p.error(f"unknown axis {', '.join(unknown)}; axes are metric, seed, {', '.join(AXES)}")
     if not spec.get("metric"):
         p.error("no objective: give --metric (or --preset, --spec)")
-    for key in ("metric", "seed", *AXES):
-        if key in spec and (not isinstance(spec[key], list) or not spec[key]):
-            p.error(f"axis {key} is empty: give at least one value")
-    for axis, choices in CHOICE_AXES.items():
-        if bad := [v for v in spec.get(axis, []) if v not in choices]:
-            p.error(f"axis {axis}: {bad[0]!r} is not one of {', '.join(choices)}")
-    bad = [m for m in spec["metric"] if m not in OBJECTIVE_AXES]
+    bad = [m for m in spec["metric"] if m not in OBJECTIVE_AXES] \
+        if isinstance(spec["metric"], list) else []
     if bad:
         p.error(f"unknown objective {', '.join(bad)}; choose from {', '.join(OBJECTIVE_AXES)}")
+    for key in ("metric", "seed"):
+        if key in spec and (not isinstance(spec[key], list) or not spec[key]):
+            p.error(f"axis {key} is empty: give at least one value")
+    for axis in AXES:
+        if axis not in spec:
+            continue
+        per_objective = spec[axis] if isinstance(spec[axis], dict) else {None: spec[axis]}
+        for metric, values in per_objective.items():
+            where = f"axis {axis}" + (f" for {metric}" if metric else "")
+            if metric is not None and metric not in spec["metric"]:
+                p.error(f"{where}: {metric} is not among the study's objectives "
+                        f"({', '.join(spec['metric'])})")
+            if not isinstance(values, list):
+                p.error(f"{where} must be a list of values (or, in a spec file, "
+                        f"{{objective: list}}), not {values!r}")
+            if not values:
+                p.error(f"{where} is empty: give at least one value")
+            if bad := [v for v in values if v not in CHOICE_AXES.get(axis, (v,))]:
+                p.error(f"{where}: {bad[0]!r} is not one of {', '.join(CHOICE_AXES[axis])}")
     owned = {"--metric", "--seed", "--output_dir", "--output-dir", "--run-name", "--run_name",
              "--resume", *(f"--{a}" for a in AXES)}
     clash = [f for f in spec["flags"] if f.split("=")[0] in owned]
@@ -370,8 +395,8 @@ class Study:
         axes and seeds, nothing else)."""
         if self.data is not None and self.data["spec"] != spec:
             old = self.data["spec"]
-            grows = extend and old["flags"] == spec["flags"] and all(
-                set(old.get(k, [])) <= set(spec.get(k, [])) for k in old if k != "flags")
+            grows = extend and old["flags"] == spec["flags"] and (
+                {t["name"] for t in expand(old)} <= {t["name"] for t in expand(spec)})
             if not grows:
                 raise StudyError(f"{self.out} holds a study with another spec ({self.path}); it is "
                                  f"never mixed or deleted: use another --out, the same spec, or "

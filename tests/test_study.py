@@ -128,6 +128,41 @@ def test_unknown_or_empty_axes_in_a_spec_file_are_named(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_a_spec_may_give_an_axis_per_objective(tmp_path, capsys):
+    """The thesis's runs in one study: Non-Syn and FactorVAE with the 2018 decoder, VAE with
+    the 2020 one; a per-objective value for an objective the study lacks, or a bad value, is
+    named before anything is written."""
+    def spec_of(spec):
+        path = tmp_path / "spec.json"
+        path.write_text(json.dumps(spec))
+        return study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--spec",
+                                                  str(path)]))
+    spec = spec_of({"metric": ["Test_gt", "Factor", "VAE"], "alpha": [5.0],
+                    "arch": {"Test_gt": ["2018"], "Factor": ["2018"], "VAE": ["2020", "2018"]}})
+    trials = study.expand(spec)
+    assert [t["name"] for t in trials] == [
+        "Test_gt_alpha5.0_arch2018_seed1", "Factor_arch2018_seed1", "VAE_arch2020_seed1",
+        "VAE_arch2018_seed1"]
+    argv = study.trial_argv(spec, trials[2], tmp_path)
+    assert argv[argv.index("--arch") + 1] == "2020"
+    assert study.configuration(trials[2]) != study.configuration(trials[3])
+    for bad, message in (({"metric": ["VAE"], "arch": {"Factor": ["2018"]}},
+                          "axis arch for Factor: Factor is not among the study's objectives"),
+                         ({"metric": ["VAE"], "arch": {"VAE": ["2019"]}},
+                          "axis arch for VAE: '2019' is not one of 2020, 2018"),
+                         ({"metric": ["VAE"], "arch": {"VAE": []}}, "axis arch for VAE is empty"),
+                         ({"metric": ["VAE"], "alpha": 5}, "axis alpha must be a list of values")):
+        with pytest.raises(SystemExit):
+            spec_of(bad)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_the_objective_label_names_a_non_default_decoder():
+    assert study.objective_label({"metric": "VAE", "arch": "2018"}) == "VAE (arch 2018)"
+    assert study.objective_label({"metric": "VAE", "arch": "2020"}) == "VAE"
+
+
 KILL_FLAGS = ["--grid", "reduced", "--batch_size", "8", "--steps", "60", "--log-interval", "5",
               "--save-interval", "5", "--gt-interval", "1000", "--eval-metrics", "none",
               "--no-cuda", "--nb-test", "2", "--eval-sample", "200"]
