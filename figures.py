@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from plotting import label_rows, latent_labels, traversal_labels
+from plotting import (ACTIVE_VARIANCE, EXPLAINED, label_rows, latent_factors, latent_labels,
+                      traversal_labels)
 from metrics import METRIC_LABELS, METRIC_NAMES
 from solver import NONSYN, SAMPLE_MEASURES, Config, Trained, objective_label
 from utils import ConfigError, RunFolder
@@ -125,18 +126,6 @@ def write_gif(folder, path, frame_ms=250):
     return len(frames)
 
 
-def _traversal_panel(ax, image_path, labels, title):
-    image = np.asarray(Image.open(image_path))
-    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255)
-    rows = 2 + len(labels)
-    cell = (image.shape[0] - 2) / rows
-    ax.set_yticks([2 + cell * (r + 0.5) for r in range(rows)])
-    ax.set_yticklabels(["images", "reconstructions"] + [f"z{j}: {label}"
-                                                         for j, label in enumerate(labels)])
-    ax.set_xticks([])
-    ax.set_title(title)
-
-
 def labelled_traversal(folder, path):
     """The run's final traversal PNG with its rows named (``plotting.label_rows``)."""
     step, summary = ground_truth_summary(folder)
@@ -148,24 +137,122 @@ def labelled_traversal(folder, path):
     return image_step
 
 
+FACTOR_COLOURS = {"position x": "tab:blue", "position y": "tab:orange", "scale": "tab:green",
+                  "rotation": "tab:red", "shape": "tab:purple"}
+SHAPES = ("square", "ellipse", "heart")
+PANEL_HEIGHT = 4.6  # inches: the traversal grid's height, and the mean-activation panel's
+
+
+def final_state(folder):
+    """(step of its images, traversal pixels, ground-truth summary, step of the summary) of a
+    run's latest evaluation (the traversal saved at that step, else its latest)."""
+    step, summary = ground_truth_summary(folder)
+    traversals = dict(traversal_images(folder))
+    image_step = step if step in traversals else max(traversals)
+    pixels = np.asarray(Image.open(traversals[image_step]).convert("L"))
+    return image_step, pixels, summary, step
+
+
+def _model_block(fig, left, bottom, folder, sizes):
+    """One model of latents.png at (left, bottom) inches: the traversal grid, the rows of the
+    latents that track a factor boxed and labelled in the factor's colour, and beside it the
+    mean activations of the active latents only (position heatmap, mean against scale and
+    against rotation per shape), at the grid's height, shared axes, no ticks."""
+    from matplotlib.patches import Rectangle
+
+    width, height = fig.get_size_inches()
+    inches = lambda x, y, w, h: [x / width, y / height, w / width, h / height]  # noqa: E731
+    image_step, pixels, summary, step = final_state(folder)
+    factors = latent_factors(summary)
+    rows = 2 + len(factors)
+    pad = 2
+    cell = (pixels.shape[0] - pad) / rows
+    label_w, grid_w, gap, panel_w = sizes
+    ax = fig.add_axes(inches(left + label_w, bottom, grid_w, PANEL_HEIGHT))
+    ax.imshow(pixels, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    names = ["original", "reconstruction"] + [f"z{j}" for j in range(len(factors))]
+    for r, label in enumerate(names):
+        factor = factors[r - 2][0] if r >= 2 else None
+        colour = FACTOR_COLOURS.get(factor, "black" if r < 2 else "0.55")
+        text = f"{label}  {factor}" if factor in FACTOR_COLOURS or factor == "none" else label
+        ax.text(-8, pad / 2 + (r + 0.5) * cell, text, ha="right", va="center", color=colour,
+                fontsize=10, fontweight="bold" if factor in FACTOR_COLOURS else "normal")
+        if factor in FACTOR_COLOURS:
+            ax.add_patch(Rectangle((0.5, pad / 2 + r * cell + 0.5), pixels.shape[1] - 2,
+                                   cell - 1, fill=False, edgecolor=colour, linewidth=2.2))
+    config = folder.read_config()["config"]
+    fig.text((left + label_w) / width, (bottom + PANEL_HEIGHT + 0.3) / height,
+             f"{objective_label(config)}, seed {config['seed']}, step {image_step:,}",
+             fontsize=11, va="bottom")
+
+    active = [j for j, (factor, _) in enumerate(factors) if factor != "inactive"]
+    x0 = left + label_w + grid_w + gap
+    if not active:
+        fig.text((x0 + panel_w / 2) / width, (bottom + PANEL_HEIGHT / 2) / height,
+                 "no active latent", ha="center", va="center")
+        return
+    n = len(active)
+    size = min(PANEL_HEIGHT / n, panel_w / 3)  # square panels, at most the grid's height
+    top = bottom + (PANEL_HEIGHT + n * size) / 2
+    pos, by_scale, by_rotation = (summary[k][..., active] for k in ("pos", "by_scale",
+                                                                      "by_rotation"))
+    limits = [(a.min() - 0.08 * np.ptp(a) - 1e-3, a.max() + 0.08 * np.ptp(a) + 1e-3)
+              for a in (by_scale, by_rotation)]
+    inner = 0.06 * size
+    for i, j in enumerate(active):
+        y = top - (i + 1) * size + inner / 2
+        panels = [fig.add_axes(inches(x0 + c * size + inner / 2, y, size - inner,
+                                      size - inner)) for c in range(3)]
+        panels[0].imshow(pos[:, :, i], cmap="coolwarm", vmin=pos.min(), vmax=pos.max(),
+                         interpolation="nearest", aspect="auto")
+        for k, shape in enumerate(SHAPES):
+            panels[1].plot(summary["scales"], by_scale[k, :, i], linewidth=1.4, label=shape)
+            panels[2].plot(summary["orientations"], by_rotation[k, :, i], linewidth=1.4,
+                           label=shape)
+        panels[1].set_ylim(*limits[0])
+        panels[2].set_ylim(*limits[1])
+        for panel in panels:
+            panel.set_xticks([])
+            panel.set_yticks([])
+        factor = factors[j][0]
+        panels[0].set_ylabel(f"z{j}", fontsize=10, color=FACTOR_COLOURS.get(factor, "0.3"),
+                             fontweight="bold" if factor in FACTOR_COLOURS else "normal")
+        if i == 0:
+            for panel, title in zip(panels, ("pos", "scale", "rotation"), strict=True):
+                panel.set_title(title, fontsize=10 if size > 0.75 else 8)
+    handles, labels = panels[2].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=3, frameon=False, fontsize=7,
+               handlelength=1.2, columnspacing=0.8,
+               bbox_to_anchor=((x0 + 1.5 * size) / width, (top - n * size) / height))
+
+
 def comparison_figure(runs, path):
-    """Per run: its final traversal with latent labels, and its ground-truth plot."""
+    """The original's latents figure: per run, its final traversal with the rows of latents
+    that track a factor boxed and labelled (the automatic labels), then the mean-activation
+    panel of its active latents, both at the same height."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(9 * len(runs), 11), layout="constrained")
-    axes = fig.subplots(1, 2 * len(runs), squeeze=False)[0]
-    for i, (name, folder) in enumerate(runs):
-        step, summary = ground_truth_summary(folder)
-        traversals = dict(traversal_images(folder))
-        image_step = step if step in traversals else max(traversals)
-        _traversal_panel(axes[2 * i], traversals[image_step], latent_labels(summary),
-                         f"{name}: traversal, step {image_step}")
-        plot = folder.gt_plots()
-        if not plot:
-            raise FigureError(f"{folder} has no ground-truth plot (alpha_*_gt_<step>.png)")
-        axes[2 * i + 1].imshow(np.asarray(Image.open(plot[-1][1])))
-        axes[2 * i + 1].set_axis_off()
-        axes[2 * i + 1].set_title(f"{name}: mean activations, step {plot[-1][0]}")
-    fig.savefig(path, dpi=110)
+
+    label_w, gap = 1.45, 0.25
+    blocks = []
+    for _, folder in runs:
+        _, pixels, summary, _ = final_state(folder)
+        grid_w = PANEL_HEIGHT * pixels.shape[1] / pixels.shape[0]
+        active = sum(factor != "inactive" for factor, _ in latent_factors(summary))
+        blocks.append((label_w, grid_w, gap, 3 * min(PANEL_HEIGHT / max(active, 1),
+                                                     0.21 * PANEL_HEIGHT)))
+    spacing, margin = 0.35, 0.2
+    width = sum(sum(b) for b in blocks) + spacing * (len(blocks) - 1) + 2 * margin
+    height = PANEL_HEIGHT + 0.8
+    fig = Figure(figsize=(width, height))
+    left = margin
+    for (_, folder), sizes in zip(runs, blocks, strict=True):
+        _model_block(fig, left, 0.35, folder, sizes)
+        left += sum(sizes) + spacing
+    fig.savefig(path, dpi=130, facecolor="white")
 
 
 def loss_plot(folder, path, max_step=4000):
@@ -174,8 +261,13 @@ def loss_plot(folder, path, max_step=4000):
     rows = [r for r in training_records(folder)[0] if r["step"] <= max_step]
     if not rows:
         raise FigureError(f"{folder}/{folder.LOG} has no training record up to step {max_step}")
-    fig = Figure(figsize=(12, 3.4), layout="constrained")
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    config = folder.read_config()["config"]
     steps = [r["step"] for r in rows]
+    every = steps[1] - steps[0] if len(steps) > 1 else steps[0]
+    fig.suptitle(f"{objective_label(config)}, seed {config['seed']}: the first {steps[-1]:,} "
+                 f"steps, a point every {every} steps (the training batch's values)",
+                 fontsize="medium")
     for ax, key, title in zip(fig.subplots(1, 3), ("recon", "kl", "syn"),
                               ("reconstruction loss", "KL divergence", "synergy loss"), strict=True):
         ax.plot(steps, [r[key] for r in rows])
@@ -301,6 +393,34 @@ def faces_figure(folder, path):
     return step
 
 
+def learned_table(runs):
+    """What each latent learned, per dSprites run: the factor whose conditional means explain
+    most of the latent's variance over the data, and that share (plotting.latent_factors), from
+    the run's latest ground-truth summary."""
+    runs = [(name, folder) for name, folder in runs
+            if folder.read_config()["config"].get("dataset", "dsprites") == "dsprites"]
+    columns = []
+    for _, folder in runs:
+        step, summary = ground_truth_summary(folder)
+        columns.append((step, latent_factors(summary)))
+    z_dim = max(len(factors) for _, factors in columns)
+    lines = ["What each latent learned: the factor that explains most of its variance over the "
+             "data (share of the variance in brackets; inactive: variance of its mean < "
+             f"{ACTIVE_VARIANCE:g}; none: no factor explains {EXPLAINED:.0%}), at each run's "
+             "last ground-truth evaluation.", "",
+             "| latent | " + " | ".join(f"{name} (step {step:,})"
+                                        for (name, _), (step, _) in zip(runs, columns,
+                                                                       strict=True)) + " |",
+             "|" + " --- |" * (1 + len(runs))]
+    for j in range(z_dim):
+        cells = []
+        for _, factors in columns:
+            factor, share = factors[j] if j < len(factors) else ("", 0.0)
+            cells.append("inactive" if factor == "inactive" else f"{factor} ({share:.2f})")
+        lines.append(f"| z{j} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def comparison_table(runs, out_dir):
     """Per run its final evaluation: recon, KL, ELBO and I_max over the fixed evaluation sample
     (the same measure for every objective; blank for a run evaluated before they existed) and
@@ -332,6 +452,7 @@ def comparison_table(runs, out_dir):
                      + " | ".join(cells + scores) + " |")
     lines.append("\nrecon, KL, ELBO, I_max: the final evaluation's fixed sample of images "
                  "(docs/studies.md); I_max alpha-free at one omega for every objective.")
+    lines += [""] + learned_table(runs)
     (Path(out_dir) / "comparison.md").write_text("\n".join(lines) + "\n")
     (Path(out_dir) / "comparison.json").write_text(json.dumps(table, indent=2) + "\n")
     return table

@@ -116,16 +116,24 @@ def save_ground_truth_plot(summary, path, title=""):
     return fig
 
 
+def latent_factors(summary):
+    """Per latent, (factor it tracks, share of its variance over the data that the factor's
+    conditional means explain): ("inactive", 0) for a latent the ground-truth plot leaves out,
+    ("none", best share) where no factor explains EXPLAINED of it."""
+    factors = []
+    for j, variance in enumerate(summary["variance"]):
+        if variance <= ACTIVE_VARIANCE:
+            factors.append(("inactive", 0.0))
+            continue
+        explained = {name: float(summary[f"marginal_{name}"][:, j].var() / variance)
+                     for name in FACTOR_NAMES}
+        best = max(explained, key=explained.get)
+        factors.append((FACTOR_LABELS[best] if explained[best] >= EXPLAINED else "none",
+                        explained[best]))
+    return factors
+
+
 def latent_labels(summary):
     """Per latent, the factor whose conditional means explain most of its variance over the
     data ("none" below EXPLAINED, "inactive" for a latent the ground-truth plot leaves out)."""
-    labels = []
-    for j, variance in enumerate(summary["variance"]):
-        if variance <= ACTIVE_VARIANCE:
-            labels.append("inactive")
-            continue
-        explained = {name: summary[f"marginal_{name}"][:, j].var() / variance
-                     for name in FACTOR_NAMES}
-        best = max(explained, key=explained.get)
-        labels.append(FACTOR_LABELS[best] if explained[best] >= EXPLAINED else "none")
-    return labels
+    return [label for label, _ in latent_factors(summary)]

@@ -8,7 +8,7 @@ from PIL import Image
 import figures
 from conftest import write_celeba_zip
 from dataset import FACTOR_NAMES
-from plotting import latent_labels
+from plotting import latent_factors, latent_labels
 from run import main
 from utils import RunFolder
 
@@ -59,6 +59,13 @@ def test_figures_from_tiny_runs(runs, celeba_run, tmp_path):
     assert "| Non-Syn VAE | Non-Syn VAE (alpha 5, omega 0.9) | 8 |" in (out / "comparison.md").read_text()
     assert table[0]["measures"] == {k: json.loads((runs["Test_gt"] / "metrics.json").read_text())[
         "evaluations"][-1]["measures"][k] for k in ("recon", "kl", "elbo", "i_max")}
+    learned = [line for line in (out / "comparison.md").read_text().splitlines()
+               if line.startswith("| z")]
+    assert len(learned) == 10  # a row per latent, a column per dSprites run (not CelebA)
+    factors = latent_factors(figures.ground_truth_summary(RunFolder(runs["Factor"]))[1])
+    assert [row.split(" | ")[2] for row in learned] == [
+        "inactive" if f == "inactive" else f"{f} ({share:.2f})" for f, share in factors]
+    assert all(row.count(" | ") == 3 for row in learned)
     labelled, plain = Image.open(out / "traversal_labelled.png"), Image.open(runs["Test_gt"] / "alpha_5.0_traversal_8.png")
     assert labelled.size[1] == plain.size[1] and labelled.size[0] > plain.size[0] + 40
 
