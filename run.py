@@ -263,10 +263,12 @@ def _run(args, given):
             folder = RunFolder(args.resume)
             folder.check_run()  # before the lock: a wrong path gets no .lock file
             with folder.writer_lock():
-                folder.remove_orphans()
+                # every stored field is checked and the Solver built from it before any file
+                # of the run folder changes: a refused resume leaves the folder as it was
                 config, checkpoint, changed = resume_state(folder, args, given)
-                folder.trim_log(checkpoint["step"])
                 solver = Solver(config, folder, checkpoint)
+                folder.remove_orphans()
+                folder.trim_log(checkpoint["step"])
                 folder.record_resume(checkpoint["step"], changed,
                                      device_record(config, solver.device))
                 log.info("Resuming %s at step %d of %d", folder, checkpoint["step"], config.steps)

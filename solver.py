@@ -75,6 +75,8 @@ class Bound(NamedTuple):
 
     def problem(self, value):
         """Why ``value`` is out of bounds (text), or None when it is fine."""
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value}"
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return f"must be {'>' if self.low_open else '>='} {self.low}, got {value}"
         if self.high is not None and value > self.high:
@@ -82,17 +84,22 @@ class Bound(NamedTuple):
         return None
 
 
-# Every numeric setting's bounds, checked for flags (run.py) and for every Config alike.
+# Every numeric setting's bounds, checked for flags (run.py) and for every Config alike. The
+# upper bounds of the settings that size memory (z_dim, batch_size, nb_test, eval_sample) keep a
+# typo or a hand-edited checkpoint from being an allocation failure; the others are sanity.
+MANY = 10**9  # steps and intervals
 BOUNDS = dict(
-    z_dim=Bound(int, 1), alpha=Bound(float, 0), omega=Bound(float, 0, 1, low_open=True),
-    measure_omega=Bound(float, 0, 1, low_open=True), eval_sample=Bound(int, 1),
+    z_dim=Bound(int, 1, 1024), alpha=Bound(float, 0), omega=Bound(float, 0, 1, low_open=True),
+    measure_omega=Bound(float, 0, 1, low_open=True), eval_sample=Bound(int, 1, 737_280),
     gamma=Bound(float, 0), beta=Bound(float, 0),
-    lr_VAE=Bound(float, 0, low_open=True), beta1_VAE=Bound(float, 0, 1),
-    beta2_VAE=Bound(float, 0, 1), lr_D=Bound(float, 0, low_open=True),
+    lr_VAE=Bound(float, 0, 1, low_open=True), beta1_VAE=Bound(float, 0, 1),
+    beta2_VAE=Bound(float, 0, 1), lr_D=Bound(float, 0, 1, low_open=True),
     beta1_D=Bound(float, 0, 1), beta2_D=Bound(float, 0, 1),
-    batch_size=Bound(int, 2), steps=Bound(int, 1), nb_test=Bound(int, 1), seed=Bound(int, 0),
-    log_interval=Bound(int, 1), save_interval=Bound(int, 1), gt_interval=Bound(int, 1),
-    viz_port=Bound(int, 1, 65535), viz_il_iter=Bound(int, 1), viz_la_iter=Bound(int, 1),
+    batch_size=Bound(int, 2, 8192), steps=Bound(int, 1, MANY), nb_test=Bound(int, 1, 100),
+    seed=Bound(int, 0, 2**32 - 1), log_interval=Bound(int, 1, MANY),
+    save_interval=Bound(int, 1, MANY), gt_interval=Bound(int, 1, MANY),
+    viz_port=Bound(int, 1, 65535), viz_il_iter=Bound(int, 1, MANY),
+    viz_la_iter=Bound(int, 1, MANY),
 )
 CHOICES = dict(metric=OBJECTIVES, update=UPDATES, sample=SAMPLES, arch=ARCHS, init=INITS,
                precision=PRECISIONS, dataset=DATASETS, grid=GRIDS,
@@ -170,11 +177,13 @@ class Config:
                 raise ConfigError(f"{name} must be text, got {value!r}")
         if self.run_name is not None:
             name = self.run_name
-            if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            if (not name.strip() or name.startswith(".") or name != name.strip()
+                    or any(c in name for c in "/\\\0") or not name.isprintable()
                     or len(name.encode()) > 200):
-                raise ConfigError(f"run_name (--run-name) must be a single folder name: not "
-                                  f"empty, '.' or '..', without '/' or '\\', at most 200 bytes; "
-                                  f"got {name!r}")
+                raise ConfigError(f"run_name (--run-name) must be a visible single folder name: "
+                                  f"not blank, not starting with '.', no leading or trailing "
+                                  f"space, without '/', '\\' or control characters, at most 200 "
+                                  f"bytes; got {name!r}")
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -226,6 +235,125 @@ class Diverged(RuntimeError):
     """Training produced a non-finite loss or weight; the message names the step and the term."""
 
 
+class _Bad(Exception):
+    """A checkpoint field that is not what this code writes (the message names it)."""
+
+
+def _number(value, name, whole=False, low=0, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            whole and not isinstance(value, int)) or not math.isfinite(value):
+        raise _Bad(f"{name} must be a finite {'whole ' if whole else ''}number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise _Bad(f"{name} must lie in [{low}, {high if high is not None else 'inf'}], got "
+                   f"{value!r}")
+
+
+def _tensor(value, name, shape, dtype=torch.float32, finite=True):
+    if not isinstance(value, torch.Tensor):
+        raise _Bad(f"{name} must be a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+        raise _Bad(f"{name} must be a {dtype} tensor of shape {tuple(shape)}, got "
+                   f"{value.dtype} {tuple(value.shape)}")
+    if finite and value.is_floating_point() and not value.isfinite().all():
+        raise _Bad(f"{name} holds NaN or infinite values")
+
+
+def _state_dict(stored, template, name):
+    if not isinstance(stored, dict) or set(stored) != set(template):
+        found = sorted(map(str, stored)) if isinstance(stored, dict) else type(stored).__name__
+        raise _Bad(f"{name} must hold the tensors {sorted(template)[:3]}..., got {found}"[:300])
+    for key, tensor in template.items():
+        _tensor(stored[key], f"{name}[{key}]", tensor.shape, tensor.dtype)
+
+
+def _optimiser(stored, optimiser, name):
+    """An optimiser's state dict against a fresh ``optimiser`` of the same parameters: the same
+    groups and settings, and per parameter its step and moments of the parameter's shape."""
+    template = optimiser.state_dict()
+    if not isinstance(stored, dict) or set(stored) != {"state", "param_groups"}:
+        raise _Bad(f"{name} must hold 'state' and 'param_groups'")
+    groups, fresh = stored["param_groups"], template["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(fresh):
+        raise _Bad(f"{name}.param_groups must be a list of {len(fresh)} group(s)")
+    for i, (group, want) in enumerate(zip(groups, fresh, strict=True)):
+        if not isinstance(group, dict):
+            raise _Bad(f"{name}.param_groups[{i}] must be a dict")
+        for key in ("params", "lr", "betas", "eps"):
+            value, wanted = group.get(key), want[key]
+            as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+            if as_list(value) != as_list(wanted):
+                raise _Bad(f"{name}.param_groups[{i}].{key} must be {want[key]!r} (the run's "
+                           f"settings), got {group.get(key)!r}")
+    params = [p for group in optimiser.param_groups for p in group["params"]]
+    state = stored["state"]
+    if not isinstance(state, dict) or not set(state) <= set(range(len(params))):
+        raise _Bad(f"{name}.state must map parameter indices 0..{len(params) - 1} to their "
+                   f"state")
+    adam041 = isinstance(optimiser, Adam041)
+    for index, entry in state.items():
+        where = f"{name}.state[{index}]"
+        if not isinstance(entry, dict) or set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
+            raise _Bad(f"{where} must hold step, exp_avg and exp_avg_sq")
+        if adam041:
+            _number(entry["step"], f"{where}.step", whole=True, low=1)
+        else:
+            _tensor(entry["step"], f"{where}.step", ())
+            _number(entry["step"].item(), f"{where}.step", low=1)
+        shape = params[index].shape
+        _tensor(entry["exp_avg"], f"{where}.exp_avg", shape)
+        _tensor(entry["exp_avg_sq"], f"{where}.exp_avg_sq", shape)
+        if (entry["exp_avg_sq"] < 0).any():
+            raise _Bad(f"{where}.exp_avg_sq holds negative values")
+
+
+def check_checkpoint(checkpoint, config):
+    """Every stored field of a training checkpoint against what this code writes for
+    ``config``: types, ranges, the tensors' shapes and dtypes against the networks ``config``
+    builds, the optimisers' settings, the RNG state. Raises ConfigError naming the first field
+    that is not, before anything is built on it or any file is touched."""
+    required = {"step", "elapsed", "config", "model", "optim", "best_counts", "rng", "format"}
+    optional = {"eval_pending"}  # format 1 had none
+    if config.metric == "Factor":
+        required |= {"D", "optim_D"}
+    try:
+        if missing := sorted(required - set(checkpoint)):
+            raise _Bad(f"missing {', '.join(missing)}")
+        if unknown := sorted(map(str, set(checkpoint) - required - optional)):
+            raise _Bad(f"unknown entries {', '.join(unknown)} (not written by this code)")
+        _number(checkpoint["step"], "step", whole=True, high=config.steps)
+        _number(checkpoint["elapsed"], "elapsed")
+        if not isinstance(checkpoint.get("eval_pending", False), bool):
+            raise _Bad(f"eval_pending must be True or False, got {checkpoint['eval_pending']!r}")
+        with torch.device("cpu"):
+            model = MODEL_SPECS[config.dataset].build(config.z_dim, config.arch)
+            _state_dict(checkpoint["model"], model.state_dict(), "model")
+            _optimiser(checkpoint["optim"], vae_optimiser(model, config), "optim")
+            if config.metric == "Factor":
+                D = Discriminator(config.z_dim)
+                _state_dict(checkpoint["D"], D.state_dict(), "D")
+                _optimiser(checkpoint["optim_D"], discriminator_optimiser(D, config),
+                           "optim_D")
+        counts = checkpoint["best_counts"]
+        _tensor(counts, "best_counts", (config.z_dim,))
+        if (counts < 0).any() or (counts > checkpoint["step"]).any() or (
+                counts != counts.round()).any():
+            raise _Bad("best_counts must be whole numbers of steps between 0 and the step")
+        rng = checkpoint["rng"]
+        if not isinstance(rng, dict) or "torch" not in rng or not set(rng) <= {"torch", "cuda"}:
+            raise _Bad("rng must hold the 'torch' generator state (and 'cuda' on a GPU)")
+        for key, value in rng.items():
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or \
+                    value.dim() != 1:
+                raise _Bad(f"rng.{key} must be a 1-d uint8 tensor")
+        try:
+            torch.Generator().set_state(rng["torch"])  # a scratch generator: nothing global
+        except RuntimeError:
+            raise _Bad("rng.torch is not a generator state torch accepts") from None
+    except _Bad as err:
+        raise ConfigError(f"the checkpoint's {err}; the file was edited or written by other "
+                          f"code. Nothing was changed") from None
+
+
 def stored_run(folder):
     """(checkpoint, Config) of the run in ``folder``, validated before anything is built or
     written: a readable checkpoint of a known format whose tensors match their checksum, stored
@@ -234,6 +362,10 @@ def stored_run(folder):
     folder.check_run()
     checkpoint = folder.load_checkpoint()
     config = Config.from_stored(checkpoint["config"], f"the checkpoint of {folder}")
+    try:
+        check_checkpoint(checkpoint, config)
+    except ConfigError as err:
+        raise ConfigError(f"{folder.checkpoint_path}: {err}") from None
     started = folder.read_config().get("config")
     if started is not None:
         started = {**IMPLIED_SETTINGS[1], **started}  # written before a setting existed
@@ -325,6 +457,17 @@ class Adam041(torch.optim.Optimizer):
             torch._foreach_addcdiv_([p.data for p in params], m, denom, steps)
 
 
+def vae_optimiser(model, config):
+    """The VAE's optimiser: 0.4.1's Adam for the original update, today's otherwise."""
+    adam = Adam041 if config.metric in NONSYN and config.update == "original" \
+        else torch.optim.Adam
+    return adam(model.parameters(), lr=config.lr_VAE, betas=(config.beta1_VAE, config.beta2_VAE))
+
+
+def discriminator_optimiser(D, config):
+    return torch.optim.Adam(D.parameters(), lr=config.lr_D, betas=(config.beta1_D, config.beta2_D))
+
+
 # --- the Solver -----------------------------------------------------------------------------------
 
 class Solver:
@@ -347,15 +490,13 @@ class Solver:
         self.autocast = lambda: autocast(self.device, c.precision)  # around forward passes only
         self.reconstruction_loss = MODEL_SPECS[c.dataset].reconstruction_loss
         nonsyn = c.metric in NONSYN
-        adam = Adam041 if nonsyn and c.update == "original" else torch.optim.Adam
-        self.optim = adam(self.model.parameters(), lr=c.lr_VAE, betas=(c.beta1_VAE, c.beta2_VAE))
+        self.optim = vae_optimiser(self.model, c)
         self.D = self.optim_D = None
         if c.metric == "Factor":
             self.D = Discriminator(c.z_dim).to(self.device)
             if c.init == "original":
                 init_as_pytorch_041(self.D)
-            self.optim_D = torch.optim.Adam(self.D.parameters(), lr=c.lr_D,
-                                            betas=(c.beta1_D, c.beta2_D))
+            self.optim_D = discriminator_optimiser(self.D, c)
         if nonsyn:
             self.train_step = {"original": self.step_original, "two-step": self.step_two_step,
                                "joint": self.step_joint}[c.update]

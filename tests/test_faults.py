@@ -100,7 +100,7 @@ def checkpoint_of(tmp_path, name="ckpt"):
     ("unknown key", "unknown: colour; missing: none"),
     ("missing key", "unknown: none; missing: omega"),
     ("wrong type", "viz_port must be a whole number"),
-    ("run_name path", "run_name (--run-name) must be a single folder name"),
+    ("run_name path", "run_name (--run-name) must be a visible single folder name"),
     ("other run", "does not belong to the run its config.json describes (they differ in alpha)"),
 ])
 def test_a_bad_checkpoint_gets_the_projects_own_one_line_error(tmp_path, capsys, damage, message):
@@ -144,10 +144,12 @@ def test_a_bad_checkpoint_gets_the_projects_own_one_line_error(tmp_path, capsys,
 
 # --- 8. bounded inputs -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["a/b", "..", ".", "x" * 201, "a\\b"])
-def test_run_name_must_be_one_path_component(tmp_path, capsys, name):
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "x" * 201, "a\\b", ".lock", ".hidden", "",
+                                  "   ", " lead", "tab\tname"])
+def test_run_name_must_be_one_visible_path_component(tmp_path, capsys, name):
     assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--run-name", name]) == 2
-    assert "run_name (--run-name) must be a single folder name" in capsys.readouterr().err
+    assert "run_name (--run-name) must be a visible single folder name" in \
+        capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
