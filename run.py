@@ -171,11 +171,19 @@ def build_parser():
     return p
 
 
-def explicit_flags(parser, argv):
-    """Names (dests) of the settings given on the command line, not left at their defaults."""
-    quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+class _Quiet(argparse.ArgumentParser):
+    def error(self, message):  # e.g. an ambiguous abbreviation: the caller words it
+        raise ConfigError(message)
+
+
+def explicit_flags(parser, argv, with_help=False):
+    """Names (dests) of the settings given on the command line, not left at their defaults,
+    with abbreviations resolved as ``parser`` resolves them (and "help" for -h, --help, --he
+    when ``with_help``)."""
+    quiet = _Quiet(add_help=False, argument_default=argparse.SUPPRESS,
+                   allow_abbrev=parser.allow_abbrev)
     for action in parser._actions:
-        if action.option_strings and action.dest != "help":
+        if action.option_strings and (with_help or action.dest != "help"):
             kwargs = dict(dest=action.dest)
             if action.nargs == 0:
                 kwargs.update(action="store_const", const=action.const)

@@ -46,8 +46,8 @@ from metrics import METRIC_LABELS
 from precision import PRECISIONS
 from solver import (ARCHS, MEASURE_LABELS, OBJECTIVE_SETTINGS, SAMPLE_MEASURES, Config,
                     objective_label)
-from utils import (ArgumentParser, ConfigError, RunFolder, atomic_write_bytes, usable_cpus,
-                   write_json)
+from utils import (ArgumentParser, ConfigError, DiskFull, RunFolder, atomic_write_bytes,
+                   usable_cpus, write_json)
 
 ROOT = Path(__file__).resolve().parent
 OBJECTIVE_AXES = OBJECTIVE_SETTINGS  # the value axes that multiply each objective's trials
@@ -146,7 +146,12 @@ def parse_args(argv):
     grid.add_argument("--extend", action="store_true",
                       help="add axis values or seeds to DIR's study")
     grid.add_argument("--retries", type=int, default=2, help="retries of a failed trial")
-    grid.add_argument("--summary", action="store_true", help="only write the summary of DIR")
+    grid.add_argument("--summary", action="store_true",
+                      help="only write the summary of DIR (from the run folders if study.json "
+                           "is unreadable)")
+    grid.add_argument("--rebuild", action="store_true",
+                      help="with the study's own command: set an unreadable DIR/study.json aside "
+                           "and re-derive every trial's state from its run folder")
     local = p.add_argument_group("--engine local (default): worker processes on this machine")
     local.add_argument("--engine", choices=("local", "ray"), default="local")
     local.add_argument("--workers", type=int, default=None,
@@ -171,13 +176,35 @@ def parse_args(argv):
     return p, args, shared
 
 
+# run.py settings a study sets itself or that would make a trial something else than its name
+# and the summary say: refused among the shared flags in any spelling run.py accepts
+OWNED = ("metric", "seed", "output_dir", "run_name", "resume", "dry_run", "help", *AXES)
+
+
+def owned_flags(flags):
+    """The run.py settings among ``flags`` (a spec's or those after --) that the study owns, as
+    run.py would read them: abbreviations (--alph) and either spelling resolved."""
+    import run
+    return sorted(run.explicit_flags(run.build_parser(), flags, with_help=True) & set(OWNED))
+
+
+def refuse(message):
+    """A spec's mistake: one line naming it, exit 2, before anything is written."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def make_spec(p, args, shared):
     spec = dict(PRESETS[args.preset]) if args.preset else {}
     if args.spec:
         try:
-            spec.update(json.loads(Path(args.spec).read_text()))
-        except (OSError, json.JSONDecodeError) as err:
-            p.error(f"--spec {args.spec}: {err}")
+            loaded = json.loads(Path(args.spec).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            refuse(f"--spec {args.spec}: {err}")
+        if not isinstance(loaded, dict):
+            refuse(f"--spec {args.spec} must hold one JSON object ({{\"metric\": [...], "
+                    f"\"seed\": [...], ...}}), not a {type(loaded).__name__}")
+        spec.update(loaded)
     for key in ("metric", *AXES):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
@@ -186,19 +213,28 @@ def make_spec(p, args, shared):
     elif args.seed is not None:
         spec["seed"] = args.seed
     spec.setdefault("seed", [1])
-    spec["flags"] = list(spec.get("flags", [])) + shared
+    flags = spec.get("flags", [])
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        refuse(f"flags must be a list of run.py's command-line words, e.g. [\"--steps\", "
+                f"\"3000\"], not {flags!r}")
+    spec["flags"] = flags + shared
     unknown = sorted(set(spec) - {"metric", "seed", "flags", *AXES})
     if unknown:
-        p.error(f"unknown axis {', '.join(unknown)}; axes are metric, seed, {', '.join(AXES)}")
+        refuse(f"unknown axis {', '.join(unknown)}; axes are metric, seed, {', '.join(AXES)}")
     if not spec.get("metric"):
-        p.error("no objective: give --metric (or --preset, --spec)")
-    bad = [m for m in spec["metric"] if m not in OBJECTIVE_AXES] \
-        if isinstance(spec["metric"], list) else []
-    if bad:
-        p.error(f"unknown objective {', '.join(bad)}; choose from {', '.join(OBJECTIVE_AXES)}")
+        refuse("no objective: give --metric (or --preset, --spec)")
     for key in ("metric", "seed"):
-        if key in spec and (not isinstance(spec[key], list) or not spec[key]):
-            p.error(f"axis {key} is empty: give at least one value")
+        if not isinstance(spec[key], list):
+            refuse(f"axis {key} must be a list of values, not {spec[key]!r}")
+        if not spec[key]:
+            refuse(f"axis {key} is empty: give at least one value")
+    bad = [m for m in spec["metric"] if m not in OBJECTIVE_AXES]
+    if bad:
+        refuse(f"unknown objective {', '.join(map(str, bad))}; choose from "
+                f"{', '.join(OBJECTIVE_AXES)}")
+    if bad := [s for s in spec["seed"] if isinstance(s, bool) or not isinstance(s, int)
+               or s < 0]:
+        refuse(f"axis seed: {bad[0]!r} is not a seed (a whole number >= 0)")
     for axis in AXES:
         if axis not in spec:
             continue
@@ -206,20 +242,35 @@ def make_spec(p, args, shared):
         for metric, values in per_objective.items():
             where = f"axis {axis}" + (f" for {metric}" if metric else "")
             if metric is not None and metric not in spec["metric"]:
-                p.error(f"{where}: {metric} is not among the study's objectives "
+                refuse(f"{where}: {metric} is not among the study's objectives "
                         f"({', '.join(spec['metric'])})")
             if not isinstance(values, list):
-                p.error(f"{where} must be a list of values (or, in a spec file, "
+                refuse(f"{where} must be a list of values (or, in a spec file, "
                         f"{{objective: list}}), not {values!r}")
             if not values:
-                p.error(f"{where} is empty: give at least one value")
-            if bad := [v for v in values if v not in CHOICE_AXES.get(axis, (v,))]:
-                p.error(f"{where}: {bad[0]!r} is not one of {', '.join(CHOICE_AXES[axis])}")
-    owned = {"--metric", "--seed", "--output_dir", "--output-dir", "--run-name", "--run_name",
-             "--resume", *(f"--{a}" for a in AXES)}
-    clash = [f for f in spec["flags"] if f.split("=")[0] in owned]
+                refuse(f"{where} is empty: give at least one value")
+            if axis in CHOICE_AXES:
+                if bad := [v for v in values if v not in CHOICE_AXES[axis]]:
+                    refuse(f"{where}: {bad[0]!r} is not one of {', '.join(CHOICE_AXES[axis])}")
+            elif bad := [v for v in values if isinstance(v, bool)
+                         or not isinstance(v, (int, float))]:
+                refuse(f"{where}: {bad[0]!r} is not a number")
+    for key in ("metric", "seed", *AXES):
+        per_objective = spec.get(key, [])
+        for values in (per_objective.values() if isinstance(per_objective, dict)
+                       else [per_objective]):
+            if dupes := sorted({str(v) for v in values if values.count(v) > 1}):
+                refuse(f"axis {key} lists {', '.join(dupes)} more than once: each value makes "
+                        f"its own trials, give it once")
+    try:
+        clash = owned_flags(spec["flags"])
+    except ConfigError as err:
+        refuse(f"run.py flags {' '.join(spec['flags'])!r}: {err}")
     if clash:
-        p.error(f"run.py flag {clash[0]} is set by the study itself; give it as an axis")
+        name = clash[0]
+        refuse(f"run.py flag --{name} (as run.py reads {' '.join(spec['flags'])!r}) is "
+                + ("an axis of the study: give it as one (--" + name + " ...)" if name in AXES
+                   or name in ("metric", "seed") else "set by the study itself for every trial"))
     return {k: spec[k] for k in ("metric", "seed", *AXES, "flags") if k in spec}
 
 
@@ -382,13 +433,87 @@ def current_step(folder):
 
 # --- bookkeeping ---------------------------------------------------------------------------------
 
+def study_json_problem(data):
+    """What makes ``data`` (study.json's content) other than what Study.save writes, or None."""
+    if not isinstance(data, dict) or not {"spec", "trials"} <= set(data):
+        return "not an object with 'spec' and 'trials'"
+    spec, trials = data["spec"], data["trials"]
+    if not isinstance(spec, dict) or not isinstance(spec.get("metric"), list) or not \
+            isinstance(spec.get("seed"), list) or not isinstance(spec.get("flags"), list):
+        return "its spec lacks metric, seed or flags"
+    if not isinstance(trials, list):
+        return "its trials are not a list"
+    for i, trial in enumerate(trials):
+        if not isinstance(trial, dict) or not isinstance(trial.get("name"), str) or \
+                trial.get("metric") not in OBJECTIVE_AXES or not isinstance(
+                    trial.get("settings"), dict) or trial.get("state") not in STATES or \
+                not isinstance(trial.get("attempts"), int):
+            return f"trial {i} is not a trial record"
+        if trial["name"] in ("", ".", "..") or "/" in trial["name"]:
+            return f"trial {i} has the name {trial['name']!r}"
+    try:
+        if sorted(t["name"] for t in expand(spec)) != sorted(t["name"] for t in trials):
+            return "its trials are not those of its spec"
+    except (KeyError, TypeError, AttributeError) as err:
+        return f"its spec does not expand ({type(err).__name__})"
+    return None
+
+
+def folder_trials(out):
+    """The trials of the run folders in ``out`` (name, metric, seed, the objective's settings
+    from each config.json; finished or pending from its checkpoint): what a summary reads when
+    study.json is unreadable."""
+    trials = []
+    for path in sorted(Path(out).iterdir()) if Path(out).is_dir() else []:
+        config = RunFolder(path).read_config().get("config") if path.is_dir() else None
+        if not isinstance(config, dict) or config.get("metric") not in OBJECTIVE_AXES:
+            continue
+        settings = {axis: config[axis] for axis in OBJECTIVE_AXES[config["metric"]]
+                    if axis in config}
+        settings.update({axis: config[axis] for axis in CHOICE_AXES
+                         if axis in config and config[axis] != getattr(Config, axis)})
+        trials.append(dict(name=path.name, metric=config["metric"], seed=config.get("seed"),
+                           settings=settings, attempts=0, reason=None, log_tail=None,
+                           state="finished" if complete(path) else "pending"))
+    return trials
+
+
 class Study:
     """DIR/study.json: the spec, the trials and their states."""
 
-    def __init__(self, out):
+    def __init__(self, out, read=True):
         self.out = Path(out)
         self.path = self.out / "study.json"
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else None
+        self.data = self.read() if read else None
+
+    def read(self):
+        """study.json's content, checked: None when there is none; StudyError (one line, how
+        to recover) when it is truncated, empty or edited into something this code did not
+        write."""
+        if not self.path.exists():
+            return None
+        try:
+            data = json.loads(self.path.read_text())
+            problem = study_json_problem(data)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            problem = f"{type(err).__name__}: {err}"
+        if problem:
+            raise StudyError(
+                f"{self.path} is unreadable ({problem}): it was truncated or edited. The run "
+                f"folders are intact: 'python study.py --out {self.out} --summary' still "
+                f"summarises them, and the same study command with --rebuild re-derives every "
+                f"trial's state from its run folder (the old file is kept beside it)")
+        return data
+
+    def rebuild(self):
+        """Set the unreadable study.json aside (study.json.unreadable-<time>, never deleted);
+        the spec given now is adopted with states from the run folders."""
+        if self.path.exists():
+            kept = self.path.with_name(f"study.json.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.path.rename(kept)
+            print(f"study.py: {self.path} was set aside as {kept.name}; the trials' states "
+                  f"come from their run folders", file=sys.stderr)
+        self.data = None
 
     def check_spec(self, spec, extend):
         """Refuse a spec that would mix with the study already in DIR (``--extend`` may grow
@@ -403,17 +528,26 @@ class Study:
                                  f"--extend to add axis values or seeds")
 
     def adopt(self, spec):
-        """Record ``spec`` and its trials, keeping the states of trials already known."""
+        """Record ``spec`` and its trials, keeping the states of trials already known (a new
+        study, or a rebuilt one, takes "finished" from the trials' run folders). A trial
+        recorded finished whose run folder does not hold its final checkpoint runs again."""
         trials = expand(spec)
         states = {t["name"]: t for t in (self.data or {}).get("trials", [])}
         for trial in trials:
             old = states.get(trial["name"], {})
             trial.update(state=old.get("state", "pending"), attempts=old.get("attempts", 0),
                          reason=old.get("reason"), log_tail=old.get("log_tail"))
+            done = complete(self.out / trial["name"])
+            if trial["state"] == "finished" and not done:
+                trial.update(state="pending", reason=f"recorded finished, but "
+                             f"{self.out / trial['name']} holds no checkpoint at its last "
+                             f"step: run again")
+            elif done and trial["state"] != "finished":
+                trial.update(state="finished", reason=None, log_tail=None)
         self.data = dict(spec=spec, trials=trials)
         self.save()
 
-    def lock(self):
+    def lock(self, reread=True):
         """Hold DIR/.study.lock while this invocation runs the study (returns the open lock
         file): a second study.py on the same DIR is refused at once; the lock goes with the
         process, so a killed study never blocks its rerun."""
@@ -425,7 +559,12 @@ class Study:
             handle.close()
             raise StudyError(f"another study.py is running the study in {self.out}; wait for it "
                              f"to end, or stop it first") from None
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else None
+        try:
+            if reread:  # as it is now that no one else changes it
+                self.data = self.read()
+        except StudyError:
+            handle.close()
+            raise
         return handle
 
     def save(self):
@@ -548,6 +687,15 @@ def run_local(study, plan, retries, progress):
                     del running[slot]
                     if study.ended(trial, code, bool(stopping), progress, retries):
                         queue.append(trial)  # resumes from its checkpoint when it has one
+    except BaseException:  # e.g. the disk filled while saving study.json: trials stop too
+        for process, _ in running.values():
+            process.send_signal(signal.SIGTERM)  # each saves a checkpoint at its next step
+        for process, _ in running.values():
+            try:
+                process.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -889,25 +1037,48 @@ def planned_steps(study, configs):
 
 
 def main(argv=None):
+    """The study command; the exit code (0 done, 1 a trial failed, 2 bad input, 3 disk full,
+    130 stopped)."""
     p, args, shared = parse_args(argv)
-    study = Study(args.out)
+    try:
+        return _main(p, args, shared)
+    except DiskFull as err:
+        print(f"error: no space left on device while writing {err.path or 'a file'} of the "
+              f"study in {args.out}; every file of the study keeps its previous version and "
+              f"stopped trials keep their checkpoints. Free some space, then run the same "
+              f"study.py command again", file=sys.stderr)
+        return 3
+
+
+def _main(p, args, shared):
+    try:
+        study = Study(args.out)
+    except StudyError as err:
+        study = Study(args.out, read=False)
+        if args.summary:  # the run folders still say everything a summary needs
+            study.data = dict(spec=None, trials=folder_trials(args.out))
+            print(f"study.py: {study.path} is unreadable; summarising the run folders in "
+                  f"{args.out} instead", file=sys.stderr)
+        elif not args.rebuild:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.summary:
         if study.data is None:
-            p.error(f"{args.out} holds no study.json")
+            refuse(f"{args.out} holds no study.json")
         rows = summarise(study)
         print(f"wrote {study.out}/summary.md, summary.csv, ttests.csv, curves.png "
               f"({len(rows)} configurations)")
         return 0
     spec = make_spec(p, args, shared)
     if args.retries < 0:
-        p.error("--retries must be 0 or more")
+        refuse("--retries must be 0 or more")
     given = {flag for flag in ("workers", "threads", "trials_per_gpu", "address",
                                "cpus_per_trial", "gpus_per_trial")
              if getattr(args, flag) != p.get_default(flag)}
     other = given & ({"address", "cpus_per_trial", "gpus_per_trial"} if args.engine == "local"
                      else {"workers", "threads", "trials_per_gpu"})
     if other:
-        p.error(f"--{sorted(other)[0].replace('_', '-')} is for --engine "
+        refuse(f"--{sorted(other)[0].replace('_', '-')} is for --engine "
                 f"{'ray' if args.engine == 'local' else 'local'}; with --engine {args.engine} "
                 + ("use --cpus-per-trial / --gpus-per-trial" if args.engine == "ray"
                    else "use --workers / --threads / --trials-per-gpu"))
@@ -929,11 +1100,12 @@ def main(argv=None):
             where = (f"{plan.workers} worker(s) x {plan.threads} thread(s)"
                      + (f" on GPU(s) {', '.join(plan.devices)}" if plan.devices[0] else ""))
         study.check_spec(spec, args.extend)
-        known = {t["name"]: t["state"] for t in (study.data or {}).get("trials", [])}
-        fresh = [t for t in expand(spec) if known.get(t["name"]) != "finished"
-                 and not (study.out / t["name"] / "config.json").exists()]
+        # a trial without a run folder (new, or recorded finished but its folder is gone)
+        fresh = [t for t in expand(spec) if not (study.out / t["name"] / "config.json").exists()]
         configs = check_trials(spec, fresh, study.out, usable_cpus())  # nothing written yet
-        held = study.lock()  # noqa: F841  (held until this process ends)
+        held = study.lock(reread=not args.rebuild)  # noqa: F841  (held until this ends)
+        if args.rebuild:
+            study.rebuild()
         study.check_spec(spec, args.extend)  # again, as it is now that no one else changes it
         study.adopt(spec)
     except StudyError as err:

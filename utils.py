@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class DiskFull(RuntimeError):
-    """A write failed for lack of space; the message names the file."""
+    """A write failed for lack of space; the message names the file (``path``)."""
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = path
 
 
 @contextmanager
@@ -38,7 +42,8 @@ def disk_full_named(path):
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(f"no space left on device while writing {path}; the previous version "
-                           f"of the file is kept. Free some space, then resume the run") from None
+                           f"of the file is kept. Free some space, then resume the run",
+                           path) from None
         raise
 
 

@@ -100,7 +100,24 @@ def test_a_second_study_on_the_same_folder_is_refused_while_one_runs(finished, c
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--metric", "VAE", "--", "--omega", "2"], "run.py flag --omega is set by the study itself"),
+    (["--metric", "VAE", "--", "--omega", "2"], "run.py flag --omega (as run.py reads"),
+    (["--metric", "Test_gt", "--", "--alph", "9"], "run.py flag --alpha (as run.py reads "
+                                                    "'--alph 9') is an axis of the study"),
+    (["--metric", "VAE", "--", "--alpha=9"], "run.py flag --alpha"),
+    (["--metric", "VAE", "--", "--see", "3"], "run.py flag --seed"),
+    (["--metric", "VAE", "--", "--metr", "Factor"], "run.py flag --metric"),
+    (["--metric", "VAE", "--", "--arch", "2018"], "run.py flag --arch"),
+    (["--metric", "VAE", "--", "--output-dir", "x"], "run.py flag --output_dir"),
+    (["--metric", "VAE", "--", "--output_d", "x"], "run.py flag --output_dir"),
+    (["--metric", "VAE", "--", "--run_name", "x"], "run.py flag --run_name"),
+    (["--metric", "VAE", "--", "--res", "x"], "run.py flag --resume"),
+    (["--metric", "VAE", "--", "--dry-run"], "run.py flag --dry_run"),
+    (["--metric", "VAE", "--", "--dry"], "ambiguous option: --dry could match"),
+    (["--metric", "VAE", "--", "-h"], "run.py flag --help"),
+    (["--metric", "VAE", "--", "--he"], "run.py flag --help"),
+    (["--metric", "VAE", "--seed", "1", "2", "1"], "axis seed lists 1 more than once"),
+    (["--metric", "VAE", "VAE"], "axis metric lists VAE more than once"),
+    (["--metric", "Test_gt", "--alpha", "5", "5.0"], "axis alpha lists 5.0 more than once"),
     (["--metric", "Test_gt", "--omega", "2"], "would be refused by run.py"),
     (["--metric", "VAE", "--", "--batch_size", "1"], "would be refused by run.py"),
     (["--metric", "VAE", "--", "--colour", "red"], "unrecognized arguments: --colour red"),
@@ -114,18 +131,34 @@ def test_bad_input_is_refused_before_any_trial_starts(tmp_path, capsys, argv, me
     except SystemExit as exit:  # argparse's own refusals
         code = exit.code
     assert code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    if "unrecognized arguments" not in err:  # argparse's own refusals print the usage too
+        assert len(err.strip().splitlines()) == 1, err
     assert not out.exists()  # nothing written, not even study.json
 
 
 def test_unknown_or_empty_axes_in_a_spec_file_are_named(tmp_path, capsys):
     for spec, message in (({"metric": ["VAE"], "colour": [1]}, "unknown axis colour"),
-                          ({"metric": ["VAE"], "seed": []}, "axis seed is empty")):
+                          ({"metric": ["VAE"], "seed": []}, "axis seed is empty"),
+                          ([{"metric": ["VAE"]}], "must hold one JSON object"),
+                          ({"metric": "VAE"}, "axis metric must be a list of values"),
+                          ({"metric": ["VAE"], "seed": "1"}, "axis seed must be a list"),
+                          ({"metric": ["VAE"], "seed": [1, 1]}, "axis seed lists 1 more"),
+                          ({"metric": ["VAE"], "seed": [1.5]}, "axis seed: 1.5 is not a seed"),
+                          ({"metric": ["Test_gt"], "alpha": ["5"]}, "axis alpha: '5' is not a"),
+                          ({"metric": ["VAE"], "flags": "--steps 10"}, "flags must be a list"),
+                          ({"metric": ["Test_gt"], "flags": ["--alph", "9"]},
+                           "run.py flag --alpha (as run.py reads '--alph 9')"),
+                          ({"metric": ["VAE"], "arch": {"VAE": ["2018", "2018"]}},
+                           "axis arch lists 2018 more than once")):
         path = tmp_path / "spec.json"
         path.write_text(json.dumps(spec))
         with pytest.raises(SystemExit):
             study.main(["--out", str(tmp_path / "s"), "--spec", str(path)])
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, spec
+        assert not (tmp_path / "s").exists()
 
 
 def test_a_spec_may_give_an_axis_per_objective(tmp_path, capsys):
@@ -444,3 +477,93 @@ def test_study_under_taskset_plans_one_worker_per_allowed_cpu(tmp_path):
             "print(usable_cpus(), plan.workers, plan.threads)") % str(ROOT)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "1", "1"]
+
+
+# --- study.json that lies, disk full ----------------------------------------------------------
+
+def copy_of(finished, tmp_path):
+    import shutil
+    out, argv = finished
+    shutil.copytree(out, tmp_path / "s")
+    return tmp_path / "s", [tmp_path / "s" if a == str(out) else a for a in argv]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "a list", "edited state",
+                                    "trial removed"])
+def test_an_unreadable_study_json_is_named_with_the_way_to_recover(finished, tmp_path, capsys,
+                                                                    damage):
+    out, argv = copy_of(finished, tmp_path)
+    argv = [str(a) for a in argv]
+    path = out / "study.json"
+    text = path.read_text()
+    data = json.loads(text)
+    if damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "empty":
+        path.write_text("")
+    elif damage == "a list":
+        path.write_text("[]")
+    elif damage == "edited state":
+        data["trials"][0]["state"] = "done"
+        path.write_text(json.dumps(data))
+    else:
+        data["trials"].pop()
+        path.write_text(json.dumps(data))
+    before = digest(out)
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path} is unreadable" in err, err
+    assert "--summary" in err and "--rebuild" in err
+    assert digest(out) == before
+    # the summary still reads the run folders
+    (out / "summary.md").unlink()
+    assert study.main(["--out", str(out), "--summary"]) == 0
+    assert "| Non-Syn VAE (alpha 5, omega 0.9) | 2 | " in (out / "summary.md").read_text()
+    # --rebuild sets the file aside and takes the states from the run folders: nothing reruns
+    runs = {name: digest(out / name) for name in ("VAE_seed1", "VAE_seed2")}
+    started = time.monotonic()
+    assert study.main([*argv[:argv.index("--")], "--rebuild", *argv[argv.index("--"):]]) == 0
+    assert time.monotonic() - started < 20
+    rebuilt = json.loads(path.read_text())
+    assert [t["state"] for t in rebuilt["trials"]] == ["finished"] * 4
+    assert {name: digest(out / name) for name in runs} == runs
+    assert len(list(out.glob("study.json.unreadable-*"))) == 1
+
+
+def test_a_trial_recorded_finished_without_its_final_checkpoint_runs_again(finished, tmp_path):
+    import shutil
+    out, argv = copy_of(finished, tmp_path)
+    argv = [str(a) for a in argv]
+    shutil.rmtree(out / "VAE_seed2")  # study.json still says finished
+    assert study.main(argv) == 0
+    assert json.loads((out / "VAE_seed2/checkpoints").parent.joinpath(
+        "config.json").read_text())["config"]["seed"] == 2
+    assert torch.load(out / "VAE_seed2/checkpoints/last.pt", weights_only=True)["step"] == 6
+
+
+def test_disk_full_while_writing_the_study_is_one_line_and_exit_3(finished, tmp_path, capsys,
+                                                                   monkeypatch):
+    import errno
+    from utils import disk_full_named
+    out, argv = copy_of(finished, tmp_path)
+    argv = [str(a) for a in argv]
+    (out / "summary.md").unlink()  # the summary must be written again: the disk is full
+
+    def full(path, data):
+        with disk_full_named(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    before = digest(out)
+    monkeypatch.setattr(study, "atomic_write_bytes", full)
+    assert study.main(argv) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no space left on device while writing" in err, err
+    assert "summary.md" in err and "run the same study.py command again" in err
+    assert digest(out) == before
+    # study.json itself: a grown study cannot be recorded, and no trial starts
+    monkeypatch.setattr(study, "write_json", lambda path, obj: full(path, b""))
+    grown = [("3" if a == "2" and argv[i - 1] == "--seeds" else a) for i, a in enumerate(argv)]
+    grown.insert(grown.index("--"), "--extend")
+    assert study.main(grown) == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "study.json of the study" in err, err
+    assert digest(out) == before and not (out / "VAE_seed3").exists()
