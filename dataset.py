@@ -6,17 +6,23 @@ on the training device and unpacked to float only for the batch being used. Fact
 indices and latent values are those of the official release: C-order over
 (color 1, shape 3, scale 6, orientation 40, posX 32, posY 32), posY fastest.
 """
+import contextlib
+import ctypes
+import functools
 import hashlib
 import io
 import logging
 import math
+import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -532,16 +538,26 @@ def _read_celeba_chunk(path, names, crop):
                                    f"JPEG (~10 KB; limit {MAX_MEMBER_BYTES:,}); not reading it. "
                                    f"Is this the real {CELEBA_ZIP}? Fetch it from {CELEBA_SOURCE}")
             try:
-                if archive is None:
-                    image = Image.open(path / name)
-                else:
-                    image = Image.open(io.BytesIO(archive.read(name)))
+                # at most the cap is read, whatever the member declares: a lying size cannot
+                # inflate into memory
+                with (open(path / name, "rb") if archive is None else archive.open(name)) as f:
+                    data = f.read(MAX_MEMBER_BYTES + 1)
+                if len(data) > MAX_MEMBER_BYTES:
+                    raise DatasetError(f"{path}: {name} inflates beyond {MAX_MEMBER_BYTES:,} "
+                                       f"bytes although it declares {size:,}, far beyond a "
+                                       f"CelebA JPEG (~10 KB); not reading further. Is this "
+                                       f"the real {CELEBA_ZIP}? Fetch it from {CELEBA_SOURCE}")
+                image = Image.open(io.BytesIO(data))
                 if image.width * image.height > MAX_PIXELS:
                     raise DatasetError(f"{path}: {name} is {image.width}x{image.height} pixels, "
                                        f"far beyond a CelebA photo (178x218; limit {MAX_PIXELS:,} "
                                        f"pixels); not decoding it. Fetch the real data from "
                                        f"{CELEBA_SOURCE}")
                 image.load()
+            except Image.DecompressionBombError as err:  # a header declaring ~200 megapixels
+                raise DatasetError(f"{path}: {name} declares a size far beyond a CelebA photo "
+                                   f"(178x218; {str(err).split('.')[0]}); not decoding it. Fetch "
+                                   f"the real data from {CELEBA_SOURCE}") from None
             except (UnidentifiedImageError, OSError, zipfile.BadZipFile, zlib.error) as err:
                 raise DatasetError(f"{path}: {name} is not a readable JPEG ({err}); the file may "
                                    f"be truncated. Fetch it again from {CELEBA_SOURCE}") from err
@@ -569,6 +585,31 @@ def celeba_cache_path(source, crop):
     return source.parent / f"celeba64_{crop}_{key}.npy"
 
 
+def _decoding_worker():
+    """In each preprocessing worker: Ctrl-C and SIGTERM belong to the parent, which stops the
+    pool (Pool.terminate sends SIGTERM, the default action ends the worker at once); a parent
+    that dies without stopping it takes the workers with it (Linux)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # fork kept it
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait (are blocked) in this thread while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
 def preprocess_celeba(source, cache, crop, workers=None, chunk=512):
     """Decode every JPEG once into a uint8 (N, 64, 64, 3) .npy at ``cache``, written atomically."""
     names = _celeba_members(source)
@@ -588,20 +629,22 @@ def preprocess_celeba(source, cache, crop, workers=None, chunk=512):
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
         with tqdm(total=len(names), unit="img", desc="CelebA preprocessing") as bar:
             if workers:
-                pool = ProcessPoolExecutor(workers)
+                pool = None
                 try:
-                    results = pool.map(_read_celeba_chunk, [source] * len(chunks), chunks,
-                                       [crop] * len(chunks))
-                    for i, block in enumerate(results):
+                    with _signals_held():  # a signal during fork() would be swallowed
+                        pool = multiprocessing.Pool(workers, initializer=_decoding_worker)
+                    read = functools.partial(_read_celeba_chunk, source, crop=crop)
+                    for i, block in enumerate(pool.imap(read, chunks)):
                         out[i * chunk:i * chunk + len(block)] = block
                         bar.update(len(block))
+                    pool.close()
                 except BaseException:  # Ctrl-C, SIGTERM, a bad image: stop the workers now
-                    processes = list((pool._processes or {}).values())
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    for process in processes:
-                        process.terminate()
+                    if pool is not None:
+                        with _signals_held():  # a second SIGTERM cannot cut it short
+                            pool.terminate()
+                            pool.join()
                     raise
-                pool.shutdown()
+                pool.join()
             else:
                 for i, names_i in enumerate(chunks):
                     out[i * chunk:i * chunk + len(names_i)] = _read_celeba_chunk(source, names_i, crop)
