@@ -42,6 +42,8 @@ def main(argv=None):
             raise ConfigError(f"{folder} was trained on {stored.dataset}, which has no "
                               f"ground-truth factors to score against")
         holder = folder.lock_holder()
+        if holder is None:  # before the encoding pass, not after it
+            folder.check_writable("evaluate.py (metrics.json, the ground-truth plot)")
         if holder is not None:
             log.warning("warning: %s is still training (PID %s): scoring its latest checkpoint, "
                         "step %d of %d, and writing nothing into the run folder (the run "

@@ -270,6 +270,8 @@ def _run(args, given):
         if args.resume:
             folder = RunFolder(args.resume)
             folder.check_run()  # before the lock: a wrong path gets no .lock file
+            folder.check_no_links()
+            folder.check_writable("--resume")
             with folder.writer_lock():
                 # every stored field is checked and the Solver built from it before any file
                 # of the run folder changes: a refused resume leaves the folder as it was
@@ -300,6 +302,15 @@ def _run(args, given):
                     finished = solver.train()
             except (ConfigError, DatasetError, DiskFull, KeyboardInterrupt):
                 folder.remove_if_empty()  # a start that failed leaves no folder to block its name
+                raise
+            except Diverged as err:
+                if folder.checkpoint_path.exists():
+                    raise
+                folder.remove_if_empty()
+                if folder.path.exists():  # its log shows the divergence: kept, under a new name
+                    kept = folder.set_aside("diverged")
+                    raise Diverged(f"{err}; nothing to resume, so the run folder was renamed "
+                                   f"{kept} (its log kept) and the name is free") from None
                 raise
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)

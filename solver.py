@@ -360,6 +360,7 @@ def stored_run(folder):
     settings checked like flags, and the same run as config.json describes (settings that a
     resume may change aside)."""
     folder.check_run()
+    folder.check_no_links()
     checkpoint = folder.load_checkpoint()
     config = Config.from_stored(checkpoint["config"], f"the checkpoint of {folder}")
     try:
@@ -701,8 +702,10 @@ class Solver:
                         self.save_checkpoint()  # after the evaluation: it records whether it ran
                         self.save_traversal()
         finally:
-            log_file.close()
-            self._restore_signal_handlers(handlers)
+            try:
+                self.folder.close_log(log_file)
+            finally:
+                self._restore_signal_handlers(handlers)
         if self._stop_signal is not None:
             self.save_checkpoint()
             name = signal.Signals(self._stop_signal).name
@@ -810,9 +813,10 @@ class Solver:
         self.check_finite()
         weights = list(self.model.parameters()) + (list(self.D.parameters()) if self.D else [])
         if not torch.stack([p.isfinite().all() for p in weights]).all():
+            kept = (f"the last checkpoint, step {self.checkpoint_step}, is kept"
+                    if self.checkpoint_step is not None else "no checkpoint was written")
             raise Diverged(f"a weight became NaN or infinite by step {self.step}; training "
-                           f"stopped and the last checkpoint, step {self.checkpoint_step}, is "
-                           f"kept. Try a lower --lr_VAE in a new run")
+                           f"stopped and {kept}. Try a lower --lr_VAE in a new run")
         state = dict(step=self.step, elapsed=self.elapsed, eval_pending=self.eval_pending,
                      config=self.config.to_dict(),
                      model=self.model.state_dict(), optim=self.optim.state_dict(),

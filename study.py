@@ -47,7 +47,7 @@ from precision import PRECISIONS
 from solver import (ARCHS, MEASURE_LABELS, OBJECTIVE_SETTINGS, SAMPLE_MEASURES, Config,
                     objective_label)
 from utils import (ArgumentParser, ConfigError, DiskFull, RunFolder, atomic_write_bytes,
-                   usable_cpus, write_json)
+                   check_writable, usable_cpus, write_json)
 
 ROOT = Path(__file__).resolve().parent
 OBJECTIVE_AXES = OBJECTIVE_SETTINGS  # the value axes that multiply each objective's trials
@@ -1051,6 +1051,14 @@ def main(argv=None):
 
 
 def _main(p, args, shared):
+    where = Path(args.out).absolute()
+    while not where.exists() and where != where.parent:  # the folder, or where it will be made
+        where = where.parent
+    try:
+        check_writable(where, "study.py (study.json, summaries, the run folders)")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         study = Study(args.out)
     except StudyError as err:

@@ -5,6 +5,7 @@ import difflib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -14,6 +15,7 @@ import platform
 import re
 import subprocess
 import tempfile
+import time
 import zipfile
 from contextlib import contextmanager
 from datetime import datetime
@@ -24,6 +26,20 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def check_writable(path, purpose):
+    """ConfigError (one line) unless this process may create files in the folder ``path``:
+    not on a read-only file system, and allowed by its permissions."""
+    path = Path(path)
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return  # it does not exist (yet): whoever creates it reports that
+    if read_only or not os.access(path, os.W_OK | os.X_OK):
+        why = "a read-only file system" if read_only else "no write permission"
+        raise ConfigError(f"{path} is read-only ({why}); {purpose} writes into it. Make it "
+                          f"writable, or copy it somewhere writable first")
 
 
 class DiskFull(RuntimeError):
@@ -79,9 +95,13 @@ def atomic_write_bytes(path, data):
 
 
 def atomic_torch_save(obj, path):
-    """torch.save through atomic_file: a kill mid-write leaves the previous file intact."""
-    with atomic_file(path) as f:
-        torch.save(obj, f)
+    """torch.save through atomic_file: a kill mid-write leaves the previous file intact. The
+    checkpoint is serialised in memory first (a few MB) so that a full disk fails in a plain
+    write (DiskFull naming the file), not inside torch's zip writer (its RuntimeError says
+    only "unexpected pos")."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_json(path, obj):
@@ -361,19 +381,27 @@ class RunFolder:
                               f"choose a writable --output_dir") from err
         return cls(path)
 
-    _BOOKKEEPING = {".lock", CONFIG}
+    _BOOKKEEPING = {".lock", CONFIG}  # and an empty metrics.jsonl
 
     def holds_nothing(self):
         """True when the folder holds nothing a run produced: at most its lock, its config.json
         and an empty checkpoints/ (a start that failed or was stopped before its first step)."""
         for entry in self.path.iterdir():
-            if entry.name in self._BOOKKEEPING:
+            if entry.name in self._BOOKKEEPING or (
+                    entry.name == self.LOG and entry.is_file() and entry.stat().st_size == 0):
                 continue
             if entry.name == Path(self.CHECKPOINT).parent.name and entry.is_dir() and not any(
                     p for p in entry.iterdir() if not p.name.endswith(".tmp")):
                 continue
             return False
         return True
+
+    def set_aside(self, why):
+        """Rename the folder to ``<name>.<why>-<time>`` (kept, never deleted) so that it no
+        longer blocks its name; returns the new path."""
+        kept = self.path.with_name(f"{self.path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.path.rename(kept)
+        return kept
 
     def remove_if_empty(self):
         """Remove the folder of a start that failed before producing anything (see
@@ -463,6 +491,25 @@ class RunFolder:
                                   f"stored in it; the file is corrupt. Nothing was changed")
         return checkpoint
 
+    def check_writable(self, purpose):
+        """ConfigError (one line) unless this process can write into the folder (a read-only
+        file system, or permissions that forbid it), before anything is computed."""
+        check_writable(self.path, purpose)
+
+    def check_no_links(self):
+        """ConfigError (one line) if an entry of the run folder (or of checkpoints/) is a
+        symbolic link: the run's writes would follow it out of the folder."""
+        parts = [self.path, self.checkpoint_path.parent]
+        for folder in parts:
+            if folder.is_symlink():
+                raise ConfigError(f"{folder} is a symbolic link; the run's writes would follow "
+                                  f"it out of the run folder. Replace it by a real folder")
+            for entry in folder.iterdir() if folder.is_dir() else ():
+                if entry.is_symlink():
+                    raise ConfigError(f"{entry} is a symbolic link (to {os.readlink(entry)}); "
+                                      f"the run's writes would follow it out of {self.path}. "
+                                      f"Replace it by the file itself")
+
     def check_run(self):
         """Raise ConfigError (one line) unless this is a run folder with a checkpoint; a folder
         that holds run folders gets them named, so that the user can pick one."""
@@ -540,8 +587,15 @@ class RunFolder:
     # --- metrics.jsonl and metrics.json -----------------------------------------------------------
 
     def open_log(self):
-        """metrics.jsonl opened for appending records (see ``write_record``)."""
+        """metrics.jsonl opened for appending records (see ``write_record``; close it with
+        ``close_log``)."""
         return open(self.path / self.LOG, "a")
+
+    def close_log(self, log_file):
+        """Close metrics.jsonl; a record that a full disk kept in the buffer fails once more
+        here, as the same one-line DiskFull (not a second, raw OSError)."""
+        with disk_full_named(self.path / self.LOG):
+            log_file.close()
 
     def write_record(self, log_file, kind, record):
         """One metrics.jsonl line: ``{"kind": kind, **record}``, flushed at once."""
