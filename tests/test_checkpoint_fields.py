@@ -162,7 +162,7 @@ def parent_of(checkpoint, path):
     return node
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
+@settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_mutation_either_resumes_or_exits_2_with_one_line_and_no_file_changed(pristine,

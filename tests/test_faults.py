@@ -414,7 +414,7 @@ def test_disk_full_at_a_checkpoint_names_the_file_and_keeps_the_previous_one(tmp
 
     def fill_the_disk(solver):  # after the step-4 checkpoint, before the step-8 one
         kept["sha"] = sha256(solver.folder.checkpoint_path)
-        monkeypatch.setattr(utils.torch, "save", enospc)
+        monkeypatch.setattr(utils.os, "fsync", enospc)  # the next atomic write: the checkpoint
     at_step(5, fill_the_disk)
     code, run_dir = run_cli(tmp_path, "full", *flags)
     assert code == 3
