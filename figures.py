@@ -15,7 +15,9 @@ writes into --out:
                        reconstruction, z0: the factor it tracks, ...)
   plots.png            reconstruction, KL and synergy loss of the Non-Syn run (first --loss-steps)
   faces_celeba.png     the CelebA run's final traversal (only with --celeba)
-  comparison.md/.json  final losses and disentanglement scores per run
+  comparison.md/.json  final losses and disentanglement scores per run, and what each latent
+                       learned (the factor and its share of the latent's variance)
+  runs/<run>/          each run's config.json, metrics.jsonl and metrics.json (small text)
 
 or, with --curves (Non-Syn runs logged every step, e.g. --arch 2018 over several seeds):
   curves_thesis.png    recon, KL and synergy sampled every 20 steps from a (0, 0) point, as the
@@ -421,6 +423,21 @@ def learned_table(runs):
     return lines
 
 
+RUN_RECORDS = ("config.json", "metrics.jsonl", "metrics.json")  # small text: kept in the repo
+
+
+def export_records(runs, out_dir):
+    """OUT/runs/<run folder name>/: each run's config.json, metrics.jsonl and metrics.json, so
+    that every figure and number can be traced to the run that made it."""
+    for _, folder in runs:
+        target = Path(out_dir) / "runs" / folder.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in RUN_RECORDS:
+            if (folder.path / name).is_file():
+                (target / name).write_bytes((folder.path / name).read_bytes())
+    return len(runs)
+
+
 def comparison_table(runs, out_dir):
     """Per run its final evaluation: recon, KL, ELBO and I_max over the fixed evaluation sample
     (the same measure for every objective; blank for a run evaluated before they existed) and
@@ -527,13 +544,15 @@ def main(argv=None):
         if celeba:
             faces_figure(celeba[0][1], out / "faces_celeba.png")
         comparison_table(runs + celeba, out)
+        export_records(runs + celeba, out)
     except FigureError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}/: traversals.gif ({frames} frames), latents.png, VAE_traversals.png, "
           f"traversal_labelled.png, "
           f"plots.png ({points} points){', faces_celeba.png' if args.celeba else ''}, "
-          f"comparison.md, comparison.json")
+          f"comparison.md, comparison.json, runs/ (each run's config.json, metrics.jsonl, "
+          f"metrics.json)")
     return 0
 
 

@@ -59,6 +59,9 @@ def test_figures_from_tiny_runs(runs, celeba_run, tmp_path):
     assert "| Non-Syn VAE | Non-Syn VAE (alpha 5, omega 0.9) | 8 |" in (out / "comparison.md").read_text()
     assert table[0]["measures"] == {k: json.loads((runs["Test_gt"] / "metrics.json").read_text())[
         "evaluations"][-1]["measures"][k] for k in ("recon", "kl", "elbo", "i_max")}
+    for metric in ("Test_gt", "Factor", "VAE"):
+        for name in figures.RUN_RECORDS:
+            assert (out / "runs" / metric / name).read_bytes() == (runs[metric] / name).read_bytes()
     learned = [line for line in (out / "comparison.md").read_text().splitlines()
                if line.startswith("| z")]
     assert len(learned) == 10  # a row per latent, a column per dSprites run (not CelebA)
