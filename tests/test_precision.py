@@ -181,7 +181,9 @@ def test_freed_memory_is_kept_for_the_next_step():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
         torch.empty(2 << 20).fill_(1)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 200  # 10 x 2,048 before
+    # 10 x 2,048 faults without the setting; the count is the whole process's, so other
+    # threads of a long test session add a few hundred: the bound is one allocation's worth
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 2048
 
 
 def test_a_study_takes_precision_as_an_axis_of_every_objective(tmp_path):
