@@ -188,7 +188,8 @@ def _model_block(fig, left, bottom, folder, sizes):
                                    cell - 1, fill=False, edgecolor=colour, linewidth=2.2))
     config = folder.read_config()["config"]
     fig.text((left + label_w) / width, (bottom + PANEL_HEIGHT + 0.3) / height,
-             f"{objective_label(config)}, seed {config['seed']}, step {image_step:,}",
+             f"{objective_label(config)}, seed {config['seed']}, step {image_step:,}"
+             + (f" (labels and mean activations: step {step:,})" if step != image_step else ""),
              fontsize=11, va="bottom")
 
     active = [j for j, (factor, _) in enumerate(factors) if factor != "inactive"]
