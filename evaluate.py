@@ -17,7 +17,8 @@ import sys
 
 from dataset import DatasetError
 from metrics import METRIC_NAMES, metric_list
-from solver import Trained, evaluation_report, log_measures, sample_measures, stored_run
+from solver import (WEIGHTS, Trained, evaluation_report, log_measures, sample_measures,
+                    stored_run, stored_weights)
 from utils import ArgumentParser, ConfigError, DiskFull, RunFolder
 
 log = logging.getLogger("evaluate")
@@ -37,7 +38,8 @@ def main(argv=None):
 
     folder = RunFolder(args.run_dir)
     try:
-        checkpoint, stored = stored_run(folder)
+        weights_only = not folder.checkpoint_path.is_file() and (folder.path / WEIGHTS).is_file()
+        checkpoint, stored = stored_weights(folder) if weights_only else stored_run(folder)
         if stored.dataset != "dsprites":
             raise ConfigError(f"{folder} was trained on {stored.dataset}, which has no "
                               f"ground-truth factors to score against")

@@ -17,7 +17,8 @@ writes into --out:
   faces_celeba.png     the CelebA run's final traversal (only with --celeba)
   comparison.md/.json  final losses and disentanglement scores per run, and what each latent
                        learned (the factor and its share of the latent's variance)
-  runs/<run>/          each run's config.json, metrics.jsonl and metrics.json (small text)
+  runs/<run>/          each run's config.json, metrics.jsonl and metrics.json (small text) and
+                       its final weights alone, model.pt (evaluate.py scores them)
 
 or, with --curves (Non-Syn runs logged every step, e.g. --arch 2018 over several seeds):
   curves_thesis.png    recon, KL and synergy sampled every 20 steps from a (0, 0) point, as the
@@ -43,8 +44,8 @@ from PIL import Image, ImageDraw
 from plotting import (ACTIVE_VARIANCE, EXPLAINED, label_rows, latent_factors, latent_labels,
                       traversal_labels)
 from metrics import METRIC_LABELS, METRIC_NAMES
-from solver import NONSYN, SAMPLE_MEASURES, Config, Trained, objective_label
-from utils import ConfigError, RunFolder
+from solver import NONSYN, SAMPLE_MEASURES, WEIGHTS, Config, Trained, objective_label
+from utils import ConfigError, RunFolder, atomic_torch_save
 
 
 class FigureError(RuntimeError):
@@ -429,13 +430,18 @@ RUN_RECORDS = ("config.json", "metrics.jsonl", "metrics.json")  # small text: ke
 
 def export_records(runs, out_dir):
     """OUT/runs/<run folder name>/: each run's config.json, metrics.jsonl and metrics.json, so
-    that every figure and number can be traced to the run that made it."""
+    that every figure and number can be traced to the run that made it, and its final model
+    weights alone (model.pt, ~2 MB: ``python evaluate.py OUT/runs/<run>`` scores them)."""
     for _, folder in runs:
         target = Path(out_dir) / "runs" / folder.name
         target.mkdir(parents=True, exist_ok=True)
         for name in RUN_RECORDS:
             if (folder.path / name).is_file():
                 (target / name).write_bytes((folder.path / name).read_bytes())
+        if folder.checkpoint_path.is_file():
+            checkpoint = folder.load_checkpoint()
+            atomic_torch_save(dict(step=checkpoint["step"], model={
+                k: v.contiguous() for k, v in checkpoint["model"].items()}), target / WEIGHTS)
     return len(runs)
 
 

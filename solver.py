@@ -17,6 +17,7 @@ They are read on the host only at log time, so the step never synchronises with 
 import dataclasses
 import logging
 import math
+import pickle
 import signal
 import threading
 import time
@@ -377,6 +378,37 @@ def stored_run(folder):
                               f"config.json describes (they differ in {', '.join(differ)}); "
                               f"nothing was changed")
     return checkpoint, config
+
+
+WEIGHTS = "model.pt"  # a run's final weights alone (figures.py writes misc/runs/<run>/model.pt)
+
+
+def stored_weights(folder):
+    """({"step", "model"}, Config) of a folder that holds a run's config.json and its model
+    weights alone (``WEIGHTS``, no checkpoint): what evaluate.py needs to score a run that
+    was not trained here. Checked like a checkpoint's model."""
+    folder.check_no_links()
+    started = folder.read_config().get("config")
+    if not isinstance(started, dict):
+        raise ConfigError(f"{folder} has no {folder.CONFIG} with the run's settings")
+    config = Config.from_stored({**IMPLIED_SETTINGS[1], **started}, f"{folder}/{folder.CONFIG}")
+    path = folder.path / WEIGHTS
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            OSError) as err:
+        raise ConfigError(f"{path} is not readable model weights of this project "
+                          f"({type(err).__name__}); it may be truncated") from None
+    try:
+        if not isinstance(saved, dict) or set(saved) != {"step", "model"}:
+            raise _Bad("must hold 'step' and 'model'")
+        _number(saved["step"], "step", whole=True, high=config.steps)
+        with torch.device("cpu"):
+            template = MODEL_SPECS[config.dataset].build(config.z_dim, config.arch)
+        _state_dict(saved["model"], template.state_dict(), "model")
+    except _Bad as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return saved, config
 
 
 def run_metadata(config, data, device):

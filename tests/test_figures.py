@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import evaluate
 import figures
 from conftest import write_celeba_zip
 from dataset import FACTOR_NAMES
@@ -62,6 +63,12 @@ def test_figures_from_tiny_runs(runs, celeba_run, tmp_path):
     for metric in ("Test_gt", "Factor", "VAE"):
         for name in figures.RUN_RECORDS:
             assert (out / "runs" / metric / name).read_bytes() == (runs[metric] / name).read_bytes()
+    exported = out / "runs" / "Test_gt"  # the weights alone score as the run itself did
+    assert evaluate.main([str(exported), "--no-cuda", "--eval-metrics", "mig"]) == 0
+    final = json.loads((runs["Test_gt"] / "metrics.json").read_text())["evaluations"][-1]
+    again = json.loads((exported / "metrics.json").read_text())["evaluations"][-1]
+    assert again["measures"] == final["measures"] and again["step"] == final["step"]
+    assert again["scores"]["mig"] == final["scores"]["mig"]
     learned = [line for line in (out / "comparison.md").read_text().splitlines()
                if line.startswith("| z")]
     assert len(learned) == 10  # a row per latent, a column per dSprites run (not CelebA)
