@@ -116,14 +116,27 @@ def _reencode(folder):
     return folder.gt_summaries()[-1]
 
 
+GIF_HEADER = 26  # pixels above each frame for its caption
+
+
 def write_gif(folder, path, frame_ms=250):
-    """The run's traversal images in step order as a looping GIF, the step written on each."""
+    """The run's traversal images in step order as a looping GIF, each frame captioned with the
+    objective, seed and step."""
+    from PIL import ImageFont
+    config = folder.read_config()["config"]
     frames = []
     for step, image_path in traversal_images(folder):
         image = Image.open(image_path).convert("RGB")
-        frame = Image.new("RGB", (image.width, image.height + 16), "white")
-        frame.paste(image, (0, 16))
-        ImageDraw.Draw(frame).text((4, 2), f"step {step}", fill="black")
+        frame = Image.new("RGB", (image.width, image.height + GIF_HEADER), "white")
+        frame.paste(image, (0, GIF_HEADER))
+        draw = ImageDraw.Draw(frame)
+        caption = f"step {step:,}   {objective_label(config)}, seed {config['seed']}"
+        size = 15
+        while size > 8 and draw.textlength(caption, ImageFont.load_default(size)) > \
+                image.width - 8:
+            size -= 1
+        draw.text((4, GIF_HEADER // 2), caption, fill="black",
+                  font=ImageFont.load_default(size), anchor="lm")
         frames.append(frame.convert("P", palette=Image.ADAPTIVE))
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
     return len(frames)

@@ -46,7 +46,7 @@ def test_figures_from_tiny_runs(runs, celeba_run, tmp_path):
                          "--out", str(out)]) == 0
     gif = Image.open(out / "traversals.gif")
     assert gif.n_frames == 4  # traversals at steps 2, 4, 6, 8
-    assert gif.size == (5 * 66 + 2, 12 * 66 + 2 + 16)
+    assert gif.size == (5 * 66 + 2, 12 * 66 + 2 + figures.GIF_HEADER)
     for name in ("latents.png", "VAE_traversals.png", "plots.png"):
         assert Image.open(out / name).size[0] > 500, name
     assert Image.open(out / "latents.png").size[0] > Image.open(out / "VAE_traversals.png").size[0]
