@@ -17,7 +17,6 @@ They are read on the host only at log time, so the step never synchronises with 
 import dataclasses
 import logging
 import math
-import pickle
 import signal
 import threading
 import time
@@ -42,8 +41,8 @@ from plotting import image_grid, mean_activations, save_ground_truth_plot
 from precision import PRECISIONS, autocast, check_precision, device_record
 from synergy import kl_per_latent, synergy_penalty, worst_set_kl
 from utils import (IMPLIED_SETTINGS, ConfigError, RunFolder, atomic_file, derived_seed,
-                   git_commit, keep_freed_memory, package_versions, rng_state, run_abandonable,
-                   set_rng_state)
+                   git_commit, keep_freed_memory, load_tensors, package_versions, rng_state,
+                   run_abandonable, set_rng_state)
 
 log = logging.getLogger(__name__)
 
@@ -393,12 +392,7 @@ def stored_weights(folder):
         raise ConfigError(f"{folder} has no {folder.CONFIG} with the run's settings")
     config = Config.from_stored({**IMPLIED_SETTINGS[1], **started}, f"{folder}/{folder.CONFIG}")
     path = folder.path / WEIGHTS
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            OSError) as err:
-        raise ConfigError(f"{path} is not readable model weights of this project "
-                          f"({type(err).__name__}); it may be truncated") from None
+    saved = load_tensors(path, "model weights file")
     try:
         if not isinstance(saved, dict) or set(saved) != {"step", "model"}:
             raise _Bad("must hold 'step' and 'model'")

@@ -28,6 +28,19 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def load_tensors(path, what):
+    """A file torch.save wrote (tensors and plain values only, ``weights_only``); ConfigError
+    naming ``path`` and ``what`` it should be when it is unreadable, foreign or malicious."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
+            OSError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        raise ConfigError(f"{path} is not a readable {what} of this project "
+                          f"({type(err).__name__}: {first[:120]}); it may be truncated "
+                          f"or corrupt. Nothing was changed") from None
+
+
 def check_writable(path, purpose):
     """ConfigError (one line) unless this process may create files in the folder ``path``:
     not on a read-only file system, and allowed by its permissions."""
@@ -468,14 +481,7 @@ class RunFolder:
         path = self.checkpoint_path
         if not path.is_file():
             raise ConfigError(f"{self.path}: no checkpoint at {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-                OSError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
-            raise ConfigError(f"{path} is not a readable checkpoint of this project "
-                              f"({type(err).__name__}: {first[:120]}); it may be truncated "
-                              f"or corrupt. Nothing was changed") from None
+        checkpoint = load_tensors(path, "checkpoint")
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
         if found not in (*IMPLIED_SETTINGS, CHECKPOINT_FORMAT) or isinstance(found, bool):
             raise ConfigError(f"{path} has checkpoint format {found!r}; this version of the code "
