@@ -7,6 +7,7 @@ work, bf16, the plain VAE, FactorVAE, the other Non-Syn updates and the greedy s
     python benchmark.py --study [--trials 4] [--overhead-steps 20] [--rounds 3]
                         [--trial-steps 400]
     python benchmark.py --device-check [--packs 1,4,8,16] [--steps 500] [--grid full]
+    python benchmark.py --profile [--precision bf16] [--steps 30] [--rounds 5]
 
 Variants run on the same batch size, interleaved round by round so that machine noise hits them
 alike; each line is the median over rounds of the mean step time of the training loop's step
@@ -125,7 +126,9 @@ def main(argv=None):
                         "machine's rate for the same convolutions")
     p.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--packed-worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="with --profile: the profiled step's precision (bf16: its convolutions "
+                        "and the GEMM peak in bf16; needs native bf16)")
     args = p.parse_args(argv)
     args.rounds_given, args.steps_given = args.rounds is not None, args.steps is not None
     args.steps = args.steps or 30
@@ -294,9 +297,10 @@ def benchmark_profile(args):
     from torch.profiler import ProfilerActivity, profile
 
     from synergy import synergy_penalty
+    bf16 = args.precision == "bf16"
     with tempfile.TemporaryDirectory() as tmp:
         solver = Solver(Config(grid="reduced", batch_size=args.batch_size, cuda=args.cuda,
-                               alpha=5.0, omega=0.9), tmp)
+                               alpha=5.0, omega=0.9, precision=args.precision), tmp)
         c, device = solver.config, solver.device
         for _ in range(5):
             solver.advance()
@@ -309,7 +313,9 @@ def benchmark_profile(args):
         for _ in range(args.rounds * args.steps):  # the steps of step_original, phase by phase
             x = timed("data: the batch's indices, unpacked to floats",
                       lambda: solver.batches.train(solver.step))
-            logits, mu, logvar, _ = timed("forward: encoder + decoder", lambda: solver.model(x))
+            with solver.autocast():
+                logits, mu, logvar, _ = timed("forward: encoder + decoder",
+                                              lambda: solver.model(x))
             loss = timed("losses: recon + KL", lambda: solver.reconstruction_loss(logits, x)
                          + kl_loss(mu, logvar))
             solver.optim.zero_grad()
@@ -339,17 +345,17 @@ def benchmark_profile(args):
         for layer, macs, shape in layers:
             x = torch.rand(args.batch_size, *shape[1:], device=device)
             x = x.to(memory_format=torch.channels_last)
-            with torch.no_grad():
+            with torch.no_grad(), solver.autocast():
                 _clock(device, lambda: layer(x), 3)  # warm-up
                 rates.append(2 * macs * args.batch_size * 10
                              / _clock(device, lambda: layer(x), 10)[0])
-        a = torch.rand(2048, 2048, device=device)
+        a = torch.rand(2048, 2048, device=device, dtype=torch.bfloat16 if bf16 else None)
         _clock(device, lambda: a @ a)  # warm-up
         gemm = 5 * 2 * 2048 ** 3 / _clock(device, lambda: a @ a, 5)[0]
     step = sum(per_step.values())
     flops = step_flops(solver.model, args.batch_size)
     print(f"device {device}, batch {args.batch_size}, threads {torch.get_num_threads()}; default "
-          f"step, {args.rounds * args.steps} steps timed phase by phase")
+          f"step in {args.precision}, {args.rounds * args.steps} steps timed phase by phase")
     for name, t in sorted(per_step.items(), key=lambda kv: -kv[1]):
         print(f"  {name:50s} {t * 1e3:7.2f} ms  {t / step:6.1%}")
     print(f"  {'all phases':50s} {step * 1e3:7.2f} ms")
@@ -359,8 +365,8 @@ def benchmark_profile(args):
     print(f"convolution FLOPs per step {flops / 1e9:.2f} GFLOP -> {flops / step / 1e9:.1f} "
           f"GFLOP/s over the whole step")
     print(f"the same convolutions alone (forward, warm cache): {min(rates) / 1e9:.1f}-"
-          f"{max(rates) / 1e9:.1f} GFLOP/s (mean {statistics.mean(rates) / 1e9:.1f}); fp32 GEMM "
-          f"2048^3: {gemm / 1e9:.1f} GFLOP/s")
+          f"{max(rates) / 1e9:.1f} GFLOP/s (mean {statistics.mean(rates) / 1e9:.1f}); "
+          f"{args.precision} GEMM 2048^3: {gemm / 1e9:.1f} GFLOP/s")
     return dict(phases=per_step, flops=flops, conv_rates=rates, gemm=gemm)
 
 

@@ -182,3 +182,21 @@ def test_the_device_check_runs_end_to_end_on_the_cpu(capsys):
     assert "GPU tests (tests/test_gpu.py):" in out and "skipped" in out
     assert results["one trial fp32"] > 0 and results["packed 2"] > 0
     assert "2 packed trials, fp32:" in out and results["encoding fp32"] > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_profile_times_every_phase_at_either_precision(capsys, precision):
+    """``benchmark.py --profile [--precision bf16]``: the phases of the original update, the
+    convolution FLOPs and the machine's rate for them, in the profiled step's precision."""
+    import benchmark
+    from precision import native_bf16
+    if precision == "bf16" and not native_bf16("cpu"):
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): --precision bf16 is refused")
+    result = benchmark.main(["--profile", "--precision", precision, "--steps", "1", "--rounds",
+                             "1", "--batch_size", "8"])
+    phases = result["phases"]
+    assert len(phases) == 7 and all(t > 0 for t in phases.values())
+    assert any(name.startswith("backward of the synergy") for name in phases)
+    assert result["flops"] == benchmark.step_flops(VAE(), 8) > 0
+    out = capsys.readouterr().out
+    assert f"step in {precision}" in out and f"{precision} GEMM 2048^3" in out
