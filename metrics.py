@@ -14,6 +14,15 @@ be any function of the factors.
   dci         Eastwood & Williams (2018): disentanglement, completeness, informativeness from
               gradient-boosted trees' feature importances.
   sap         Kumar et al. (2018): separated attribute predictability with 1-D linear SVMs.
+
+Unsupervised scores of the mean codes alone (disentanglement_lib's ``unsupervised_metrics``;
+lower is more factorised, 0 for independent latents):
+
+  gaussian_total_correlation            TC of a Gaussian with the codes' covariance C.
+  gaussian_wasserstein_correlation      2 tr(C) - 2 tr(sqrtm(C diag(C))): the squared 2-Wasserstein
+                                        distance between that Gaussian and its factorised one.
+  gaussian_wasserstein_correlation_norm the same divided by tr(C).
+  mutual_info_score                     mean discrete mutual information between two latents.
 """
 import argparse
 
@@ -21,10 +30,18 @@ import numpy as np
 
 from utils import did_you_mean
 
-METRIC_NAMES = ("factor_vae", "mig", "beta_vae", "dci", "sap")
+# New metrics go at the end: each metric's generator is seeded by its place in this tuple.
+METRIC_NAMES = ("factor_vae", "mig", "beta_vae", "dci", "sap", "gaussian_total_correlation",
+                "gaussian_wasserstein_correlation", "gaussian_wasserstein_correlation_norm",
+                "mutual_info_score")
 DEFAULT_METRICS = ("factor_vae", "mig")
 METRIC_LABELS = dict(factor_vae="FactorVAE score", mig="MIG", beta_vae="BetaVAE score",
-                     dci="DCI disentanglement", sap="SAP score")
+                     dci="DCI disentanglement", sap="SAP score",
+                     gaussian_total_correlation="Gaussian TC",
+                     gaussian_wasserstein_correlation="Gaussian Wasserstein correlation",
+                     gaussian_wasserstein_correlation_norm="Gaussian Wasserstein correlation "
+                                                           "(normalised)",
+                     mutual_info_score="mutual information score")
 
 # Each protocol's parameters, disentanglement_lib's defaults: the one place they are written.
 # ``evaluate`` passes them (with any overrides) to the metric functions, which have no defaults.
@@ -35,6 +52,10 @@ PROTOCOLS = {
     "beta_vae": dict(batch_size=64, num_train=10000, num_eval=5000),
     "dci": dict(num_train=10000, num_test=5000),
     "sap": dict(num_train=10000, num_test=5000, svc_C=0.01, continuous_factors=False),
+    "gaussian_total_correlation": dict(num_train=10000),
+    "gaussian_wasserstein_correlation": dict(num_train=10000),
+    "gaussian_wasserstein_correlation_norm": dict(num_train=10000),
+    "mutual_info_score": dict(num_train=10000, num_bins=20),
 }
 
 
@@ -195,8 +216,66 @@ def sap(represent, factor_sizes, rng, num_train, num_test, svc_C, continuous_fac
     return dict(score=float(gaps.mean()), per_factor=gaps.tolist(), accuracy=scores.tolist())
 
 
+def _code_covariance(represent, factor_sizes, rng, num_train):
+    """The covariance (K, K) of ``num_train`` mean codes of uniformly drawn factors."""
+    codes = _sample_points(represent, factor_sizes, num_train, rng)[1]
+    return np.atleast_2d(np.cov(codes, rowvar=False))
+
+
+def gaussian_total_correlation(represent, factor_sizes, rng, num_train):
+    """0.5 (sum log diag C - log det C). A constant latent (zero variance) is independent of
+    the others and adds nothing (the limit as its variance goes to 0), so it is left out; a
+    latent that is an exact linear function of others makes C singular: TC is infinite."""
+    cov = _code_covariance(represent, factor_sizes, rng, num_train)
+    varying = np.flatnonzero(np.diag(cov) > 0)
+    cov = cov[np.ix_(varying, varying)]
+    sign, logdet = np.linalg.slogdet(cov)
+    tc = 0.5 * (np.log(np.diag(cov)).sum() - logdet) if sign > 0 else np.inf
+    return dict(score=float(tc), num_varying=int(len(varying)))
+
+
+def _wasserstein_correlation(cov):
+    from scipy.linalg import sqrtm
+
+    varying = np.flatnonzero(np.diag(cov) > 0)  # a constant latent adds 0 to both traces
+    if not len(varying):
+        return 0.0
+    cov = cov[np.ix_(varying, varying)]
+    root = sqrtm(cov * np.diag(cov)[:, None])
+    return float(2 * np.trace(cov) - 2 * np.trace(root).real)
+
+
+def gaussian_wasserstein_correlation(represent, factor_sizes, rng, num_train):
+    """2 tr(C) - 2 tr(sqrtm(C * diag(C)[:, None]))."""
+    cov = _code_covariance(represent, factor_sizes, rng, num_train)
+    return dict(score=_wasserstein_correlation(cov))
+
+
+def gaussian_wasserstein_correlation_norm(represent, factor_sizes, rng, num_train):
+    """The Wasserstein correlation divided by tr(C) (0 for codes that never vary)."""
+    cov = _code_covariance(represent, factor_sizes, rng, num_train)
+    total = float(np.trace(cov))
+    return dict(score=_wasserstein_correlation(cov) / total if total > 0 else 0.0)
+
+
+def mutual_info_score(represent, factor_sizes, rng, num_train, num_bins):
+    """Mean mutual information (nats) between two different latents, each discretised into
+    ``num_bins`` equal-width bins as MIG's."""
+    from sklearn.metrics import mutual_info_score as discrete_mi
+
+    discrete = _discretize(_sample_points(represent, factor_sizes, num_train, rng)[1], num_bins)
+    k = discrete.shape[1]
+    if k < 2:
+        return dict(score=0.0)
+    pairs = [discrete_mi(discrete[:, i], discrete[:, j]) for i in range(k) for j in range(i + 1, k)]
+    return dict(score=float(2 * sum(pairs) / (k * k - k)))
+
+
 METRICS = {"factor_vae": factor_vae_score, "mig": mig, "beta_vae": beta_vae_score, "dci": dci,
-           "sap": sap}
+           "sap": sap, "gaussian_total_correlation": gaussian_total_correlation,
+           "gaussian_wasserstein_correlation": gaussian_wasserstein_correlation,
+           "gaussian_wasserstein_correlation_norm": gaussian_wasserstein_correlation_norm,
+           "mutual_info_score": mutual_info_score}
 
 
 EVAL_SEED = 0  # one fixed seed for every evaluation, so that runs are scored on the same samples

@@ -117,3 +117,58 @@ def test_factor_vae_reports_active_latents_both_ways():
     half = factor_vae_score(lambda f: np.hstack([identity(f), np.zeros((len(f), 3))]), SIZES,
                             np.random.default_rng(0), **PROTOCOLS["factor_vae"])
     assert half["num_active"] == 5 and half["num_active_dims"] == 8  # dlib: its mask's length
+
+
+UNSUPERVISED = ("gaussian_total_correlation", "gaussian_wasserstein_correlation",
+                "gaussian_wasserstein_correlation_norm", "mutual_info_score")
+
+
+def noisy_copy(factors):
+    """Five independent factors and a copy of each plus N(0, 0.1^2) noise."""
+    noise = np.random.default_rng(len(factors)).normal(scale=0.1, size=factors.shape)
+    return np.hstack([factors, factors + noise]).astype(np.float64)
+
+
+def test_unsupervised_scores_of_independent_codes_are_near_zero():
+    scores = evaluate(identity, SIZES, UNSUPERVISED, seed=0)
+    # sampling alone: E[TC] ~ K(K-1)/(4n) = 5e-4 for 5 independent latents, 10,000 points
+    assert 0 <= scores["gaussian_total_correlation"]["score"] < 0.005
+    assert abs(scores["gaussian_wasserstein_correlation_norm"]["score"]) < 0.005
+    # factor variance (10^2 - 1)/12 = 8.25 per latent: the unnormalised form scales with it
+    assert abs(scores["gaussian_wasserstein_correlation"]["score"]) < 0.005 * 5 * 8.25
+    # discrete MI of independent 10-valued codes: only the plug-in bias, (10-1)^2 / (2n)
+    assert 0 <= scores["mutual_info_score"]["score"] < 0.01
+
+
+def test_unsupervised_scores_of_duplicated_codes_match_the_hand_computed_values():
+    scores = evaluate(noisy_copy, SIZES, UNSUPERVISED, seed=0)
+    # each pair (f, f + e): rho^2 = 8.25 / (8.25 + 0.01), TC = -0.5 log(1 - rho^2) per pair
+    pair_tc = -0.5 * math.log(1 - 8.25 / 8.26)
+    assert scores["gaussian_total_correlation"]["score"] == pytest.approx(5 * pair_tc, rel=0.05)
+    # two latents of equal variance v and correlation rho: W = 2v (2 - sqrt(1+rho) - sqrt(1-rho)),
+    # W / tr(C) = 2 - sqrt(1+rho) - sqrt(1-rho), ~2 - sqrt(2) at rho ~ 1
+    rho = math.sqrt(8.25 / 8.26)
+    norm = 2 - math.sqrt(1 + rho) - math.sqrt(1 - rho)
+    assert scores["gaussian_wasserstein_correlation_norm"]["score"] == pytest.approx(norm, abs=0.01)
+    assert scores["gaussian_wasserstein_correlation"]["score"] == pytest.approx(
+        norm * 10 * 8.25, rel=0.05)
+    # 10 latents, 90 ordered pairs, 10 of them a factor and its copy: MI = H(factor) = log 10
+    assert scores["mutual_info_score"]["score"] == pytest.approx(10 * math.log(10) / 90, abs=0.01)
+
+
+def test_unsupervised_scores_of_degenerate_codes():
+    exact = evaluate(duplicated, SIZES, ("gaussian_total_correlation",), seed=0)
+    assert exact["gaussian_total_correlation"]["score"] == math.inf  # singular covariance
+    flat = evaluate(zeros, SIZES, UNSUPERVISED, seed=0)
+    assert all(flat[name]["score"] == 0 for name in UNSUPERVISED), flat
+    assert flat["gaussian_total_correlation"]["num_varying"] == 0
+
+
+def test_a_constant_latent_adds_no_total_correlation():
+    def with_constant(factors):
+        return np.hstack([identity(factors), np.full((len(factors), 1), 3.0)])
+    plain = evaluate(identity, SIZES, ("gaussian_total_correlation",), seed=0)
+    padded = evaluate(with_constant, SIZES, ("gaussian_total_correlation",), seed=0)
+    assert padded["gaussian_total_correlation"]["score"] == pytest.approx(
+        plain["gaussian_total_correlation"]["score"])
+    assert padded["gaussian_total_correlation"]["num_varying"] == 5
