@@ -4,7 +4,7 @@ one summary.
 
     python study.py --out DIR [--metric Test_gt Factor VAE BVAE] [--seeds N | --seed 1 2 3]
                     [--alpha ...] [--omega ...] [--gamma ...] [--beta ...] [--spec FILE.json]
-                    [--preset thesis] [--retries 2] [--extend]
+                    [--preset thesis|figures] [--retries 2] [--extend]
                     [--engine local] [--workers W] [--threads T] [--trials-per-gpu K]
                     [--engine ray] [--address auto|HOST:PORT] [--cpus-per-trial C]
                     [--gpus-per-trial G]
@@ -55,10 +55,19 @@ VALUE_AXES = ("alpha", "omega", "gamma", "beta")
 CHOICE_AXES = {"precision": PRECISIONS, "arch": ARCHS}  # axes of every objective, their values
 CHOICE_NAMES = {"precision": "{}", "arch": "arch{}"}  # in trial names: _bf16, _arch2018
 AXES = VALUE_AXES + tuple(CHOICE_AXES)
-PRESETS = {  # the thesis comparison: the original README's settings
+PRESETS = {
+    # the thesis comparison: the original README's settings
     "thesis": dict(metric=["Test_gt", "Factor", "VAE", "BVAE"], alpha=[5.0], omega=[0.9],
                    gamma=[6.4], beta=[4.0],
                    flags=["--steps", "150000", "--gt-interval", "5000"]),
+    # the runs of the thesis figures (REFERENCE: traversals.gif, latents.png, plots.png with the
+    # 2018 decoder; VAE_traversals.png with the 2020 one): 110,000 steps, a traversal every
+    # 2,000, the ground truth every 5,000, 20-step records for the loss plot; `-- --steps N`
+    # shortens them
+    "figures": dict(metric=["Test_gt", "Factor", "VAE"], alpha=[5.0], omega=[0.9], gamma=[6.4],
+                    arch={"Test_gt": ["2018"], "Factor": ["2018"], "VAE": ["2020"]},
+                    flags=["--steps", "110000", "--gt-interval", "5000", "--save-interval",
+                           "2000", "--log-interval", "20"]),
 }
 STATES = ("pending", "running", "finished", "failed")
 MEASURE_OMEGA = Config.measure_omega  # the default; an i_max at another omega gets its own column
@@ -142,7 +151,9 @@ def parse_args(argv):
                           help=f"{axis} of every objective's trials")
     grid.add_argument("--spec", help="a JSON file with the same keys (metric, seed, alpha, ..., "
                                      "flags)")
-    grid.add_argument("--preset", choices=tuple(PRESETS), help="thesis: the thesis comparison")
+    grid.add_argument("--preset", choices=tuple(PRESETS),
+                      help="thesis: the thesis comparison; figures: the runs of the thesis "
+                           "figures (python figures.py --study DIR draws them)")
     grid.add_argument("--extend", action="store_true",
                       help="add axis values or seeds to DIR's study")
     grid.add_argument("--retries", type=int, default=2, help="retries of a failed trial")

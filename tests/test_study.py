@@ -567,3 +567,35 @@ def test_disk_full_while_writing_the_study_is_one_line_and_exit_3(finished, tmp_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "study.json of the study" in err, err
     assert digest(out) == before and not (out / "VAE_seed3").exists()
+
+
+def test_the_figures_preset_is_the_thesis_figures_runs(tmp_path):
+    """``--preset figures``: Non-Syn (alpha 5, omega 0.9) and FactorVAE (gamma 6.4) with the
+    2018 decoder, VAE with the 2020 one, seed 1, the thesis's 110,000 steps with a traversal
+    every 2,000 and the ground truth every 5,000; shared flags after ``--`` override its length,
+    ``--precision`` makes it a bf16 study."""
+    spec = study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--preset",
+                                              "figures", "--", "--steps", "50000"]))
+    trials = study.expand(spec)
+    assert [t["name"] for t in trials] == ["Test_gt_alpha5.0_omega0.9_arch2018_seed1",
+                                           "Factor_gamma6.4_arch2018_seed1", "VAE_arch2020_seed1"]
+    for trial in trials:
+        argv = study.trial_argv(spec, trial, tmp_path)
+        config = run_dry(argv)
+        assert config["steps"] == 50000 and config["save_interval"] == 2000
+        assert config["gt_interval"] == 5000 and config["log_interval"] == 20
+        assert config["seed"] == 1 and config["precision"] == "fp32"
+        assert config["arch"] == ("2020" if trial["metric"] == "VAE" else "2018")
+    assert run_dry(study.trial_argv(spec, trials[0], tmp_path))["alpha"] == 5.0
+    bf16 = study.make_spec(*study.parse_args(["--out", str(tmp_path / "b"), "--preset",
+                                              "figures", "--precision", "bf16"]))
+    assert all(t["name"].endswith("_bf16_arch2018_seed1") or t["name"] ==
+               "VAE_bf16_arch2020_seed1" for t in study.expand(bf16))
+    assert not (tmp_path / "s").exists() and not (tmp_path / "b").exists()
+
+
+def run_dry(argv):
+    """The settings run.py resolves for a trial's argv (its own parser; nothing written)."""
+    import run
+    parser = run.build_parser()
+    return run.make_config(parser.parse_args(argv), run.explicit_flags(parser, argv)).to_dict()
