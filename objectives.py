@@ -1,11 +1,11 @@
-"""Regularisers of the field's objectives, as disentanglement_lib defines them, on one batch.
+"""The field's objectives beside Non-Syn VAE, as disentanglement_lib defines them: beta-TCVAE
+(``--metric BTCVAE``), DIP-VAE-I and -II (``DIPVAE1``, ``DIPVAE2``) and AnnealedVAE
+(``AnnealedVAE``). Each trains ``recon + regulariser`` on the same networks, data and optimiser
+as the others; the Solver's ``step_field`` runs the one in ``FIELD``.
 
-Each takes the encoder's posterior of the batch (``mu``, ``logvar``: (B, K); ``z``: the
-reparameterised sample) and returns a scalar tensor to add to the reconstruction loss; KL is
-``model.kl_loss`` (summed over latents, mean over the batch), as for every objective here.
-
-Not yet selectable with ``--metric`` (issue 18: the objectives module and its table come next);
-the functions are tested against the papers' definitions in tests/test_objectives.py.
+Each regulariser takes the batch's KL (``model.kl_loss``: summed over latents, mean over the
+batch), the encoder's posterior (``mu``, ``logvar``: (B, K)) and its reparameterised sample
+``z``, and returns a scalar tensor; tests/test_objectives.py checks each against its definition.
 """
 import math
 
@@ -64,3 +64,24 @@ def annealed_capacity(step, c_max, c_steps):
 def annealed_regulariser(kl, step, c_max, c_steps, c_gamma):
     """AnnealedVAE (Burgess et al. 2018, Eq. 8): c_gamma * |KL - C(step)|."""
     return c_gamma * (kl - annealed_capacity(step, c_max, c_steps)).abs()
+
+
+def _btcvae(c, step, kl, z, mu, logvar):
+    tc = total_correlation(z, mu, logvar)
+    return kl + (c.beta - 1) * tc, dict(tc=tc.detach())
+
+
+def _dip(dip_type):
+    def regulariser(c, step, kl, z, mu, logvar):
+        value = dip_regulariser(kl, mu, logvar, c.lambda_od, c.lambda_d_factor, dip_type)
+        return value, dict(dip=(value - kl).detach())
+    return regulariser
+
+
+def _annealed(c, step, kl, z, mu, logvar):
+    capacity = torch.full((), annealed_capacity(step, c.c_max, c.c_steps), device=kl.device)
+    return annealed_regulariser(kl, step, c.c_max, c.c_steps, c.c_gamma), dict(capacity=capacity)
+
+
+# --metric name -> (config, steps already taken, kl, z, mu, logvar) -> (regulariser, {term: value})
+FIELD = {"BTCVAE": _btcvae, "DIPVAE1": _dip("i"), "DIPVAE2": _dip("ii"), "AnnealedVAE": _annealed}

@@ -80,7 +80,9 @@ def build_parser():
     add("--metric", choices=OBJECTIVES, default=d.metric,
         help="experiment: Test_gt = Non-Syn VAE with traversals and ground-truth plots; test = "
              "Non-Syn VAE with live visdom plots; VAE; BVAE (conv beta-VAE; BVAE_gt, the "
-             "original's name for it, works too); Factor (FactorVAE)")
+             "original's name for it, works too); Factor (FactorVAE); the field's objectives as "
+             "disentanglement_lib defines them: BTCVAE (beta-TCVAE), DIPVAE1, DIPVAE2 "
+             "(DIP-VAE-I/II), AnnealedVAE")
     add("--update", choices=UPDATES, default=d.update,
         help="Non-Syn update: original = the original's two Adam steps exactly (0.4.1 Adam, the "
              "synergy gradient through the stale pre-step graph); two-step = the same two steps "
@@ -103,7 +105,18 @@ def build_parser():
         help="the greedy threshold of the logged i_max (KL of the worst set, alpha-free), the "
              "same for every objective so that runs compare; syn stays alpha * I_max at --omega")
     add("--gamma", type=_number("gamma"), default=d.gamma, help="FactorVAE TC weight")
-    add("--beta", type=_number("beta"), default=d.beta, help="beta-VAE KL weight (--metric BVAE)")
+    add("--beta", type=_number("beta"), default=d.beta,
+        help="beta-VAE KL weight (--metric BVAE); beta-TCVAE: TC weight beta - 1 (BTCVAE)")
+    add("--lambda_od", type=_number("lambda_od"), default=d.lambda_od,
+        help="DIP-VAE weight of the squared off-diagonal covariance (DIPVAE1, DIPVAE2)")
+    add("--lambda_d_factor", type=_number("lambda_d_factor"), default=None,
+        help="DIP-VAE diagonal weight over --lambda_od (default: 10 for DIPVAE1, 1 for DIPVAE2)")
+    add("--c_max", type=_number("c_max"), default=d.c_max,
+        help="AnnealedVAE's final KL capacity C (AnnealedVAE)")
+    add("--c_steps", type=_number("c_steps"), default=d.c_steps,
+        help="AnnealedVAE: steps over which C rises linearly from 0 to --c_max")
+    add("--c_gamma", type=_number("c_gamma"), default=d.c_gamma,
+        help="AnnealedVAE weight of |KL - C|")
 
     add = group("optimiser")
     add("--lr_VAE", type=_number("lr_VAE"), default=d.lr_VAE, help="VAE Adam lr")

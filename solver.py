@@ -37,6 +37,7 @@ from metrics import DEFAULT_METRICS, EVAL_SEED, METRIC_NAMES, evaluate, lookup
 from model import (MODEL_SPECS, Discriminator, evaluating, init_as_pytorch_041, kl_loss,
                    permute_dims, reparameterise)
 from monitor import VisdomMonitor
+from objectives import FIELD
 from plotting import image_grid, mean_activations, save_ground_truth_plot
 from precision import PRECISIONS, autocast, check_precision, device_record
 from synergy import kl_per_latent, synergy_penalty, worst_set_kl
@@ -48,13 +49,19 @@ log = logging.getLogger(__name__)
 
 # --- the configuration ----------------------------------------------------------------------------
 
-OBJECTIVES = ("Test_gt", "test", "VAE", "BVAE", "BVAE_gt", "Factor")  # --metric
+OBJECTIVES = ("Test_gt", "test", "VAE", "BVAE", "BVAE_gt", "Factor", *FIELD)  # --metric
 NONSYN = ("Test_gt", "test")
 # What a reader calls each objective, and the settings that define it (the rest are unused).
 OBJECTIVE_NAMES = {"Test_gt": "Non-Syn VAE", "test": "Non-Syn VAE", "VAE": "VAE",
-                   "BVAE": "beta-VAE", "BVAE_gt": "beta-VAE", "Factor": "FactorVAE"}
+                   "BVAE": "beta-VAE", "BVAE_gt": "beta-VAE", "Factor": "FactorVAE",
+                   "BTCVAE": "beta-TCVAE", "DIPVAE1": "DIP-VAE-I", "DIPVAE2": "DIP-VAE-II",
+                   "AnnealedVAE": "AnnealedVAE"}
 OBJECTIVE_SETTINGS = {"Test_gt": ("alpha", "omega"), "test": ("alpha", "omega"), "VAE": (),
-                      "BVAE": ("beta",), "BVAE_gt": ("beta",), "Factor": ("gamma",)}
+                      "BVAE": ("beta",), "BVAE_gt": ("beta",), "Factor": ("gamma",),
+                      "BTCVAE": ("beta",), "DIPVAE1": ("lambda_od", "lambda_d_factor"),
+                      "DIPVAE2": ("lambda_od", "lambda_d_factor"), "AnnealedVAE": ("c_max",)}
+# disentanglement_lib's lambda_d_factor: 10 for DIP-VAE-I, 1 for DIP-VAE-II
+DIP_D_FACTOR = {"DIPVAE2": 1.0}
 UPDATES = ("original", "two-step", "joint")
 SAMPLES = ("no_sample", "sample")
 DATASETS = ("dsprites", "celeba")
@@ -91,7 +98,9 @@ MANY = 10**9  # steps and intervals
 BOUNDS = dict(
     z_dim=Bound(int, 1, 1024), alpha=Bound(float, 0), omega=Bound(float, 0, 1, low_open=True),
     measure_omega=Bound(float, 0, 1, low_open=True), eval_sample=Bound(int, 1, 737_280),
-    gamma=Bound(float, 0), beta=Bound(float, 0),
+    gamma=Bound(float, 0), beta=Bound(float, 0), lambda_od=Bound(float, 0),
+    lambda_d_factor=Bound(float, 0), c_max=Bound(float, 0), c_steps=Bound(int, 1, MANY),
+    c_gamma=Bound(float, 0),
     lr_VAE=Bound(float, 0, 1, low_open=True), beta1_VAE=Bound(float, 0, 1),
     beta2_VAE=Bound(float, 0, 1), lr_D=Bound(float, 0, 1, low_open=True),
     beta1_D=Bound(float, 0, 1), beta2_D=Bound(float, 0, 1),
@@ -108,7 +117,8 @@ CHOICES = dict(metric=OBJECTIVES, update=UPDATES, sample=SAMPLES, arch=ARCHS, in
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    metric: str = "Test_gt"  # experiment: Test_gt/test (Non-Syn VAE), VAE, BVAE(_gt), Factor
+    metric: str = "Test_gt"  # experiment: Test_gt/test (Non-Syn VAE), VAE, BVAE(_gt), Factor,
+    #                          BTCVAE, DIPVAE1, DIPVAE2, AnnealedVAE
     update: str = "original"  # Non-Syn update: the original's, two-step at θ_t, or joint
     sample: str = "no_sample"  # synergy on the training batch, or on a second batch
     arch: str = "2020"  # decoder: the final code's, or 2018's (the thesis figures)
@@ -119,7 +129,12 @@ class Config:
     omega: float = 0.8  # greedy policy: a latent joins the best set if omega * I(new) > I(old)
     measure_omega: float = 0.9  # the omega of the logged i_max, the same for every objective
     gamma: float = 6.4  # FactorVAE total-correlation weight
-    beta: float = 4.0  # beta-VAE KL weight
+    beta: float = 4.0  # beta-VAE KL weight; beta-TCVAE: TC weight beta - 1
+    lambda_od: float = 10.0  # DIP-VAE: weight of the squared off-diagonal covariance
+    lambda_d_factor: float | None = None  # DIP-VAE: lambda_d / lambda_od (None: 10 for I, 1 for II)
+    c_max: float = 25.0  # AnnealedVAE: the final KL capacity
+    c_steps: int = 100000  # AnnealedVAE: steps over which the capacity rises to c_max
+    c_gamma: float = 1000.0  # AnnealedVAE: weight of |KL - capacity|
     lr_VAE: float = 1e-4
     beta1_VAE: float = 0.9
     beta2_VAE: float = 0.999
@@ -150,6 +165,8 @@ class Config:
     def __post_init__(self):
         """Check every setting as its flag would, so that a Config built in code or read from a
         checkpoint is as valid as one from the command line; ints pass for floats."""
+        if self.lambda_d_factor is None:  # disentanglement_lib's default for the DIP type
+            object.__setattr__(self, "lambda_d_factor", DIP_D_FACTOR.get(self.metric, 10.0))
         for field in dataclasses.fields(self):
             name, value = field.name, getattr(self, field.name)
             if name in BOUNDS:
@@ -217,9 +234,9 @@ def objective_label(settings):
     one: missing settings are the defaults), e.g. "Non-Syn VAE (alpha 5, omega 0.9)",
     "FactorVAE (gamma 6.4)", "VAE"; a non-default update, sample, decoder or precision is named
     too ("VAE (arch 2018)")."""
-    default = Config()
+    metric = settings.get("metric", Config.metric)
+    default = Config(metric=metric if metric in OBJECTIVES else Config.metric)
     get = lambda name: settings.get(name, getattr(default, name))  # noqa: E731
-    metric = get("metric")
     parts = [f"{name} {get(name):g}" for name in OBJECTIVE_SETTINGS[metric]]
     if metric in NONSYN:
         parts += [f"{name} {get(name)}" for name in ("update", "sample")
@@ -527,6 +544,8 @@ class Solver:
         if nonsyn:
             self.train_step = {"original": self.step_original, "two-step": self.step_two_step,
                                "joint": self.step_joint}[c.update]
+        elif c.metric in FIELD:
+            self.train_step = self.step_field
         else:
             self.train_step = self.step_factor if c.metric == "Factor" else self.step_vae
         self.batches = batches or Batches(self.data, c.batch_size, c.seed, self.device)
@@ -665,6 +684,21 @@ class Solver:
         self.optim.step()
         syn, best = synergy_penalty(mu.detach(), logvar.detach(), c.omega, c.alpha)
         return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn,
+                                   total=loss.detach()), mu, logvar, best)
+
+    def step_field(self):
+        """beta-TCVAE, DIP-VAE-I/II or AnnealedVAE (objectives.py): recon + the objective's
+        regulariser of this batch; AnnealedVAE's capacity follows the steps already taken.
+        Synergy is only measured."""
+        c = self.config
+        recon, kl, mu, logvar, z = self._elbo_terms()
+        regulariser, terms = FIELD[c.metric](c, self.step, kl, z, mu, logvar)
+        loss = recon + regulariser
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optim.step()
+        syn, best = synergy_penalty(mu.detach(), logvar.detach(), c.omega, c.alpha)
+        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn, **terms,
                                    total=loss.detach()), mu, logvar, best)
 
     def step_factor(self):

@@ -4,7 +4,7 @@ one summary.
 
     python study.py --out DIR [--metric Test_gt Factor VAE BVAE] [--seeds N | --seed 1 2 3]
                     [--alpha ...] [--omega ...] [--gamma ...] [--beta ...] [--spec FILE.json]
-                    [--preset thesis|figures] [--retries 2] [--extend]
+                    [--preset thesis|figures|field] [--retries 2] [--extend]
                     [--engine local] [--workers W] [--threads T] [--trials-per-gpu K]
                     [--engine ray] [--address auto|HOST:PORT] [--cpus-per-trial C]
                     [--gpus-per-trial G]
@@ -51,7 +51,7 @@ from utils import (ArgumentParser, ConfigError, DiskFull, RunFolder, atomic_writ
 
 ROOT = Path(__file__).resolve().parent
 OBJECTIVE_AXES = OBJECTIVE_SETTINGS  # the value axes that multiply each objective's trials
-VALUE_AXES = ("alpha", "omega", "gamma", "beta")
+VALUE_AXES = ("alpha", "omega", "gamma", "beta", "lambda_od", "lambda_d_factor", "c_max")
 CHOICE_AXES = {"precision": PRECISIONS, "arch": ARCHS}  # axes of every objective, their values
 CHOICE_NAMES = {"precision": "{}", "arch": "arch{}"}  # in trial names: _bf16, _arch2018
 AXES = VALUE_AXES + tuple(CHOICE_AXES)
@@ -68,6 +68,12 @@ PRESETS = {
                     arch={"Test_gt": ["2018"], "Factor": ["2018"], "VAE": ["2020"]},
                     flags=["--steps", "110000", "--gt-interval", "5000", "--save-interval",
                            "2000", "--log-interval", "20"]),
+    # Non-Syn VAE beside the field's objectives (disentanglement_lib's settings), every one
+    # against Non-Syn in the t-tests; seeds from --seeds / --seed
+    "field": dict(metric=["Test_gt", "BVAE", "Factor", "BTCVAE", "DIPVAE1", "DIPVAE2",
+                          "AnnealedVAE", "VAE"],
+                  alpha=[5.0], omega=[0.9], gamma=[6.4, 10.0], lambda_od=[10.0], c_max=[25.0],
+                  beta={"BVAE": [4.0], "BTCVAE": [6.0]}),
 }
 STATES = ("pending", "running", "finished", "failed")
 MEASURE_OMEGA = Config.measure_omega  # the default; an i_max at another omega gets its own column
@@ -153,7 +159,9 @@ def parse_args(argv):
                                      "flags)")
     grid.add_argument("--preset", choices=tuple(PRESETS),
                       help="thesis: the thesis comparison; figures: the runs of the thesis "
-                           "figures (python figures.py --study DIR draws them)")
+                           "figures (python figures.py --study DIR draws them); field: Non-Syn "
+                           "VAE beside beta-VAE, FactorVAE, beta-TCVAE, DIP-VAE-I/II, "
+                           "AnnealedVAE and VAE")
     grid.add_argument("--extend", action="store_true",
                       help="add axis values or seeds to DIR's study")
     grid.add_argument("--retries", type=int, default=2, help="retries of a failed trial")
@@ -683,7 +691,7 @@ def run_local(study, plan, retries, progress):
             process.send_signal(signal.SIGTERM)  # each trial checkpoints at its next step
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while queue or running:
+        while running or (queue and not stopping):  # once stopped, pending trials wait
             for slot in range(plan.workers):
                 if slot not in running and queue and not stopping:
                     trial = queue.pop(0)

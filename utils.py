@@ -301,17 +301,21 @@ class ConfigError(ValueError):
     """A setting, a run folder or a checkpoint is unusable; the message says what to do."""
 
 
-CHECKPOINT_FORMAT = 4  # bumped whenever the checkpoint's layout changes
+CHECKPOINT_FORMAT = 5  # bumped whenever the checkpoint's layout changes
 # Settings that older formats did not store, with the values their runs were trained with:
 # format 1 (before --arch, --init and the checksum) the 2020 decoder and today's PyTorch
 # initialisation; formats 1 and 2 (before --precision) fp32; formats 1 to 3 (before i_max and
 # the evaluation sample) the measurement omega and sample size their runs are evaluated with
-# now. A config.json that lacks one of these settings was written before it existed: it gets
-# the same value (format 1's table).
-_BEFORE_I_MAX = dict(measure_omega=0.9, eval_sample=10_000)
+# now; formats 1 to 4 (before beta-TCVAE, DIP-VAE and AnnealedVAE) those objectives' defaults,
+# which no run of theirs used. A config.json that lacks one of these settings was written
+# before it existed: it gets the same value (format 1's table).
+_BEFORE_FIELD = dict(lambda_od=10.0, lambda_d_factor=10.0, c_max=25.0, c_steps=100_000,
+                     c_gamma=1000.0)
+_BEFORE_I_MAX = dict(measure_omega=0.9, eval_sample=10_000, **_BEFORE_FIELD)
 IMPLIED_SETTINGS = {1: dict(arch="2020", init="current", precision="fp32", **_BEFORE_I_MAX),
                     2: dict(precision="fp32", **_BEFORE_I_MAX),
-                    3: _BEFORE_I_MAX}
+                    3: _BEFORE_I_MAX,
+                    4: _BEFORE_FIELD}
 
 
 def tensor_checksum(state):

@@ -270,11 +270,17 @@ def test_atomically_written_files_keep_the_usual_permissions(tmp_path):
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
 
 
+FIELD_DEFAULTS = dict(lambda_od=10.0, lambda_d_factor=10.0, c_max=25.0, c_steps=100000,
+                      c_gamma=1000.0)
+
+
 @pytest.mark.parametrize("old_format, implied", [
     (1, dict(arch="2020", init="current", precision="fp32", measure_omega=0.9,
-             eval_sample=10000)),  # before --arch, --init, the checksum
-    (2, dict(precision="fp32", measure_omega=0.9, eval_sample=10000)),  # before --precision
-    (3, dict(measure_omega=0.9, eval_sample=10000)),  # before i_max
+             eval_sample=10000, **FIELD_DEFAULTS)),  # before --arch, --init, the checksum
+    (2, dict(precision="fp32", measure_omega=0.9, eval_sample=10000,
+             **FIELD_DEFAULTS)),  # before --precision
+    (3, dict(measure_omega=0.9, eval_sample=10000, **FIELD_DEFAULTS)),  # before i_max
+    (4, FIELD_DEFAULTS),  # before beta-TCVAE, DIP-VAE and AnnealedVAE
 ])
 def test_an_older_checkpoint_resumes_with_its_implied_settings(tmp_path, old_format, implied):
     run_dir, path = checkpoint_of(tmp_path, "old")
@@ -291,7 +297,7 @@ def test_an_older_checkpoint_resumes_with_its_implied_settings(tmp_path, old_for
     (run_dir / "config.json").write_text(json.dumps(metadata))
     assert main(["--resume", str(run_dir), "--steps", "6"]) == 0
     resumed = RunFolder(run_dir).load_checkpoint()
-    assert resumed["format"] == 4 and resumed["step"] == 6
+    assert resumed["format"] == 5 and resumed["step"] == 6
     assert {name: resumed["config"][name] for name in implied} == implied
     # config.json still lacks the settings; the now current checkpoint resumes again
     assert main(["--resume", str(run_dir), "--steps", "7"]) == 0

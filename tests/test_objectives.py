@@ -1,4 +1,5 @@
 """The field's regularisers (objectives.py) against their definitions, written out literally."""
+import json
 import math
 
 import numpy as np
@@ -84,3 +85,77 @@ def test_annealed_capacity_and_regulariser():
     kl = torch.tensor(20.0)
     assert annealed_regulariser(kl, 50000, 25.0, 100000, 1000.0).item() == pytest.approx(7500.0)
     assert annealed_regulariser(kl, 200000, 25.0, 100000, 1000.0).item() == pytest.approx(5000.0)
+
+
+# --- the objectives as --metric choices ------------------------------------------------------
+
+def train(tmp_path, name, *flags):
+    """A 6-step run of test_cli's quick settings, a record every step: (records, its config)."""
+    from conftest import records
+    from test_cli import run_cli
+    code, run_dir = run_cli(tmp_path, name, "--log-interval", "1", *flags)
+    assert code == 0
+    return records(run_dir), json.loads((run_dir / "config.json").read_text())["config"]
+
+
+def test_each_field_objective_minimises_recon_plus_its_regulariser(tmp_path):
+    """``total`` (the minimised loss) is recon plus the regulariser of the logged terms."""
+    rows, config = train(tmp_path, "tc", "--metric", "BTCVAE", "--beta", "6")
+    assert config["beta"] == 6.0
+    for r in rows:
+        assert r["total"] == pytest.approx(r["recon"] + r["kl"] + 5 * r["tc"], rel=1e-5)
+    rows, config = train(tmp_path, "dip1", "--metric", "DIPVAE1", "--lambda_od", "2")
+    assert (config["lambda_od"], config["lambda_d_factor"]) == (2.0, 10.0)  # dlib's factor for I
+    for r in rows:
+        assert r["dip"] > 0 and r["total"] == pytest.approx(r["recon"] + r["kl"] + r["dip"],
+                                                           rel=1e-5)
+    rows, config = train(tmp_path, "dip2", "--metric", "DIPVAE2")
+    assert (config["lambda_od"], config["lambda_d_factor"]) == (10.0, 1.0)  # dlib's for II
+    _, config = train(tmp_path, "dip2b", "--metric", "DIPVAE2", "--lambda-d-factor", "3")
+    assert config["lambda_d_factor"] == 3.0
+    rows, config = train(tmp_path, "ann", "--metric", "AnnealedVAE", "--c_max", "20",
+                         "--c_steps", "4", "--c_gamma", "100")
+    # C after t steps already taken: 20 * min(1, t / 4), t = step - 1 for the logged step
+    assert [r["capacity"] for r in rows] == pytest.approx([0, 5, 10, 15, 20, 20])
+    for r in rows:
+        assert r["total"] == pytest.approx(r["recon"] + 100 * abs(r["kl"] - r["capacity"]),
+                                           rel=1e-5)
+    assert {"syn", "i_max"} <= set(rows[0])  # synergy measured, never optimised
+
+
+def test_field_objectives_name_their_runs_and_labels(tmp_path):
+    from run import build_parser, default_run_name, make_config
+    from solver import objective_label
+    parser = build_parser()
+    config = make_config(parser.parse_args(["--metric", "DIPVAE2", "--seed", "1"]))
+    assert default_run_name(config).startswith("DIPVAE2_lambda_od10.0_lambda_d_factor1.0_seed1_")
+    assert objective_label(config.to_dict()) == "DIP-VAE-II (lambda_od 10, lambda_d_factor 1)"
+    assert objective_label({"metric": "DIPVAE2"}) == "DIP-VAE-II (lambda_od 10, lambda_d_factor 1)"
+    assert objective_label({"metric": "BTCVAE", "beta": 6.0}) == "beta-TCVAE (beta 6)"
+    assert objective_label({"metric": "AnnealedVAE"}) == "AnnealedVAE (c_max 25)"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lambda_od", "-1", "must be >= 0"), ("--c_steps", "0", "must be >= 1"),
+    ("--c_steps", "2.5", "not a whole number"), ("--c_max", "nan", "finite"),
+    ("--lambda_d_factor", "x", "not a number")])
+def test_bad_field_settings_are_refused_in_one_line(tmp_path, capsys, flag, value, message):
+    from test_cli import run_cli
+    with pytest.raises(SystemExit) as refused:
+        run_cli(tmp_path, "bad", "--metric", "AnnealedVAE", flag, value)
+    assert refused.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in line and f"argument {flag}:" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["no-data"]  # no run folder
+
+
+def test_the_field_preset_runs_every_objective_with_dlib_settings(tmp_path):
+    import study
+    spec = study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--preset", "field",
+                                              "--seeds", "2"]))
+    names = [t["name"] for t in study.expand(spec)]
+    assert names == [f"{n}_seed{s}" for n in (
+        "Test_gt_alpha5.0_omega0.9", "BVAE_beta4.0", "Factor_gamma6.4", "Factor_gamma10.0",
+        "BTCVAE_beta6.0", "DIPVAE1_lambda_od10.0", "DIPVAE2_lambda_od10.0", "AnnealedVAE_c_max25.0",
+        "VAE") for s in (1, 2)]
+    assert not (tmp_path / "s").exists()

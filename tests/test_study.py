@@ -599,3 +599,25 @@ def run_dry(argv):
     import run
     parser = run.build_parser()
     return run.make_config(parser.parse_args(argv), run.explicit_flags(parser, argv)).to_dict()
+
+
+def test_a_stopped_study_with_pending_trials_ends_and_resumes_them(tmp_path):
+    """SIGTERM to a study whose queue still holds trials: the running trial stops with a
+    checkpoint, the study ends (exit 130; it used to wait forever on the pending ones), and the
+    same command then runs both to the end."""
+    out = tmp_path / "queued"
+    argv = ["--out", str(out), "--metric", "Test_gt", "--seed", "3", "4", "--workers", "1",
+            "--", *KILL_FLAGS, "--data-dir", str(no_data(tmp_path))]
+    process = subprocess.Popen([sys.executable, str(ROOT / "study.py"), *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for((out / "Test_gt_seed3" / "checkpoints" / "last.pt").exists)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    states = {t["name"]: t["state"] for t in json.loads((out / "study.json").read_text())["trials"]}
+    assert states == {"Test_gt_seed3": "pending", "Test_gt_seed4": "pending"}, output
+    assert not run_py_pids(out)
+    assert study.main(argv) == 0
+    states = {t["name"]: t["state"] for t in json.loads((out / "study.json").read_text())["trials"]}
+    assert set(states.values()) == {"finished"}
+    assert "Resuming" in (out / ".Test_gt_seed3.log").read_text()
