@@ -217,30 +217,29 @@ def sap(represent, factor_sizes, rng, num_train, num_test, svc_C, continuous_fac
 
 
 def _code_covariance(represent, factor_sizes, rng, num_train):
-    """The covariance (K, K) of ``num_train`` mean codes of uniformly drawn factors."""
+    """The covariance of ``num_train`` mean codes of uniformly drawn factors, over the latents
+    that vary: a constant latent is independent of the others and adds 0 to every unsupervised
+    score (the limit as its variance goes to 0), so it is left out."""
     codes = _sample_points(represent, factor_sizes, num_train, rng)[1]
-    return np.atleast_2d(np.cov(codes, rowvar=False))
+    cov = np.atleast_2d(np.cov(codes, rowvar=False))
+    varying = np.flatnonzero(np.diag(cov) > 0)
+    return cov[np.ix_(varying, varying)]
 
 
 def gaussian_total_correlation(represent, factor_sizes, rng, num_train):
-    """0.5 (sum log diag C - log det C). A constant latent (zero variance) is independent of
-    the others and adds nothing (the limit as its variance goes to 0), so it is left out; a
-    latent that is an exact linear function of others makes C singular: TC is infinite."""
+    """0.5 (sum log diag C - log det C) over the varying latents; a latent that is an exact
+    linear function of others makes C singular: TC is infinite."""
     cov = _code_covariance(represent, factor_sizes, rng, num_train)
-    varying = np.flatnonzero(np.diag(cov) > 0)
-    cov = cov[np.ix_(varying, varying)]
     sign, logdet = np.linalg.slogdet(cov)
     tc = 0.5 * (np.log(np.diag(cov)).sum() - logdet) if sign > 0 else np.inf
-    return dict(score=float(tc), num_varying=int(len(varying)))
+    return dict(score=float(tc), num_varying=len(cov))
 
 
 def _wasserstein_correlation(cov):
     from scipy.linalg import sqrtm
 
-    varying = np.flatnonzero(np.diag(cov) > 0)  # a constant latent adds 0 to both traces
-    if not len(varying):
+    if not len(cov):
         return 0.0
-    cov = cov[np.ix_(varying, varying)]
     root = sqrtm(cov * np.diag(cov)[:, None])
     return float(2 * np.trace(cov) - 2 * np.trace(root).real)
 

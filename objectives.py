@@ -3,9 +3,10 @@
 (``AnnealedVAE``). Each trains ``recon + regulariser`` on the same networks, data and optimiser
 as the others; the Solver's ``step_field`` runs the one in ``FIELD``.
 
-Each regulariser takes the batch's KL (``model.kl_loss``: summed over latents, mean over the
-batch), the encoder's posterior (``mu``, ``logvar``: (B, K)) and its reparameterised sample
-``z``, and returns a scalar tensor; tests/test_objectives.py checks each against its definition.
+Each entry of ``FIELD`` takes the run's settings, the steps already taken, the batch's KL
+(``model.kl_loss``: summed over latents, mean over the batch), the encoder's posterior (``mu``,
+``logvar``: (B, K)) and its reparameterised sample ``z``, and returns the regulariser (a scalar
+tensor) with the terms to log; tests/test_objectives.py checks each against its definition.
 """
 import math
 
@@ -29,19 +30,14 @@ def total_correlation(z, mu, logvar):
     return (log_qz - log_prod_qz).mean()
 
 
-def btcvae_regulariser(kl, z, mu, logvar, beta):
-    """beta-TCVAE (Chen et al. 2018, Eq. 5 with alpha = gamma = 1): KL + (beta - 1) * TC."""
-    return kl + (beta - 1) * total_correlation(z, mu, logvar)
-
-
 def covariance(mu):
     """Cov_batch[mu] = E[mu mu^T] - E[mu] E[mu]^T (K, K), the biased batch estimate."""
     mean = mu.mean(0)
     return (mu[:, :, None] * mu[:, None, :]).mean(0) - mean[:, None] * mean[None, :]
 
 
-def dip_regulariser(kl, mu, logvar, lambda_od, lambda_d_factor, dip_type):
-    """DIP-VAE (Kumar et al. 2018, Eqs. 6-7): KL + lambda_od * sum of squared off-diagonal
+def dip_penalty(mu, logvar, lambda_od, lambda_d_factor, dip_type):
+    """DIP-VAE's term (Kumar et al. 2018, Eqs. 6-7): lambda_od * sum of squared off-diagonal
     entries + lambda_d * sum of squared (diagonal - 1) of C, lambda_d = lambda_d_factor *
     lambda_od; C = Cov[mu] (type "i") or Cov[mu] + E[diag(exp(logvar))] (type "ii")."""
     cov = covariance(mu)
@@ -51,7 +47,7 @@ def dip_regulariser(kl, mu, logvar, lambda_od, lambda_d_factor, dip_type):
         raise ValueError(f"dip_type must be 'i' or 'ii', got {dip_type!r}")
     diagonal = torch.diagonal(cov)
     off_diagonal = cov - torch.diag(diagonal)
-    return (kl + lambda_od * (off_diagonal ** 2).sum()
+    return (lambda_od * (off_diagonal ** 2).sum()
             + lambda_d_factor * lambda_od * ((diagonal - 1) ** 2).sum())
 
 
@@ -61,27 +57,27 @@ def annealed_capacity(step, c_max, c_steps):
     return c_max * min(1.0, step / c_steps)
 
 
-def annealed_regulariser(kl, step, c_max, c_steps, c_gamma):
-    """AnnealedVAE (Burgess et al. 2018, Eq. 8): c_gamma * |KL - C(step)|."""
-    return c_gamma * (kl - annealed_capacity(step, c_max, c_steps)).abs()
-
-
-def _btcvae(c, step, kl, z, mu, logvar):
+def btcvae(c, step, kl, z, mu, logvar):
+    """beta-TCVAE (Chen et al. 2018, Eq. 5 with alpha = gamma = 1): KL + (beta - 1) * TC."""
     tc = total_correlation(z, mu, logvar)
     return kl + (c.beta - 1) * tc, dict(tc=tc.detach())
 
 
-def _dip(dip_type):
+def dip_vae(dip_type):
+    """DIP-VAE-I ("i") or -II ("ii"): KL + the DIP penalty."""
     def regulariser(c, step, kl, z, mu, logvar):
-        value = dip_regulariser(kl, mu, logvar, c.lambda_od, c.lambda_d_factor, dip_type)
-        return value, dict(dip=(value - kl).detach())
+        penalty = dip_penalty(mu, logvar, c.lambda_od, c.lambda_d_factor, dip_type)
+        return kl + penalty, dict(dip=penalty.detach())
     return regulariser
 
 
-def _annealed(c, step, kl, z, mu, logvar):
-    capacity = torch.full((), annealed_capacity(step, c.c_max, c.c_steps), device=kl.device)
-    return annealed_regulariser(kl, step, c.c_max, c.c_steps, c.c_gamma), dict(capacity=capacity)
+def annealed_vae(c, step, kl, z, mu, logvar):
+    """AnnealedVAE (Burgess et al. 2018, Eq. 8): c_gamma * |KL - C(step)|."""
+    capacity = annealed_capacity(step, c.c_max, c.c_steps)
+    return (c.c_gamma * (kl - capacity).abs(),
+            dict(capacity=torch.full((), capacity, device=kl.device)))
 
 
 # --metric name -> (config, steps already taken, kl, z, mu, logvar) -> (regulariser, {term: value})
-FIELD = {"BTCVAE": _btcvae, "DIPVAE1": _dip("i"), "DIPVAE2": _dip("ii"), "AnnealedVAE": _annealed}
+FIELD = {"BTCVAE": btcvae, "DIPVAE1": dip_vae("i"), "DIPVAE2": dip_vae("ii"),
+         "AnnealedVAE": annealed_vae}

@@ -311,10 +311,11 @@ CHECKPOINT_FORMAT = 5  # bumped whenever the checkpoint's layout changes
 # before it existed: it gets the same value (format 1's table).
 _BEFORE_FIELD = dict(lambda_od=10.0, lambda_d_factor=10.0, c_max=25.0, c_steps=100_000,
                      c_gamma=1000.0)
-_BEFORE_I_MAX = dict(measure_omega=0.9, eval_sample=10_000, **_BEFORE_FIELD)
-IMPLIED_SETTINGS = {1: dict(arch="2020", init="current", precision="fp32", **_BEFORE_I_MAX),
-                    2: dict(precision="fp32", **_BEFORE_I_MAX),
-                    3: _BEFORE_I_MAX,
+_BEFORE_I_MAX = dict(measure_omega=0.9, eval_sample=10_000)
+IMPLIED_SETTINGS = {1: dict(arch="2020", init="current", precision="fp32", **_BEFORE_I_MAX,
+                            **_BEFORE_FIELD),
+                    2: dict(precision="fp32", **_BEFORE_I_MAX, **_BEFORE_FIELD),
+                    3: dict(_BEFORE_I_MAX, **_BEFORE_FIELD),
                     4: _BEFORE_FIELD}
 
 

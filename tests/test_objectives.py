@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from objectives import (annealed_capacity, annealed_regulariser, btcvae_regulariser, covariance,
-                        dip_regulariser, gaussian_log_density, total_correlation)
+from types import SimpleNamespace
+
+from objectives import (FIELD, annealed_capacity, covariance, dip_penalty, gaussian_log_density,
+                        total_correlation)
 
 
 def posterior(batch=6, k=3, seed=0):
@@ -48,9 +50,11 @@ def test_btcvae_adds_beta_minus_one_tc_and_has_gradients():
     mu.requires_grad_(True)
     kl = torch.tensor(3.0, dtype=torch.float64)
     tc = total_correlation(z, mu, logvar)
-    value = btcvae_regulariser(kl, z, mu, logvar, beta=6.0)
+    value, terms = FIELD["BTCVAE"](SimpleNamespace(beta=6.0), 0, kl, z, mu, logvar)
     assert value.item() == pytest.approx(3.0 + 5.0 * tc.item())
-    assert btcvae_regulariser(kl, z, mu, logvar, beta=1.0).item() == pytest.approx(3.0)
+    assert terms["tc"].item() == pytest.approx(tc.item())
+    plain, _ = FIELD["BTCVAE"](SimpleNamespace(beta=1.0), 0, kl, z, mu, logvar)
+    assert plain.item() == pytest.approx(3.0)
     value.backward()
     assert mu.grad is not None and torch.isfinite(mu.grad).all() and mu.grad.abs().sum() > 0
 
@@ -70,12 +74,15 @@ def test_dip_regularisers_by_hand():
     kl = torch.tensor(2.0, dtype=torch.float64)
     logvar = torch.full_like(mu, math.log(0.5))
     # type i: off-diagonal 2 * (sqrt(2)/2)^2 = 1, diagonal (1 - 1)^2 = 0
-    assert dip_regulariser(kl, mu, logvar, 10.0, 10.0, "i").item() == pytest.approx(2 + 10 * 1)
+    assert dip_penalty(mu, logvar, 10.0, 10.0, "i").item() == pytest.approx(10 * 1)
     # type ii: the diagonal gains E[exp(logvar)] = 0.5: 2 * 0.5^2 = 0.5, times lambda_d = 1 * 10
-    assert dip_regulariser(kl, mu, logvar, 10.0, 1.0, "ii").item() == pytest.approx(
-        2 + 10 * 1 + 10 * 0.5)
+    assert dip_penalty(mu, logvar, 10.0, 1.0, "ii").item() == pytest.approx(10 * 1 + 10 * 0.5)
+    settings = SimpleNamespace(lambda_od=10.0, lambda_d_factor=1.0)
+    value, terms = FIELD["DIPVAE2"](settings, 0, kl, None, mu, logvar)
+    assert value.item() == pytest.approx(2 + 10 * 1 + 10 * 0.5)  # KL + the penalty
+    assert terms["dip"].item() == pytest.approx(10 * 1 + 10 * 0.5)
     with pytest.raises(ValueError, match="dip_type"):
-        dip_regulariser(kl, mu, logvar, 10.0, 1.0, "iii")
+        dip_penalty(mu, logvar, 10.0, 1.0, "iii")
 
 
 def test_annealed_capacity_and_regulariser():
@@ -83,8 +90,11 @@ def test_annealed_capacity_and_regulariser():
     assert annealed_capacity(50000, 25.0, 100000) == pytest.approx(12.5)
     assert annealed_capacity(100000, 25.0, 100000) == annealed_capacity(300000, 25.0, 100000) == 25
     kl = torch.tensor(20.0)
-    assert annealed_regulariser(kl, 50000, 25.0, 100000, 1000.0).item() == pytest.approx(7500.0)
-    assert annealed_regulariser(kl, 200000, 25.0, 100000, 1000.0).item() == pytest.approx(5000.0)
+    settings = SimpleNamespace(c_max=25.0, c_steps=100000, c_gamma=1000.0)
+    value, terms = FIELD["AnnealedVAE"](settings, 50000, kl, None, None, None)
+    assert value.item() == pytest.approx(7500.0) and terms["capacity"].item() == 12.5
+    assert FIELD["AnnealedVAE"](settings, 200000, kl, None, None, None)[0].item() == \
+        pytest.approx(5000.0)
 
 
 # --- the objectives as --metric choices ------------------------------------------------------
