@@ -291,7 +291,7 @@ def step_flops(model, batch_size):
 
 def benchmark_profile(args):
     """``--profile``: where the default step's time goes, phase by phase (the phases of
-    Solver.step_original, timed one after the other), the profiler's split of convolution
+    objectives.nonsyn_original, timed one after the other), the profiler's split of convolution
     forward and backward, and the step's convolution FLOPs against this machine's measured
     peak for the same convolutions."""
     from torch.profiler import ProfilerActivity, profile
@@ -310,7 +310,7 @@ def benchmark_profile(args):
             seconds, out = _clock(device, work)
             phases.setdefault(name, []).append(seconds)
             return out
-        for _ in range(args.rounds * args.steps):  # the steps of step_original, phase by phase
+        for _ in range(args.rounds * args.steps):  # the steps of nonsyn_original, phase by phase
             x = timed("data: the batch's indices, unpacked to floats",
                       lambda: solver.batches.train(solver.step))
             with solver.autocast():

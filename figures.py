@@ -1,10 +1,15 @@
 """Reproduce the thesis figures from run folders.
 
-    python figures.py --nonsyn RUN --factor RUN --vae RUN [--celeba RUN] [--out misc]
-                      [--loss-steps 4000]
+    python figures.py --nonsyn RUN --factor RUN --vae RUN [--compare RUN ...] [--celeba RUN]
+                      [--out misc] [--loss-steps 4000]
     python figures.py --study DIR [--celeba RUN] [--out misc]   (a study.py folder: its first
-                      finished seed of Non-Syn VAE, FactorVAE and VAE; --nonsyn etc. override)
+                      finished seed of Non-Syn VAE, FactorVAE and VAE in the three roles,
+                      --nonsyn etc. override; every other configuration's first finished seed
+                      in comparison.md)
     python figures.py --curves RUN [RUN ...] [--band RUN ...] [--out misc] [--curve-steps 1000]
+
+The three roles are the thesis's (Non-Syn VAE, FactorVAE, plain VAE), but each takes a dSprites
+run of any objective (e.g. --factor a beta-TCVAE run: latents.png then sets Non-Syn VAE beside it).
 
 writes into --out:
   traversals.gif       the Non-Syn run's traversal images in step order, step drawn on each frame
@@ -15,9 +20,10 @@ writes into --out:
                        reconstruction, z0: the factor it tracks, ...)
   plots.png            reconstruction, KL and synergy loss of the Non-Syn run (first --loss-steps)
   faces_celeba.png     the CelebA run's final traversal (only with --celeba)
-  comparison.md/.json  final losses and disentanglement scores per run, and what each latent
-                       learned (the factor and its share of the latent's variance)
-  runs/<run>/          each run's config.json, metrics.jsonl and metrics.json (small text) and
+  comparison.md/.json  final losses and disentanglement scores per run (the three, --compare's
+                       and --study's others), and what each latent learned (the factor and its
+                       share of the latent's variance)
+  runs/<run>/          the three runs' (and CelebA's) config.json, metrics.jsonl and metrics.json (small text) and
                        its final weights alone, model.pt (evaluate.py scores them)
 
 or, with --curves (Non-Syn runs logged every step, e.g. --arch 2018 over several seeds):
@@ -44,12 +50,23 @@ from PIL import Image, ImageDraw
 from plotting import (ACTIVE_VARIANCE, EXPLAINED, label_rows, latent_factors, latent_labels,
                       traversal_labels)
 from metrics import METRIC_LABELS, METRIC_NAMES
-from solver import NONSYN, SAMPLE_MEASURES, WEIGHTS, Config, Trained, objective_label
+from solver import (NONSYN, OBJECTIVE_NAMES, SAMPLE_MEASURES, WEIGHTS, Config, Trained,
+                    objective_label)
 from utils import ConfigError, RunFolder, atomic_torch_save
 
 
 class FigureError(RuntimeError):
     """A run folder lacks what a figure needs; the message names the folder and the file."""
+
+
+def run_titles(folders):
+    """[(name, folder)]: each run's name in comparison.md, its objective's name (Non-Syn VAE,
+    FactorVAE, ...), or, where two runs share it, the objective with its settings and seed."""
+    configs = [folder.read_config()["config"] for folder in folders]
+    names = [OBJECTIVE_NAMES[config["metric"]] for config in configs]
+    return [(name if names.count(name) == 1 else
+             f"{objective_label(config)}, seed {config['seed']}", folder)
+            for name, config, folder in zip(names, configs, folders, strict=True)]
 
 
 def check_kind(folder, flag, metrics=None, dataset=None):
@@ -68,22 +85,39 @@ def check_kind(folder, flag, metrics=None, dataset=None):
                           f"takes a {dataset} run")
 
 
-def study_runs(study_dir):
-    """{flag: run folder} of a study.py folder: the first finished trial (first configuration,
-    first seed) of each of Non-Syn VAE, FactorVAE and VAE."""
+ROLES = (("nonsyn", NONSYN), ("factor", ("Factor",)), ("vae", ("VAE",)))  # flag, its default
+
+
+def study_runs(study_dir, given=()):
+    """({flag: run folder}, [run folder, ...]) of a study.py folder: for each role flag not in
+    ``given``, the first finished trial (first configuration, first seed) of its default
+    objective (Non-Syn VAE, FactorVAE, VAE); then the first finished seed of every other
+    configuration, listed in comparison.md beside them."""
     path = Path(study_dir) / "study.json"
     if not path.is_file():
         raise FigureError(f"--study {study_dir} has no study.json: not a study.py folder")
     trials = json.loads(path.read_text())["trials"]
     picks = {}
-    for flag, metrics in (("nonsyn", NONSYN), ("factor", ("Factor",)), ("vae", ("VAE",))):
+    for flag, metrics in ROLES:
+        if flag in given:
+            continue
         kind = [t for t in trials if t["metric"] in metrics]
         done = [t for t in kind if t["state"] == "finished"]
         if not done:
             raise FigureError(f"--study {study_dir} has no finished --metric {' / '.join(metrics)} "
-                              f"trial ({len(kind)} in the study); finish it or give --{flag} RUN")
+                              f"trial ({len(kind)} in the study); finish it or give --{flag} RUN "
+                              f"(a run of any objective)")
         picks[flag] = str(Path(study_dir) / done[0]["name"])
-    return picks
+    others, seen = [], set()
+    for trial in trials:  # a configuration is a trial name without its seed
+        configuration = trial["name"].rpartition("_seed")[0]
+        if trial["state"] != "finished" or configuration in seen:
+            continue
+        seen.add(configuration)
+        folder = str(Path(study_dir) / trial["name"])
+        if folder not in picks.values():
+            others.append(folder)
+    return picks, others
 
 
 def traversal_images(folder):
@@ -498,11 +532,18 @@ def comparison_table(runs, out_dir):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nonsyn", help="Non-Syn VAE run folder (--metric Test_gt)")
-    p.add_argument("--factor", help="FactorVAE run folder (--metric Factor)")
-    p.add_argument("--vae", help="plain VAE run folder (--metric VAE)")
+    p.add_argument("--nonsyn", help="the run of traversals.gif, plots.png and latents.png's "
+                                    "left half: the thesis's Non-Syn VAE (--metric Test_gt), "
+                                    "or any objective's dSprites run")
+    p.add_argument("--factor", help="the run of latents.png's right half: the thesis's FactorVAE "
+                                    "(--metric Factor), or any objective's")
+    p.add_argument("--vae", help="the run of VAE_traversals.png: the thesis's plain VAE "
+                                 "(--metric VAE), or any objective's")
+    p.add_argument("--compare", nargs="+", metavar="RUN", default=[],
+                   help="more runs (any objective) listed in comparison.md beside those three")
     p.add_argument("--study", help="a study.py folder: its first finished Non-Syn / FactorVAE / "
-                                   "VAE trials")
+                                   "VAE trials in the three roles (unless given), and the first "
+                                   "finished seed of every other configuration in comparison.md")
     p.add_argument("--celeba", help="CelebA run folder, for faces_celeba.png")
     p.add_argument("--curves", nargs="+", metavar="RUN",
                    help="instead: compare these Non-Syn runs (logged every step) with the "
@@ -516,11 +557,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.study and not args.curves:
         try:
-            for flag, run in study_runs(args.study).items():
-                setattr(args, flag, getattr(args, flag) or run)
+            picks, others = study_runs(args.study, [f for f, _ in ROLES if getattr(args, f)])
         except FigureError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        for flag, run in picks.items():
+            setattr(args, flag, run)
+        args.compare = args.compare + [run for run in others if run not in args.compare]
     if not args.curves and not (args.nonsyn and args.factor and args.vae):
         p.error("give --nonsyn, --factor and --vae (the thesis figures), or --study DIR, or "
                 "--curves RUN ...")
@@ -546,15 +589,18 @@ def main(argv=None):
               f"curves.md" + (f", curves_vs_band.md ({inside} of {total} anchors inside the "
                               f"band)" if band else ""))
         return 0
-    runs = [("Non-Syn VAE", RunFolder(args.nonsyn)), ("FactorVAE", RunFolder(args.factor)),
-            ("VAE", RunFolder(args.vae))]
+    roles = [RunFolder(args.nonsyn), RunFolder(args.factor), RunFolder(args.vae)]
+    compared = [RunFolder(run) for run in args.compare]
     celeba = [("CelebA", RunFolder(args.celeba))] if args.celeba else []
     try:
-        check_kind(runs[0][1], "--nonsyn", NONSYN, "dsprites")
-        check_kind(runs[1][1], "--factor", ("Factor",), "dsprites")
-        check_kind(runs[2][1], "--vae", ("VAE",), "dsprites")
+        for (flag, _), folder in zip(ROLES, roles, strict=True):
+            check_kind(folder, f"--{flag}", dataset="dsprites")
+        for folder in compared:
+            check_kind(folder, "--compare")
         if celeba:
             check_kind(celeba[0][1], "--celeba", dataset="celeba")
+        titled = run_titles(roles + compared)
+        runs, listed = titled[:3], titled[3:]
         out.mkdir(parents=True, exist_ok=True)
         frames = write_gif(runs[0][1], out / "traversals.gif")
         comparison_figure(runs[:2], out / "latents.png")
@@ -563,7 +609,7 @@ def main(argv=None):
         points = loss_plot(runs[0][1], out / "plots.png", args.loss_steps)
         if celeba:
             faces_figure(celeba[0][1], out / "faces_celeba.png")
-        comparison_table(runs + celeba, out)
+        comparison_table(runs + listed + celeba, out)
         export_records(runs + celeba, out)
     except FigureError as err:
         print(f"error: {err}", file=sys.stderr)

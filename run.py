@@ -58,12 +58,19 @@ def _other_spelling(flag):
     return None if other == words else "--" + other
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Flags with their defaults; the description and the objectives' list as written."""
+
+
 def build_parser():
     d = Config()
+    width = max(map(len, OBJECTIVES)) + 2
     p = ArgumentParser(
-        description="Non-Synergistic VAE (Barrientos & Sootla, 2018) and baselines on dSprites. "
+        description="Non-Synergistic VAE (Barrientos & Sootla, 2018) and baselines on dSprites.\n"
                     "Multi-word flags take '_' or '-' alike (--batch_size or --batch-size).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="objectives (--metric; objectives.py):\n" + "\n".join(
+            f"  {metric:<{width}}{objective.help}" for metric, objective in OBJECTIVES.items()),
+        formatter_class=HelpFormatter)
 
     def group(title):
         """Adds flags to the help section ``title``, each under the original's spelling, with
@@ -78,11 +85,7 @@ def build_parser():
 
     add = group("objective")
     add("--metric", choices=OBJECTIVES, default=d.metric,
-        help="experiment: Test_gt = Non-Syn VAE with traversals and ground-truth plots; test = "
-             "Non-Syn VAE with live visdom plots; VAE; BVAE (conv beta-VAE; BVAE_gt, the "
-             "original's name for it, works too); Factor (FactorVAE); the field's objectives as "
-             "disentanglement_lib defines them: BTCVAE (beta-TCVAE), DIPVAE1, DIPVAE2 "
-             "(DIP-VAE-I/II), AnnealedVAE")
+        help="experiment: the objective to train (each in one line at the end)")
     add("--update", choices=UPDATES, default=d.update,
         help="Non-Syn update: original = the original's two Adam steps exactly (0.4.1 Adam, the "
              "synergy gradient through the stale pre-step graph); two-step = the same two steps "

@@ -1,15 +1,11 @@
-"""The Solver: owns one run (model, optimisers, data, objective, outputs) and its training loop,
-and the validated Config it runs from.
+"""The Solver: owns one run (model, optimisers, data, outputs) and its training loop, and the
+validated Config it runs from.
 
 Datasets differ by a ModelSpec (channels, hidden width, likelihood); objectives (``--metric``)
-differ only by their train step:
-  Test_gt, test  Non-Syn VAE: recon + KL, plus the synergy penalty alpha * KL(worst set),
-                 updated as the original (``original``: two Adam steps, the second through the
-                 stale pre-step graph), with both gradients at θ_t (``two-step``), or in one
-                 loss (``joint``)
-  VAE, BVAE      recon + beta * KL (beta = 1 for VAE; BVAE_gt is the original's name of BVAE);
-                 synergy logged, not optimised
-  Factor         FactorVAE: recon + KL + gamma * TC with a density-ratio discriminator
+differ only by their train step, one each in objectives.py (its table ``OBJECTIVES``: Non-Syn
+VAE and its three updates, VAE / beta-VAE, FactorVAE, beta-TCVAE, DIP-VAE-I/II, AnnealedVAE).
+The Solver builds what they share (networks, the VAE's Adam, FactorVAE's discriminator where
+the table asks for it, the batches) and runs the chosen objective's step.
 Every train step returns (values, best): a dict of detached 0-dim tensors (every objective's
 with ``i_max``, the alpha-free synergy measure at ``measure_omega``) and the bool best-set mask.
 They are read on the host only at log time, so the step never synchronises with the device.
@@ -27,7 +23,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.nn import functional as F
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -35,9 +30,9 @@ from dataset import (CELEBA_CROPS, FACTOR_NAMES, GRIDS, ORIENTATION_VALUES, SCAL
                      grid_axes, load_dataset)
 from metrics import DEFAULT_METRICS, EVAL_SEED, METRIC_NAMES, evaluate, lookup
 from model import (MODEL_SPECS, Discriminator, evaluating, init_as_pytorch_041, kl_loss,
-                   permute_dims, reparameterise)
+                   reparameterise)
 from monitor import VisdomMonitor
-from objectives import FIELD
+from objectives import OBJECTIVES
 from plotting import image_grid, mean_activations, save_ground_truth_plot
 from precision import PRECISIONS, autocast, check_precision, device_record
 from synergy import kl_per_latent, synergy_penalty, worst_set_kl
@@ -49,19 +44,12 @@ log = logging.getLogger(__name__)
 
 # --- the configuration ----------------------------------------------------------------------------
 
-OBJECTIVES = ("Test_gt", "test", "VAE", "BVAE", "BVAE_gt", "Factor", *FIELD)  # --metric
 NONSYN = ("Test_gt", "test")
-# What a reader calls each objective, and the settings that define it (the rest are unused).
-OBJECTIVE_NAMES = {"Test_gt": "Non-Syn VAE", "test": "Non-Syn VAE", "VAE": "VAE",
-                   "BVAE": "beta-VAE", "BVAE_gt": "beta-VAE", "Factor": "FactorVAE",
-                   "BTCVAE": "beta-TCVAE", "DIPVAE1": "DIP-VAE-I", "DIPVAE2": "DIP-VAE-II",
-                   "AnnealedVAE": "AnnealedVAE"}
-OBJECTIVE_SETTINGS = {"Test_gt": ("alpha", "omega"), "test": ("alpha", "omega"), "VAE": (),
-                      "BVAE": ("beta",), "BVAE_gt": ("beta",), "Factor": ("gamma",),
-                      "BTCVAE": ("beta",), "DIPVAE1": ("lambda_od", "lambda_d_factor"),
-                      "DIPVAE2": ("lambda_od", "lambda_d_factor"), "AnnealedVAE": ("c_max",)}
-# disentanglement_lib's lambda_d_factor: 10 for DIP-VAE-I, 1 for DIP-VAE-II
-DIP_D_FACTOR = {"DIPVAE2": 1.0}
+# What a reader calls each objective, and the settings that define it (the rest are unused):
+# columns of objectives.OBJECTIVES, the table of every --metric
+OBJECTIVE_NAMES = {metric: o.name for metric, o in OBJECTIVES.items()}
+OBJECTIVE_SETTINGS = {metric: o.settings for metric, o in OBJECTIVES.items()}
+LAMBDA_D_FACTOR = 10.0  # lambda_d_factor left unset: the objective's own default, else this
 UPDATES = ("original", "two-step", "joint")
 SAMPLES = ("no_sample", "sample")
 DATASETS = ("dsprites", "celeba")
@@ -166,7 +154,10 @@ class Config:
         """Check every setting as its flag would, so that a Config built in code or read from a
         checkpoint is as valid as one from the command line; ints pass for floats."""
         if self.lambda_d_factor is None:  # disentanglement_lib's default for the DIP type
-            object.__setattr__(self, "lambda_d_factor", DIP_D_FACTOR.get(self.metric, 10.0))
+            objective = OBJECTIVES.get(self.metric)
+            own = objective.defaults if objective else {}
+            object.__setattr__(self, "lambda_d_factor",
+                               own.get("lambda_d_factor", LAMBDA_D_FACTOR))
         for field in dataclasses.fields(self):
             name, value = field.name, getattr(self, field.name)
             if name in BOUNDS:
@@ -330,7 +321,7 @@ def check_checkpoint(checkpoint, config):
     that is not, before anything is built on it or any file is touched."""
     required = {"step", "elapsed", "config", "model", "optim", "best_counts", "rng", "format"}
     optional = {"eval_pending"}  # format 1 had none
-    if config.metric == "Factor":
+    if OBJECTIVES[config.metric].discriminator:
         required |= {"D", "optim_D"}
     try:
         if missing := sorted(required - set(checkpoint)):
@@ -345,7 +336,7 @@ def check_checkpoint(checkpoint, config):
             model = MODEL_SPECS[config.dataset].build(config.z_dim, config.arch)
             _state_dict(checkpoint["model"], model.state_dict(), "model")
             _optimiser(checkpoint["optim"], vae_optimiser(model, config), "optim")
-            if config.metric == "Factor":
+            if OBJECTIVES[config.metric].discriminator:
                 D = Discriminator(config.z_dim)
                 _state_dict(checkpoint["D"], D.state_dict(), "D")
                 _optimiser(checkpoint["optim_D"], discriminator_optimiser(D, config),
@@ -533,21 +524,14 @@ class Solver:
         self.model = build_model(c, self.device, memory_format)
         self.autocast = lambda: autocast(self.device, c.precision)  # around forward passes only
         self.reconstruction_loss = MODEL_SPECS[c.dataset].reconstruction_loss
-        nonsyn = c.metric in NONSYN
+        self.objective = OBJECTIVES[c.metric]
         self.optim = vae_optimiser(self.model, c)
         self.D = self.optim_D = None
-        if c.metric == "Factor":
+        if self.objective.discriminator:
             self.D = Discriminator(c.z_dim).to(self.device)
             if c.init == "original":
                 init_as_pytorch_041(self.D)
             self.optim_D = discriminator_optimiser(self.D, c)
-        if nonsyn:
-            self.train_step = {"original": self.step_original, "two-step": self.step_two_step,
-                               "joint": self.step_joint}[c.update]
-        elif c.metric in FIELD:
-            self.train_step = self.step_field
-        else:
-            self.train_step = self.step_factor if c.metric == "Factor" else self.step_vae
         self.batches = batches or Batches(self.data, c.batch_size, c.seed, self.device)
         self.noise = noise
         picker = torch.Generator().manual_seed(c.seed)
@@ -571,16 +555,16 @@ class Solver:
                                      c.z_dim)
         self._stop_signal = None
 
-    # --- objectives -------------------------------------------------------------------------
+    # --- what the objectives' steps (objectives.py) use -----------------------------------
 
-    def _elbo_terms(self):
+    def elbo_terms(self):
         """Forward pass of the step's training batch: (recon, kl, mu, logvar, z)."""
         x = self.batches.train(self.step)
         with self.autocast():
             logits, mu, logvar, z = self.model(x, self.noise)
         return self.reconstruction_loss(logits, x), kl_loss(mu, logvar), mu, logvar, z
 
-    def _penalty_posterior(self, mu, logvar):
+    def penalty_posterior(self, mu, logvar):
         """The posterior (mu, logvar) that feeds the synergy penalty: the training batch's own,
         or with --sample sample a forward pass of the partner batch at the current parameters.
         That pass draws its sample's noise like the original's ``VAE(x2, decode=False)``, so
@@ -592,14 +576,14 @@ class Solver:
         self.noise(mu)
         return mu, logvar
 
-    def _synergy_gradient(self, mu, logvar, retain_graph=False):
+    def synergy_gradient(self, mu, logvar, retain_graph=False):
         """(syn, best, d syn / d encoder parameters) of the penalty on this posterior."""
         syn, best = synergy_penalty(mu, logvar, self.config.omega, self.config.alpha)
         grads = torch.autograd.grad(syn, list(self.model.encoder.parameters()),
                                     retain_graph=retain_graph)
         return syn, best, grads
 
-    def _measured(self, values, mu, logvar, best):
+    def measured(self, values, mu, logvar, best):
         """``values`` plus ``i_max``: the KL of the worst set of the training batch's posterior
         at ``measure_omega``, alpha-free and defined alike for every objective (``syn`` is the
         run's own alpha * I_max at its omega). The run's best set is reused when it is the same
@@ -612,125 +596,9 @@ class Solver:
             i_max = worst_set_kl(kl, c.measure_omega)[0]
         return dict(values, i_max=i_max), best
 
-    def step_original(self):
-        """Non-Syn VAE exactly as the original trains it (``--update original``, the default),
-        replay-tested against the original trainer step for step (tests/test_replay.py)."""
-        c = self.config
-        # 1. ELBO terms at θ_t; the graph is kept for step 4.
-        recon, kl, mu, logvar, _ = self._elbo_terms()
-        # 2. Adam (0.4.1) on recon + KL. It moves θ_t -> θ_t+½ in place through .data, so the
-        #    graph of step 1 survives the update.
-        self.optim.zero_grad()
-        (recon + kl).backward(retain_graph=True)
-        self.optim.step()
-        # 3. The synergy penalty from this batch's posterior, or, with --sample sample, from a
-        #    forward pass of the partner batch at θ_t+½.
-        syn, best = synergy_penalty(*self._penalty_posterior(mu, logvar), c.omega, c.alpha)
-        # 4. Adam again on the synergy gradient. Without --sample it flows back through step 1's
-        #    graph: activations of θ_t, but the weights as step 2 left them, the original's stale
-        #    graph (its gradient is 2-9 % off the one at θ_t early on). The decoder's gradients
-        #    are zero, and its Adam moments still move it.
-        self.optim.zero_grad()
-        syn.backward()
-        self.optim.step()
-        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
-                                   total=(recon + kl + syn).detach()), mu, logvar, best)
-
-    def step_two_step(self):
-        """Non-Syn VAE, the original's two Adam steps with both gradients taken at the
-        parameters they belong to (``--update two-step``; see README, deviations)."""
-        c = self.config
-        # 1. ELBO terms at θ_t.
-        recon, kl, mu, logvar, _ = self._elbo_terms()
-        # 2. The synergy gradient of the encoder at θ_t, taken before step 3 changes θ ...
-        if c.sample == "no_sample":
-            syn, best, syn_grads = self._synergy_gradient(mu, logvar, retain_graph=True)
-        # 3. Adam on recon + KL: θ_t -> θ_t+½.
-        self.optim.zero_grad(set_to_none=True)
-        (recon + kl).backward()
-        self.optim.step()
-        # 2. ... or, with --sample sample, on the partner batch at θ_t+½, as the original.
-        if c.sample == "sample":
-            syn, best, syn_grads = self._synergy_gradient(*self._penalty_posterior(mu, logvar))
-        # 4. Adam on the synergy gradient. The decoder gets explicit zero gradients, as PyTorch
-        #    0.4.1's zero_grad left them, so its Adam moments still decay and move it.
-        for p, g in zip(self.model.encoder.parameters(), syn_grads, strict=True):
-            p.grad = g
-        for p in self.model.decoder.parameters():
-            p.grad.zero_()
-        self.optim.step()
-        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
-                                   total=(recon + kl + syn).detach()), mu, logvar, best)
-
-    def step_joint(self):
-        """Non-Syn VAE, one Adam step on recon + KL + alpha * KL(worst set) at θ_t."""
-        c = self.config
-        recon, kl, mu, logvar, _ = self._elbo_terms()
-        syn, best = synergy_penalty(*self._penalty_posterior(mu, logvar), c.omega, c.alpha)
-        self.optim.zero_grad(set_to_none=True)
-        (recon + kl + syn).backward()
-        self.optim.step()
-        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn.detach(),
-                                   total=(recon + kl + syn).detach()), mu, logvar, best)
-
-    def step_vae(self):
-        """Plain VAE (beta = 1) or beta-VAE: recon + beta * KL. Synergy is only measured."""
-        c = self.config
-        beta = c.beta if c.metric in ("BVAE", "BVAE_gt") else 1.0
-        recon, kl, mu, logvar, _ = self._elbo_terms()
-        loss = recon + beta * kl
-        self.optim.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optim.step()
-        syn, best = synergy_penalty(mu.detach(), logvar.detach(), c.omega, c.alpha)
-        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn,
-                                   total=loss.detach()), mu, logvar, best)
-
-    def step_field(self):
-        """beta-TCVAE, DIP-VAE-I/II or AnnealedVAE (objectives.py): recon + the objective's
-        regulariser of this batch; AnnealedVAE's capacity follows the steps already taken.
-        Synergy is only measured."""
-        c = self.config
-        recon, kl, mu, logvar, z = self._elbo_terms()
-        regulariser, terms = FIELD[c.metric](c, self.step, kl, z, mu, logvar)
-        loss = recon + regulariser
-        self.optim.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optim.step()
-        syn, best = synergy_penalty(mu.detach(), logvar.detach(), c.omega, c.alpha)
-        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn, **terms,
-                                   total=loss.detach()), mu, logvar, best)
-
-    def step_factor(self):
-        """FactorVAE: recon + KL + gamma * TC, TC estimated by the discriminator's logit gap;
-        then one discriminator step on detached z against dimension-shuffled z' from a second
-        batch. Synergy is only measured."""
-        c = self.config
-        recon, kl, mu, logvar, z = self._elbo_terms()
-        self.D.requires_grad_(False)
-        with self.autocast():
-            d_z = self.D(z)  # B, 2
-        tc = (d_z[:, 0] - d_z[:, 1]).mean()
-        loss = recon + kl + c.gamma * tc
-        self.optim.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optim.step()
-        self.D.requires_grad_(True)
-
-        with torch.no_grad(), self.autocast():
-            mu2, logvar2 = self.model.encoder(self.batches.partner(self.step))
-        z_perm = permute_dims(reparameterise(mu2, logvar2, self.noise(mu2)))
-        zeros = torch.zeros(len(z), dtype=torch.long, device=self.device)
-        with self.autocast():
-            d_joint, d_perm = self.D(z.detach()), self.D(z_perm)
-        d_loss = 0.5 * (F.cross_entropy(d_joint, zeros)
-                        + F.cross_entropy(d_perm, torch.ones_like(zeros)))
-        self.optim_D.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.optim_D.step()
-        syn, best = synergy_penalty(mu.detach(), logvar.detach(), c.omega, c.alpha)
-        return self._measured(dict(recon=recon.detach(), kl=kl.detach(), syn=syn, tc=tc.detach(),
-                                   d_loss=d_loss.detach(), total=loss.detach()), mu, logvar, best)
+    def train_step(self):
+        """One optimisation step of the run's objective (objectives.OBJECTIVES)."""
+        return self.objective.step(self)
 
     # --- the loop ----------------------------------------------------------------------------
 

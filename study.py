@@ -18,7 +18,8 @@ and retries failed ones (at most --retries times). A different spec for an exist
 refused (``--extend`` may add axis values or seeds). Written at the end of every invocation:
 summary.md / summary.csv (per configuration: finished seeds, mean ± std of recon, KL, ELBO and
 i_max over the final evaluation's fixed sample, and of the scores), ttests.csv (Welch's t-test
-between configurations of different objectives) and curves.png (recon, KL and i_max of the
+of every objective against Non-Syn VAE; without it, between configurations of different
+objectives) and curves.png (recon, KL and i_max of the
 training log against the step, mean ± std band per configuration).
 """
 import argparse
@@ -44,7 +45,7 @@ from tqdm import tqdm
 
 from metrics import METRIC_LABELS
 from precision import PRECISIONS
-from solver import (ARCHS, MEASURE_LABELS, OBJECTIVE_SETTINGS, SAMPLE_MEASURES, Config,
+from solver import (ARCHS, MEASURE_LABELS, NONSYN, OBJECTIVE_SETTINGS, SAMPLE_MEASURES, Config,
                     objective_label)
 from utils import (ArgumentParser, ConfigError, DiskFull, RunFolder, atomic_write_bytes,
                    check_writable, usable_cpus, write_json)
@@ -961,9 +962,10 @@ def summarise(study):
     if missing:
         lines.append(f"\n{missing} trial(s) have not finished; the table summarises the rest.")
     if tests:
-        lines += ["", "Welch's t-test p-values between configurations of different objectives "
-                      "(ttests.csv):", "", "| a | b | " + " | ".join(
-                          measure_label(m) for m in measures) + " |",
+        against = ("each objective against Non-Syn VAE" if any(
+            c[0] in NONSYN for c in samples) else "configurations of different objectives")
+        lines += ["", f"Welch's t-test p-values, {against} (ttests.csv):", "",
+                  "| a | b | " + " | ".join(measure_label(m) for m in measures) + " |",
                   "|" + " --- |" * (2 + len(measures))]
         pairs = {}
         for t in tests:
@@ -977,13 +979,15 @@ def summarise(study):
 
 
 def welch_tests(samples, measures, labels):
-    """Welch's t-test p-value per measure for every pair of configurations whose objectives
-    differ (both with at least two finished seeds)."""
+    """Welch's t-test p-value per measure of every other objective's configuration against each
+    Non-Syn VAE configuration, or, in a study without Non-Syn VAE, of every pair of
+    configurations whose objectives differ (both with at least two finished seeds)."""
     from scipy.stats import ttest_ind
     tests = []
-    for a, b in itertools.combinations(samples, 2):
-        if a[0] == b[0]:
-            continue
+    nonsyn = [c for c in samples if c[0] in NONSYN]
+    pairs = ([(a, b) for a in nonsyn for b in samples if b[0] not in NONSYN] if nonsyn else
+             [(a, b) for a, b in itertools.combinations(samples, 2) if a[0] != b[0]])
+    for a, b in pairs:
         for measure in measures:
             xs, ys = samples[a].get(measure, []), samples[b].get(measure, [])
             if len(xs) >= 2 and len(ys) >= 2:

@@ -248,10 +248,17 @@ def test_figures_checks_every_runs_kind_and_the_out_folder_before_writing(tmp_pa
         code, runs[metric] = run_cli(tmp_path, metric, "--metric", metric, "--steps", "2")
         assert code == 0
     out = tmp_path / "figs"
-    assert figures.main(["--nonsyn", str(runs["Test_gt"]), "--factor", str(runs["VAE"]),
-                         "--vae", str(runs["VAE"]), "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "--factor" in err and "takes a --metric Factor run" in err
+    bad = tmp_path / "not-a-run"
+    bad.mkdir()
+    roles = ["--nonsyn", str(runs["Test_gt"]), "--vae", str(runs["VAE"]), "--out", str(out)]
+    for flag, argv in (("--factor", roles + ["--factor", str(bad)]),  # any objective's run,
+                       ("--compare", roles + ["--factor", str(runs["VAE"]),  # not any folder
+                                              "--compare", str(bad)])):
+        assert figures.main(argv) == 2
+        assert f"{flag} {bad} has no config.json" in capsys.readouterr().err
+        assert not out.exists()
+    assert figures.main(["--curves", str(runs["VAE"]), "--out", str(out)]) == 2
+    assert "takes a --metric Test_gt / test run" in capsys.readouterr().err
     assert not out.exists()
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

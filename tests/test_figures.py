@@ -175,3 +175,16 @@ def test_a_study_folder_gives_its_first_finished_trial_of_each_kind(runs, tmp_pa
     assert [row["metric"] for row in table] == ["Test_gt", "Factor", "VAE"]
     assert figures.main(["--study", str(tmp_path), "--out", str(out)]) == 2
     assert "has no study.json" in capsys.readouterr().err
+
+
+def test_the_roles_take_a_run_of_any_objective(runs, tmp_path):
+    """latents.png may set Non-Syn VAE beside any objective; --compare lists more runs."""
+    out = tmp_path / "misc"
+    assert figures.main(["--nonsyn", str(runs["Test_gt"]), "--factor", str(runs["VAE"]),
+                         "--vae", str(runs["Factor"]), "--compare", str(runs["Factor"]),
+                         "--out", str(out)]) == 0
+    table = json.loads((out / "comparison.json").read_text())
+    assert [row["metric"] for row in table] == ["Test_gt", "VAE", "Factor", "Factor"]
+    assert [row["run"] for row in table] == ["Non-Syn VAE", "VAE", "FactorVAE (gamma 6.4), seed "
+                                             "120", "FactorVAE (gamma 6.4), seed 120"]
+    assert Image.open(out / "latents.png").size[0] > 500

@@ -169,3 +169,131 @@ def test_the_field_preset_runs_every_objective_with_dlib_settings(tmp_path):
         "BTCVAE_beta6.0", "DIPVAE1_lambda_od10.0", "DIPVAE2_lambda_od10.0", "AnnealedVAE_c_max25.0",
         "VAE") for s in (1, 2)]
     assert not (tmp_path / "s").exists()
+
+
+# --- one Solver step of each field objective against its loss written out --------------------
+
+class FixedBatch:
+    """The same batch for every step (and as the partner batch)."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def train(self, step):
+        return self.x
+
+    def partner(self, step):
+        return self.x
+
+
+def written_out_loss(metric, config, step, model, x, eps):
+    """recon + the objective's regulariser from the papers' formulas, computed here without
+    the project's loss functions: (loss, {term: value})."""
+    b = x.shape[0]
+    mu, logvar = model.encoder(x)
+    z = mu + eps * torch.exp(0.5 * logvar)
+    logits = model.decoder(z)
+    recon = -(x * torch.nn.functional.logsigmoid(logits)
+              + (1 - x) * torch.nn.functional.logsigmoid(-logits)).sum() / b
+    kl = 0.5 * (mu ** 2 + logvar.exp() - logvar - 1).sum() / b
+    if metric == "BTCVAE":  # log q(z_j) - sum_l log q(z_jl), q summed over the batch's i
+        std = torch.exp(0.5 * logvar)
+        rows = []
+        for j in range(b):
+            dens = torch.stack([torch.distributions.Normal(mu[i], std[i]).log_prob(z[j])
+                                for i in range(b)])  # (i, l)
+            rows.append(torch.logsumexp(dens.sum(1), 0) - torch.logsumexp(dens, 0).sum())
+        tc = torch.stack(rows).mean()
+        return recon + kl + (config.beta - 1) * tc, dict(tc=tc)
+    if metric in ("DIPVAE1", "DIPVAE2"):
+        cov = torch.cov(mu.T, correction=0)
+        if metric == "DIPVAE2":
+            cov = cov + torch.diag(logvar.exp().mean(0))
+        off = cov - torch.diag(torch.diag(cov))
+        dip = config.lambda_od * (off ** 2).sum() + \
+            config.lambda_d_factor * config.lambda_od * ((torch.diag(cov) - 1) ** 2).sum()
+        return recon + kl + dip, dict(dip=dip)
+    assert metric == "AnnealedVAE"
+    capacity = config.c_max * min(1.0, step / config.c_steps)
+    return recon + config.c_gamma * (kl - capacity).abs(), dict(capacity=torch.tensor(capacity))
+
+
+@pytest.mark.parametrize("metric, settings, step", [
+    ("BTCVAE", dict(beta=6.0), 0), ("DIPVAE1", dict(lambda_od=2.0), 0),
+    ("DIPVAE2", dict(lambda_od=10.0), 0),
+    ("AnnealedVAE", dict(c_max=25.0, c_steps=10, c_gamma=1000.0), 5)])
+def test_one_step_is_adam_on_the_loss_written_out(tmp_path, metric, settings, step):
+    """On a fixed batch of real images and fixed noise, the step's ``total`` and terms are
+    the loss written out above, and the parameters after it are torch.optim.Adam's after one
+    step on that loss (AnnealedVAE at c_steps / 2: C = c_max / 2)."""
+    import copy
+    from solver import Config, Solver
+    config = Config(metric=metric, grid="reduced", batch_size=8, cuda=False, seed=3, **settings)
+    eps = torch.randn(8, config.z_dim, generator=torch.Generator().manual_seed(1))
+    batch = FixedBatch(None)
+    solver = Solver(config, tmp_path, batches=batch, noise=lambda mu: eps.to(mu))
+    batch.x = x = solver.data.images(torch.arange(0, 8 * 1439, 1439))
+    solver.step = step
+    before = copy.deepcopy(solver.model)
+    reference = copy.deepcopy(solver.model)
+
+    values, _ = solver.train_step()
+
+    loss, terms = written_out_loss(metric, config, step, reference, x, eps)
+    assert values["total"].item() == pytest.approx(loss.item(), rel=1e-5)
+    for name, value in terms.items():
+        assert values[name].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6)
+    adam = torch.optim.Adam(reference.parameters(), lr=config.lr_VAE,
+                            betas=(config.beta1_VAE, config.beta2_VAE))
+    adam.zero_grad()
+    loss.backward()
+    adam.step()
+    # Adam's first step is about lr * sign(gradient): a gradient entry within float32
+    # rounding of 0 may move its weight either way, so each tensor's update is compared as a
+    # whole, and the gradients themselves entry by entry
+    after, expected = dict(solver.model.named_parameters()), dict(reference.named_parameters())
+    for name, p in dict(before.named_parameters()).items():
+        grad, expected_grad = after[name].grad, expected[name].grad
+        assert torch.allclose(grad, expected_grad, rtol=1e-3,
+                              atol=1e-4 * expected_grad.abs().max().item()), name
+        update, expected_update = after[name] - p, expected[name] - p
+        assert expected_update.norm() > 0, f"{name} did not move"
+        assert (update - expected_update).norm() <= 0.01 * expected_update.norm(), name
+
+
+def test_the_field_preset_trains_every_objective_and_tests_each_against_nonsyn(tmp_path):
+    """``--preset field --seeds 2`` for a few steps on the reduced grid: 18 finished trials, a
+    summary row per configuration with both seeds, and Welch's tests of every other objective
+    against Non-Syn VAE only."""
+    import csv
+    import study
+    from conftest import no_data
+    out = tmp_path / "field"
+    argv = ["--out", str(out), "--preset", "field", "--seeds", "2", "--workers", "2", "--",
+            "--grid", "reduced", "--batch_size", "8", "--steps", "4", "--log-interval", "2",
+            "--save-interval", "4", "--gt-interval", "4", "--eval-metrics", "none", "--no-cuda",
+            "--nb-test", "2", "--eval-sample", "200", "--data-dir", str(no_data(tmp_path))]
+    assert study.main(argv) == 0
+    trials = json.loads((out / "study.json").read_text())["trials"]
+    assert len(trials) == 18 and {t["state"] for t in trials} == {"finished"}
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["metric"] for r in rows] == ["Test_gt", "BVAE", "Factor", "Factor", "BTCVAE",
+                                           "DIPVAE1", "DIPVAE2", "AnnealedVAE", "VAE"]
+    assert {r["n"] for r in rows} == {"2"} and all(r["i_max_n"] == "2" for r in rows)
+    with open(out / "ttests.csv") as f:
+        tests = list(csv.DictReader(f))
+    nonsyn = rows[0]["label"]
+    assert {t["a"] for t in tests} == {nonsyn}
+    assert {t["b"] for t in tests} == {r["label"] for r in rows[1:]}
+    assert "each objective against Non-Syn VAE" in (out / "summary.md").read_text()
+    # figures.py --study draws the thesis's three roles and lists every configuration
+    import figures
+    assert figures.main(["--study", str(out), "--out", str(tmp_path / "misc")]) == 0
+    table = json.loads((tmp_path / "misc" / "comparison.json").read_text())
+    assert [row["metric"] for row in table] == ["Test_gt", "Factor", "VAE", "BVAE", "Factor",
+                                                "BTCVAE", "DIPVAE1", "DIPVAE2", "AnnealedVAE"]
+    assert all(row["folder"].endswith("_seed1") for row in table)
+    assert [row["run"] for row in table[:2]] == ["Non-Syn VAE", "FactorVAE (gamma 6.4), seed 1"]
+    assert sorted(p.name for p in (tmp_path / "misc" / "runs").iterdir()) == [
+        "Factor_gamma6.4_seed1", "Test_gt_alpha5.0_omega0.9_seed1", "VAE_seed1"]
