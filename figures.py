@@ -41,6 +41,7 @@ ground-truth summaries); a run without a ground-truth summary is re-encoded from
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -473,18 +474,33 @@ def learned_table(runs):
 
 
 RUN_RECORDS = ("config.json", "metrics.jsonl", "metrics.json")  # small text: kept in the repo
+# an absolute path inside a record's strings (the output folder, where the data was looked for)
+MACHINE_PATH = re.compile(r"(?<![\w.~/:\\])/[\w.\-]+(?:/[\w.\-]+)*")
+
+
+def without_machine_paths(text):
+    """A record's text with every absolute path replaced by ``<path>``: the copies kept in a
+    repository name no folder of the machine that trained the run."""
+    return MACHINE_PATH.sub("<path>", text)
 
 
 def export_records(runs, out_dir):
-    """OUT/runs/<run folder name>/: each run's config.json, metrics.jsonl and metrics.json, so
-    that every figure and number can be traced to the run that made it, and its final model
-    weights alone (model.pt, ~2 MB: ``python evaluate.py OUT/runs/<run>`` scores them)."""
+    """OUT/runs/<run folder name>/: each run's config.json, metrics.jsonl and metrics.json (their
+    absolute paths replaced by ``<path>``; config.json's data_dir unset: evaluate.py looks for
+    the data where the copy is scored, as run.py does without --data-dir), so that every figure and number can be traced to the
+    run that made it, and its final model weights alone (model.pt, ~2 MB: ``python evaluate.py
+    OUT/runs/<run>`` scores them)."""
     for _, folder in runs:
         target = Path(out_dir) / "runs" / folder.name
         target.mkdir(parents=True, exist_ok=True)
         for name in RUN_RECORDS:
             if (folder.path / name).is_file():
-                (target / name).write_bytes((folder.path / name).read_bytes())
+                text = (folder.path / name).read_text()
+                if name == folder.CONFIG:  # the data is searched for where the copy is used
+                    record = json.loads(text)
+                    record["config"]["data_dir"] = None
+                    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+                (target / name).write_text(without_machine_paths(text))
         if folder.checkpoint_path.is_file():
             checkpoint = folder.load_checkpoint()
             atomic_torch_save(dict(step=checkpoint["step"], model={

@@ -99,38 +99,10 @@ def test_annealed_capacity_and_regulariser():
 
 # --- the objectives as --metric choices ------------------------------------------------------
 
-def train(tmp_path, name, *flags):
-    """A 6-step run of test_cli's quick settings, a record every step: (records, its config)."""
+def train_records(run_dir):
+    """A run's training records and its settings."""
     from conftest import records
-    from test_cli import run_cli
-    code, run_dir = run_cli(tmp_path, name, "--log-interval", "1", *flags)
-    assert code == 0
     return records(run_dir), json.loads((run_dir / "config.json").read_text())["config"]
-
-
-def test_each_field_objective_minimises_recon_plus_its_regulariser(tmp_path):
-    """``total`` (the minimised loss) is recon plus the regulariser of the logged terms."""
-    rows, config = train(tmp_path, "tc", "--metric", "BTCVAE", "--beta", "6")
-    assert config["beta"] == 6.0
-    for r in rows:
-        assert r["total"] == pytest.approx(r["recon"] + r["kl"] + 5 * r["tc"], rel=1e-5)
-    rows, config = train(tmp_path, "dip1", "--metric", "DIPVAE1", "--lambda_od", "2")
-    assert (config["lambda_od"], config["lambda_d_factor"]) == (2.0, 10.0)  # dlib's factor for I
-    for r in rows:
-        assert r["dip"] > 0 and r["total"] == pytest.approx(r["recon"] + r["kl"] + r["dip"],
-                                                           rel=1e-5)
-    rows, config = train(tmp_path, "dip2", "--metric", "DIPVAE2")
-    assert (config["lambda_od"], config["lambda_d_factor"]) == (10.0, 1.0)  # dlib's for II
-    _, config = train(tmp_path, "dip2b", "--metric", "DIPVAE2", "--lambda-d-factor", "3")
-    assert config["lambda_d_factor"] == 3.0
-    rows, config = train(tmp_path, "ann", "--metric", "AnnealedVAE", "--c_max", "20",
-                         "--c_steps", "4", "--c_gamma", "100")
-    # C after t steps already taken: 20 * min(1, t / 4), t = step - 1 for the logged step
-    assert [r["capacity"] for r in rows] == pytest.approx([0, 5, 10, 15, 20, 20])
-    for r in rows:
-        assert r["total"] == pytest.approx(r["recon"] + 100 * abs(r["kl"] - r["capacity"]),
-                                           rel=1e-5)
-    assert {"syn", "i_max"} <= set(rows[0])  # synergy measured, never optimised
 
 
 def test_field_objectives_name_their_runs_and_labels(tmp_path):
@@ -143,6 +115,10 @@ def test_field_objectives_name_their_runs_and_labels(tmp_path):
     assert objective_label({"metric": "DIPVAE2"}) == "DIP-VAE-II (lambda_od 10, lambda_d_factor 1)"
     assert objective_label({"metric": "BTCVAE", "beta": 6.0}) == "beta-TCVAE (beta 6)"
     assert objective_label({"metric": "AnnealedVAE"}) == "AnnealedVAE (c_max 25)"
+    for metric, factor in (("DIPVAE1", 10.0), ("DIPVAE2", 1.0), ("BTCVAE", 10.0)):
+        assert make_config(parser.parse_args(["--metric", metric])).lambda_d_factor == factor
+    given = parser.parse_args(["--metric", "DIPVAE2", "--lambda-d-factor", "3"])
+    assert make_config(given).lambda_d_factor == 3.0
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -262,9 +238,9 @@ def test_one_step_is_adam_on_the_loss_written_out(tmp_path, metric, settings, st
 
 
 def test_the_field_preset_trains_every_objective_and_tests_each_against_nonsyn(tmp_path):
-    """``--preset field --seeds 2`` for a few steps on the reduced grid: 18 finished trials, a
-    summary row per configuration with both seeds, and Welch's tests of every other objective
-    against Non-Syn VAE only."""
+    """``--preset field --seeds 2`` for a few steps on the reduced grid: 18 finished trials,
+    each logging ``total`` = recon + its regulariser's terms, a summary row per configuration
+    with both seeds, and Welch's tests of every other objective against Non-Syn VAE only."""
     import csv
     import study
     from conftest import no_data
@@ -272,10 +248,33 @@ def test_the_field_preset_trains_every_objective_and_tests_each_against_nonsyn(t
     argv = ["--out", str(out), "--preset", "field", "--seeds", "2", "--workers", "2", "--",
             "--grid", "reduced", "--batch_size", "8", "--steps", "4", "--log-interval", "2",
             "--save-interval", "4", "--gt-interval", "4", "--eval-metrics", "none", "--no-cuda",
-            "--nb-test", "2", "--eval-sample", "200", "--data-dir", str(no_data(tmp_path))]
+            "--nb-test", "2", "--eval-sample", "200", "--c_steps", "4",
+            "--data-dir", str(no_data(tmp_path))]
     assert study.main(argv) == 0
     trials = json.loads((out / "study.json").read_text())["trials"]
     assert len(trials) == 18 and {t["state"] for t in trials} == {"finished"}
+    logged = {}
+    for trial in trials:
+        rows, config = train_records(out / trial["name"])
+        logged[trial["metric"]] = [r["step"] for r in rows]
+        assert {"syn", "i_max"} <= set(rows[0])  # synergy measured by every objective
+        for r in rows:
+            regulariser = {
+                "BTCVAE": lambda: r["kl"] + (config["beta"] - 1) * r["tc"],
+                "DIPVAE1": lambda: r["kl"] + r["dip"], "DIPVAE2": lambda: r["kl"] + r["dip"],
+                # C after t steps already taken: 25 * min(1, t / 4), t = the logged step - 1
+                "AnnealedVAE": lambda: 1000 * abs(r["kl"] - 25 * min(1, (r["step"] - 1) / 4)),
+            }.get(trial["metric"])
+            if regulariser is not None:
+                assert r["total"] == pytest.approx(r["recon"] + regulariser(), rel=1e-5)
+        if trial["metric"] == "BTCVAE":
+            assert config["beta"] == 6.0
+        if trial["metric"] == "AnnealedVAE":
+            assert [r["capacity"] for r in rows] == pytest.approx([6.25, 18.75])
+        if trial["metric"].startswith("DIPVAE"):  # disentanglement_lib's factor per DIP type
+            assert (config["lambda_od"], config["lambda_d_factor"]) == (
+                10.0, 10.0 if trial["metric"] == "DIPVAE1" else 1.0)
+    assert set(map(tuple, logged.values())) == {(2, 4)}
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["metric"] for r in rows] == ["Test_gt", "BVAE", "Factor", "Factor", "BTCVAE",
