@@ -238,7 +238,7 @@ def _model_block(fig, left, bottom, folder, sizes):
     config = folder.read_config()["config"]
     fig.text((left + label_w) / width, (bottom + PANEL_HEIGHT + 0.3) / height,
              f"{objective_label(config)}, seed {config['seed']}, step {image_step:,}"
-             + (f" (labels and mean activations: step {step:,})" if step != image_step else ""),
+             + (f"\nlabels and mean activations: step {step:,}" if step != image_step else ""),
              fontsize=11, va="bottom")
 
     active = [j for j, (factor, _) in enumerate(factors) if factor != "inactive"]
@@ -298,7 +298,7 @@ def comparison_figure(runs, path):
                                                      0.21 * PANEL_HEIGHT)))
     spacing, margin = 0.35, 0.2
     width = sum(sum(b) for b in blocks) + spacing * (len(blocks) - 1) + 2 * margin
-    height = PANEL_HEIGHT + 0.8
+    height = PANEL_HEIGHT + 1.05  # room for a two-line title
     fig = Figure(figsize=(width, height))
     left = margin
     for (_, folder), sizes in zip(runs, blocks, strict=True):
