@@ -23,8 +23,9 @@ writes into --out:
   comparison.md/.json  final losses and disentanglement scores per run (the three, --compare's
                        and --study's others), and what each latent learned (the factor and its
                        share of the latent's variance)
-  runs/<run>/          the three runs' (and CelebA's) config.json, metrics.jsonl and metrics.json (small text) and
-                       its final weights alone, model.pt (evaluate.py scores them)
+  runs/<run>/          the three runs' (and CelebA's) config.json, metrics.jsonl and metrics.json
+                       (small text, without machine paths) and the final weights alone, model.pt
+                       (evaluate.py scores them)
 
 or, with --curves (Non-Syn runs logged every step, e.g. --arch 2018 over several seeds):
   curves_thesis.png    recon, KL and synergy sampled every 20 steps from a (0, 0) point, as the
@@ -92,8 +93,8 @@ ROLES = (("nonsyn", NONSYN), ("factor", ("Factor",)), ("vae", ("VAE",)))  # flag
 def study_runs(study_dir, given=()):
     """({flag: run folder}, [run folder, ...]) of a study.py folder: for each role flag not in
     ``given``, the first finished trial (first configuration, first seed) of its default
-    objective (Non-Syn VAE, FactorVAE, VAE); then the first finished seed of every other
-    configuration, listed in comparison.md beside them."""
+    objective (Non-Syn VAE, FactorVAE, VAE); and the first finished seed of every
+    configuration, in the study's order."""
     path = Path(study_dir) / "study.json"
     if not path.is_file():
         raise FigureError(f"--study {study_dir} has no study.json: not a study.py folder")
@@ -115,9 +116,7 @@ def study_runs(study_dir, given=()):
         if trial["state"] != "finished" or configuration in seen:
             continue
         seen.add(configuration)
-        folder = str(Path(study_dir) / trial["name"])
-        if folder not in picks.values():
-            others.append(folder)
+        others.append(str(Path(study_dir) / trial["name"]))
     return picks, others
 
 
@@ -487,9 +486,9 @@ def without_machine_paths(text):
 def export_records(runs, out_dir):
     """OUT/runs/<run folder name>/: each run's config.json, metrics.jsonl and metrics.json (their
     absolute paths replaced by ``<path>``; config.json's data_dir unset: evaluate.py looks for
-    the data where the copy is scored, as run.py does without --data-dir), so that every figure and number can be traced to the
-    run that made it, and its final model weights alone (model.pt, ~2 MB: ``python evaluate.py
-    OUT/runs/<run>`` scores them)."""
+    the data where the copy is scored, as run.py does without --data-dir), so that every figure
+    and number can be traced to the run that made it, and its final model weights alone
+    (model.pt, ~2 MB: ``python evaluate.py OUT/runs/<run>`` scores them)."""
     for _, folder in runs:
         target = Path(out_dir) / "runs" / folder.name
         target.mkdir(parents=True, exist_ok=True)
@@ -579,7 +578,8 @@ def main(argv=None):
             return 2
         for flag, run in picks.items():
             setattr(args, flag, run)
-        args.compare = args.compare + [run for run in others if run not in args.compare]
+        listed = args.compare + [getattr(args, flag) for flag, _ in ROLES]
+        args.compare = args.compare + [run for run in others if run not in listed]
     if not args.curves and not (args.nonsyn and args.factor and args.vae):
         p.error("give --nonsyn, --factor and --vae (the thesis figures), or --study DIR, or "
                 "--curves RUN ...")

@@ -104,6 +104,13 @@ def _logged(recon, kl, syn, total, **terms):
                 **{k: v.detach() for k, v in terms.items()}, total=total.detach())
 
 
+def _minimise(s, loss):
+    """One Adam step of the VAE on ``loss``, the gradients left from the last step dropped."""
+    s.optim.zero_grad(set_to_none=True)
+    loss.backward()
+    s.optim.step()
+
+
 def nonsyn_original(s):
     """Non-Syn VAE exactly as the original trains it (``--update original``, the default),
     replay-tested against the original trainer step for step (tests/test_replay.py)."""
@@ -138,9 +145,7 @@ def nonsyn_two_step(s):
     if c.sample == "no_sample":
         syn, best, syn_grads = s.synergy_gradient(mu, logvar, retain_graph=True)
     # 3. Adam on recon + KL: θ_t -> θ_t+½.
-    s.optim.zero_grad(set_to_none=True)
-    (recon + kl).backward()
-    s.optim.step()
+    _minimise(s, recon + kl)
     # 2. ... or, with --sample sample, on the partner batch at θ_t+½, as the original.
     if c.sample == "sample":
         syn, best, syn_grads = s.synergy_gradient(*s.penalty_posterior(mu, logvar))
@@ -159,9 +164,7 @@ def nonsyn_joint(s):
     c = s.config
     recon, kl, mu, logvar, _ = s.elbo_terms()
     syn, best = synergy_penalty(*s.penalty_posterior(mu, logvar), c.omega, c.alpha)
-    s.optim.zero_grad(set_to_none=True)
-    (recon + kl + syn).backward()
-    s.optim.step()
+    _minimise(s, recon + kl + syn)
     return s.measured(_logged(recon, kl, syn, recon + kl + syn), mu, logvar, best)
 
 
@@ -178,12 +181,6 @@ def nonsyn(s):
 def _measured_only(s, mu, logvar):
     """The synergy penalty of an objective that does not optimise it: (syn, best)."""
     return synergy_penalty(mu.detach(), logvar.detach(), s.config.omega, s.config.alpha)
-
-
-def _minimise(s, loss):
-    s.optim.zero_grad(set_to_none=True)
-    loss.backward()
-    s.optim.step()
 
 
 def beta_vae(s, beta):

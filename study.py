@@ -962,9 +962,8 @@ def summarise(study):
     if missing:
         lines.append(f"\n{missing} trial(s) have not finished; the table summarises the rest.")
     if tests:
-        against = ("each objective against Non-Syn VAE" if any(
-            c[0] in NONSYN for c in samples) else "configurations of different objectives")
-        lines += ["", f"Welch's t-test p-values, {against} (ttests.csv):", "",
+        lines += ["", f"Welch's t-test p-values, {tested_pairs(list(samples))[1]} (ttests.csv):",
+                  "",
                   "| a | b | " + " | ".join(measure_label(m) for m in measures) + " |",
                   "|" + " --- |" * (2 + len(measures))]
         pairs = {}
@@ -978,16 +977,24 @@ def summarise(study):
     return rows
 
 
+def tested_pairs(configurations):
+    """(pairs, what they are): every other objective's configuration against each Non-Syn VAE
+    configuration, or, in a study without Non-Syn VAE, every pair of configurations whose
+    objectives differ."""
+    nonsyn = [c for c in configurations if c[0] in NONSYN]
+    if nonsyn:
+        return ([(a, b) for a in nonsyn for b in configurations if b[0] not in NONSYN],
+                "each objective against Non-Syn VAE")
+    return ([(a, b) for a, b in itertools.combinations(configurations, 2) if a[0] != b[0]],
+            "configurations of different objectives")
+
+
 def welch_tests(samples, measures, labels):
-    """Welch's t-test p-value per measure of every other objective's configuration against each
-    Non-Syn VAE configuration, or, in a study without Non-Syn VAE, of every pair of
-    configurations whose objectives differ (both with at least two finished seeds)."""
+    """Welch's t-test p-value per measure for each of ``tested_pairs`` (both with at least two
+    finished seeds)."""
     from scipy.stats import ttest_ind
     tests = []
-    nonsyn = [c for c in samples if c[0] in NONSYN]
-    pairs = ([(a, b) for a in nonsyn for b in samples if b[0] not in NONSYN] if nonsyn else
-             [(a, b) for a, b in itertools.combinations(samples, 2) if a[0] != b[0]])
-    for a, b in pairs:
+    for a, b in tested_pairs(list(samples))[0]:
         for measure in measures:
             xs, ys = samples[a].get(measure, []), samples[b].get(measure, [])
             if len(xs) >= 2 and len(ys) >= 2:
