@@ -203,6 +203,17 @@ def final_state(folder):
     return image_step, pixels, summary, step
 
 
+def _fit_width(fig, text, inches, smallest=7):
+    """Shrinks ``text``'s font until it is at most ``inches`` wide (a long objective label must
+    not run into the next model's title or off the figure)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    while text.get_fontsize() > smallest and \
+            text.get_window_extent(renderer).width / fig.dpi > inches:
+        text.set_fontsize(text.get_fontsize() - 0.5)
+
+
 def _model_block(fig, left, bottom, folder, sizes):
     """One model of latents.png at (left, bottom) inches: the traversal grid, the rows of the
     latents that track a factor boxed and labelled in the factor's colour, and beside it the
@@ -235,10 +246,11 @@ def _model_block(fig, left, bottom, folder, sizes):
             ax.add_patch(Rectangle((0.5, pad / 2 + r * cell + 0.5), pixels.shape[1] - 2,
                                    cell - 1, fill=False, edgecolor=colour, linewidth=2.2))
     config = folder.read_config()["config"]
-    fig.text((left + label_w) / width, (bottom + PANEL_HEIGHT + 0.3) / height,
-             f"{objective_label(config)}, seed {config['seed']}, step {image_step:,}"
-             + (f"\nlabels and mean activations: step {step:,}" if step != image_step else ""),
-             fontsize=11, va="bottom")
+    title = fig.text(left / width, (bottom + PANEL_HEIGHT + 0.3) / height,
+                     f"{objective_label(config)}, seed {config['seed']}\nstep {image_step:,}"
+                     + (f"; labels and mean activations: step {step:,}"
+                        if step != image_step else ""), fontsize=11, va="bottom")
+    _fit_width(fig, title, sum(sizes))
 
     active = [j for j, (factor, _) in enumerate(factors) if factor != "inactive"]
     x0 = left + label_w + grid_w + gap

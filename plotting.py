@@ -119,7 +119,13 @@ def save_ground_truth_plot(summary, path, title=""):
 def latent_factors(summary):
     """Per latent, (factor it tracks, share of its variance over the data that the factor's
     conditional means explain): ("inactive", 0) for a latent the ground-truth plot leaves out,
-    ("none", best share) where no factor explains EXPLAINED of it."""
+    ("none", best share) where no factor explains EXPLAINED of it.
+
+    Rotation is measured within each shape: the share of E[z | shape, rotation]'s variance
+    beyond E[z | shape]'s. A square looks the same every 90 degrees and an ellipse every 180,
+    so a latent that tracks rotation follows a different curve per shape, and those curves
+    cancel in the mean over shapes (rotation's pooled conditional mean; what a summary saved
+    without ``by_rotation`` falls back to)."""
     factors = []
     for j, variance in enumerate(summary["variance"]):
         if variance <= ACTIVE_VARIANCE:
@@ -127,6 +133,9 @@ def latent_factors(summary):
             continue
         explained = {name: float(summary[f"marginal_{name}"][:, j].var() / variance)
                      for name in FACTOR_NAMES}
+        if "by_rotation" in summary:  # shape x orientation cells, all of the same size
+            explained["orientation"] = float((summary["by_rotation"][..., j].var()
+                                              - summary["marginal_shape"][:, j].var()) / variance)
         best = max(explained, key=explained.get)
         factors.append((FACTOR_LABELS[best] if explained[best] >= EXPLAINED else "none",
                         explained[best]))

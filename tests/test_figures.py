@@ -197,3 +197,38 @@ def test_the_roles_take_a_run_of_any_objective(runs, tmp_path):
     assert [row["run"] for row in table] == ["Non-Syn VAE", "VAE", "FactorVAE (gamma 6.4), seed "
                                              "120", "FactorVAE (gamma 6.4), seed 120"]
     assert Image.open(out / "latents.png").size[0] > 500
+
+
+def test_a_model_title_shrinks_to_its_block_width():
+    """A long objective label (bf16, arch, several settings) must not run past its block."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3))
+    long = fig.text(0.05, 0.5, "Non-Syn VAE (alpha 5, omega 0.9, arch 2018, bf16), seed 1\n"
+                    "step 24,000; labels and mean activations: step 25,000", fontsize=11)
+    short = fig.text(0.05, 0.1, "VAE, seed 1", fontsize=11)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    assert long.get_window_extent(renderer).width / fig.dpi > 4.0  # too wide before
+    figures._fit_width(fig, long, 4.0)
+    figures._fit_width(fig, short, 4.0)
+    assert long.get_window_extent(renderer).width / fig.dpi <= 4.0 and long.get_fontsize() < 11
+    assert short.get_fontsize() == 11
+
+
+def test_rotation_is_measured_within_each_shape():
+    """A latent that follows rotation with opposite curves for squares and ellipses (the shapes'
+    symmetries make such curves differ) has a pooled rotation mean of zero; it is still named
+    rotation. A latent that follows shape alone is not."""
+    from plotting import mean_activations
+
+    orientations = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+    mu = np.zeros((3, 2, 40, 2, 2, 3))
+    curve = np.cos(2 * orientations)[None, :, None, None]
+    mu[0, ..., 0], mu[1, ..., 0] = -curve, curve  # square, ellipse; heart flat
+    mu[..., 1] = np.arange(3.0)[:, None, None, None, None]  # z1 follows shape
+    summary = mean_activations(mu, scales=[0.5, 1.0], orientations=orientations)
+    assert summary["marginal_orientation"][:, 0].var() < 1e-12  # the pooled mean cancels
+    factors = latent_factors(summary)
+    assert factors[0] == ("rotation", pytest.approx(1.0))
+    assert factors[1] == ("shape", pytest.approx(1.0)) and factors[2] == ("inactive", 0.0)
