@@ -469,8 +469,9 @@ def learned_table(runs):
     z_dim = max(len(factors) for _, factors in columns)
     lines = ["What each latent learned: the factor that explains most of its variance over the "
              "data (share of the variance in brackets; inactive: variance of its mean < "
-             f"{ACTIVE_VARIANCE:g}; none: no factor explains {EXPLAINED:.0%}), at each run's "
-             "last ground-truth evaluation.", "",
+             f"{ACTIVE_VARIANCE:g}; none: no factor explains {EXPLAINED:.0%}; rotation is measured "
+             "within each shape, as the shapes' symmetries make their rotation curves differ), "
+             "at each run's last ground-truth evaluation.", "",
              "| latent | " + " | ".join(f"{name} (step {step:,})"
                                         for (name, _), (step, _) in zip(runs, columns,
                                                                        strict=True)) + " |",
