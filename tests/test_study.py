@@ -404,7 +404,8 @@ def test_ctrl_c_stops_the_study_with_checkpoints_and_the_same_command_resumes(tm
     argv = [sys.executable, str(ROOT / "study.py"), "--out", str(out), "--metric", "VAE",
             "--engine", engine, "--", "--grid", "reduced", "--batch_size", "8", "--steps", "400",
             "--log-interval", "5", "--save-interval", "200", "--eval-metrics", "none",
-            "--no-cuda", "--nb-test", "2", "--data-dir", str(no_data(tmp_path))]
+            "--eval-sample", "200", "--no-cuda", "--nb-test", "2",
+            "--data-dir", str(no_data(tmp_path))]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = out / "VAE_seed1" / "metrics.jsonl"
     wait_for(lambda: has_records(log))
