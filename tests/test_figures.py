@@ -127,7 +127,7 @@ def test_curves_sample_every_20_steps_from_a_zero_point(tmp_path, runs, capsys):
     for seed in (1, 2):
         assert main(["--grid", "reduced", "--batch_size", "8", "--steps", "40", "--log-interval",
                      "1", "--save-interval", "40", "--gt-interval", "40", "--eval-metrics", "none",
-                     "--no-cuda", "--nb-test", "2", "--alpha", "5.0", "--omega", "0.9",
+                     "--eval-sample", "200", "--no-cuda", "--nb-test", "2", "--alpha", "5.0", "--omega", "0.9",
                      "--arch", "2018", "--seed", str(seed), "--output_dir", str(tmp_path),
                      "--run-name", f"s{seed}", "--data-dir", str(tmp_path)]) == 0
         folders.append(tmp_path / f"s{seed}")
