@@ -127,9 +127,9 @@ def test_curves_sample_every_20_steps_from_a_zero_point(tmp_path, runs, capsys):
     for seed in (1, 2):
         assert main(["--grid", "reduced", "--batch_size", "8", "--steps", "40", "--log-interval",
                      "1", "--save-interval", "40", "--gt-interval", "40", "--eval-metrics", "none",
-                     "--eval-sample", "200", "--no-cuda", "--nb-test", "2", "--alpha", "5.0", "--omega", "0.9",
-                     "--arch", "2018", "--seed", str(seed), "--output_dir", str(tmp_path),
-                     "--run-name", f"s{seed}", "--data-dir", str(tmp_path)]) == 0
+                     "--eval-sample", "200", "--no-cuda", "--nb-test", "2", "--alpha", "5.0",
+                     "--omega", "0.9", "--arch", "2018", "--seed", str(seed), "--output_dir",
+                     str(tmp_path), "--run-name", f"s{seed}", "--data-dir", str(tmp_path)]) == 0
         folders.append(tmp_path / f"s{seed}")
     out = tmp_path / "misc"
     assert figures.main(["--curves", *map(str, folders), "--curve-steps", "40",
