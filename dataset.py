@@ -598,16 +598,27 @@ def _decoding_worker():
 
 @contextlib.contextmanager
 def _signals_held():
-    """Ctrl-C and SIGTERM wait (are blocked) in this thread while the block runs."""
+    """Ctrl-C and SIGTERM wait while the block runs, then take effect. Blocking them in this
+    thread is not enough: the kernel hands a process-wide signal to any thread that does not
+    block it (tqdm's monitor, torch's workers), and Python then runs the handler in this thread
+    wherever it is, e.g. inside the at-fork hooks of Pool's fork(), which print its
+    KeyboardInterrupt and drop it (the run went on training). So during the block a signal is
+    only noted, and raised again when the block ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
+    held = (signal.SIGINT, signal.SIGTERM)
+    noted = []
+    previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in held}
     signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # one pending in this thread fires here
+        for s in dict.fromkeys(noted):
+            signal.raise_signal(s)
 
 
 def preprocess_celeba(source, cache, crop, workers=None, chunk=512):

@@ -250,8 +250,24 @@ def resume_state(folder, args, given):
     return config, checkpoint, {k: v for k, v in changes.items() if v != stored[k]}
 
 
+_SIGNALLED = []  # the Ctrl-C or SIGTERM this main() got before its training loop took over
+
+
 def _interrupt(signum, frame):
+    """Ctrl-C or SIGTERM while the run starts: a KeyboardInterrupt, and a note of it. Python
+    runs the handler wherever the main thread is; inside a weakref callback or an at-fork hook
+    (seen: an import lock's callback during CelebA preprocessing) it prints the exception and
+    drops it, and the run would go on to train as if never stopped; ``_train`` checks the note."""
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _train(solver):
+    """The Solver's loop, unless a Ctrl-C or SIGTERM came first (even one whose exception
+    Python dropped)."""
+    if _SIGNALLED:
+        raise KeyboardInterrupt(signal.Signals(_SIGNALLED[0]).name)
+    return solver.train()
 
 
 def main(argv=None):
@@ -264,14 +280,15 @@ def main(argv=None):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Until the Solver's loop takes over SIGTERM (to stop at a step boundary with a checkpoint),
     # SIGTERM interrupts like Ctrl-C, so that data preparation cleans up after itself.
-    previous = None
+    previous = {}
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        _SIGNALLED.clear()
+        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(args, given)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _run(args, given):
@@ -298,7 +315,7 @@ def _run(args, given):
                 folder.record_resume(checkpoint["step"], changed,
                                      device_record(config, solver.device))
                 log.info("Resuming %s at step %d of %d", folder, checkpoint["step"], config.steps)
-                finished = solver.train()
+                finished = _train(solver)
         else:
             config = make_config(args, given)
             pick_device(config)  # refuses a precision this machine cannot run, nothing written
@@ -315,7 +332,7 @@ def _run(args, given):
                 with folder.writer_lock():
                     solver = Solver(config, folder)
                     folder.write_config(run_metadata(config, solver.data, solver.device))
-                    finished = solver.train()
+                    finished = _train(solver)
             except (ConfigError, DatasetError, DiskFull, KeyboardInterrupt):
                 folder.remove_if_empty()  # a start that failed leaves no folder to block its name
                 raise
