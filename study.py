@@ -228,6 +228,10 @@ def make_spec(p, args, shared):
     for key in ("metric", *AXES):
         if getattr(args, key) is not None:
             spec[key] = getattr(args, key)
+    if args.preset and args.metric is not None:  # a preset narrowed to some of its objectives
+        for axis, values in spec.items():  # keeps its per-objective values for those only
+            if isinstance(values, dict) and values is PRESETS[args.preset].get(axis):
+                spec[axis] = {m: v for m, v in values.items() if m in spec["metric"]}
     if args.seeds is not None:
         spec["seed"] = list(range(1, args.seeds + 1))
     elif args.seed is not None:

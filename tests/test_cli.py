@@ -33,7 +33,7 @@ def final_weights(run_dir):
 def test_every_experiment_writes_a_complete_run_folder(tmp_path, metric):
     with pytest.warns(UserWarning, match="visdom is not reachable") if metric == "test" else _no_warning():
         code, run_dir = run_cli(tmp_path, metric, "--metric", metric, "--alpha", "5.0",
-                                "--omega", "0.9", "--viz_port", "9")
+                                "--omega", "0.9", "--viz_port", "9", "--c_steps", "4")
     assert code == 0
     rows = records(run_dir)
     assert [r["step"] for r in rows] == [2, 4, 6]
@@ -43,9 +43,17 @@ def test_every_experiment_writes_a_complete_run_folder(tmp_path, metric):
         assert all(np.isfinite(r[k]) for k in ("recon", "kl", "syn"))
     if metric == "Factor":
         assert {"tc", "d_loss"} <= set(rows[0])
-    terms = dict(BTCVAE="tc", DIPVAE1="dip", DIPVAE2="dip", AnnealedVAE="capacity")
-    if metric in terms:
-        assert all(np.isfinite(r[terms[metric]]) and np.isfinite(r["total"]) for r in rows)
+    settings = json.loads((run_dir / "config.json").read_text())["config"]
+    regulariser = {  # total = recon + the objective's regulariser, from its logged terms
+        "BTCVAE": lambda r: r["kl"] + (settings["beta"] - 1) * r["tc"],
+        "DIPVAE1": lambda r: r["kl"] + r["dip"], "DIPVAE2": lambda r: r["kl"] + r["dip"],
+        "AnnealedVAE": lambda r: settings["c_gamma"] * abs(r["kl"] - r["capacity"]),
+    }.get(metric)
+    if regulariser is not None:
+        for r in rows:
+            assert r["total"] == pytest.approx(r["recon"] + regulariser(r), rel=1e-5), r
+    if metric == "AnnealedVAE":  # C = c_max * min(1, t / c_steps) after t = step - 1 steps
+        assert [r["capacity"] for r in rows] == pytest.approx([25 * 1 / 4, 25 * 3 / 4, 25])
     for step in (3, 6):
         assert (run_dir / f"alpha_5.0_traversal_{step}.png").is_file()
     assert (run_dir / "alpha_5.0_gt_6.png").is_file()
