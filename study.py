@@ -37,7 +37,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,22 +297,17 @@ def make_spec(p, args, shared):
     return {k: spec[k] for k in ("metric", "seed", *AXES, "flags") if k in spec}
 
 
-def check_trials(spec, trials, out, cores):
-    """Every trial's settings, checked by run.py itself (``--dry-run``, ``cores`` at a time)
-    before any trial starts; returns {name: resolved settings}."""
-    def check(trial):
-        return subprocess.run([sys.executable, str(ROOT / "run.py"),
-                               *trial_argv(spec, trial, out), "--dry-run"],
-                              capture_output=True, text=True, env=trial_env(1))
-    with ThreadPoolExecutor(cores) as pool:
-        results = list(pool.map(check, trials))
+def check_trials(spec, trials, out):
+    """Every trial's settings, checked as ``run.py --dry-run`` checks them (run.new_run_config,
+    here in this process) before any trial starts; returns {name: resolved settings}."""
+    from run import new_run_config
     settings = {}
-    for trial, result in zip(trials, results, strict=True):
-        if result.returncode != 0:
-            lines = result.stderr.strip().splitlines()
-            raise StudyError(f"trial {trial['name']} would be refused by run.py: "
-                             f"{lines[-1] if lines else 'exit code ' + str(result.returncode)}")
-        settings[trial["name"]] = json.loads(result.stdout.strip().splitlines()[-1])
+    for trial in trials:
+        try:
+            config = new_run_config(trial_argv(spec, trial, out))
+        except ConfigError as err:
+            raise StudyError(f"trial {trial['name']} would be refused by run.py: {err}") from None
+        settings[trial["name"]] = json.loads(json.dumps(config.to_dict()))  # as stored
     return settings
 
 
@@ -1144,7 +1138,7 @@ def _main(p, args, shared):
         study.check_spec(spec, args.extend)
         # a trial without a run folder (new, or recorded finished but its folder is gone)
         fresh = [t for t in expand(spec) if not (study.out / t["name"] / "config.json").exists()]
-        configs = check_trials(spec, fresh, study.out, usable_cpus())  # nothing written yet
+        configs = check_trials(spec, fresh, study.out)  # nothing written yet
         held = study.lock(reread=not args.rebuild)  # noqa: F841  (held until this ends)
         if args.rebuild:
             study.rebuild()

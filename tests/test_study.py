@@ -142,6 +142,35 @@ def test_bad_input_is_refused_before_any_trial_starts(tmp_path, capsys, argv, me
     assert not out.exists()  # nothing written, not even study.json
 
 
+def test_trials_are_checked_in_process_as_run_py_dry_run_checks_them(tmp_path):
+    """study.py checks its trials without a run.py process each; the settings it resolves and
+    the line it quotes for a refusal are those of ``run.py ... --dry-run`` itself."""
+    def spec_of(metric, *flags):
+        return study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--metric",
+                                                  metric, "--", "--grid", "reduced", *flags]))
+
+    def dry_run(spec, trial):
+        return subprocess.run([sys.executable, str(ROOT / "run.py"),
+                               *study.trial_argv(spec, trial, tmp_path), "--dry-run"],
+                              capture_output=True, text=True)
+    spec = spec_of("DIPVAE2", "--steps", "1.5e5", "--batch-s", "32")  # abbreviated, as run.py reads
+    trial = study.expand(spec)[0]
+    printed = dry_run(spec, trial)
+    assert printed.returncode == 0, printed.stderr
+    assert study.check_trials(spec, [trial], tmp_path) == {
+        trial["name"]: json.loads(printed.stdout.strip().splitlines()[-1])}
+    for metric, *flags in (("VAE", "--batch_size", "1"), ("VAE", "--grid", "tiny"),
+                           ("test", "--viz_on", "False")):  # argparse's refusals, then run.py's
+        spec = spec_of(metric, *flags)
+        trial = study.expand(spec)[0]
+        refused = dry_run(spec, trial)
+        assert refused.returncode == 2
+        with pytest.raises(study.StudyError) as err:
+            study.check_trials(spec, [trial], tmp_path)
+        assert str(err.value) == (f"trial {trial['name']} would be refused by run.py: "
+                                  f"{refused.stderr.strip().splitlines()[-1]}")
+
+
 def test_unknown_or_empty_axes_in_a_spec_file_are_named(tmp_path, capsys):
     for spec, message in (({"metric": ["VAE"], "colour": [1]}, "unknown axis colour"),
                           ({"metric": ["VAE"], "seed": []}, "axis seed is empty"),
