@@ -302,7 +302,8 @@ def main(argv=None):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Until the Solver's loop takes over SIGTERM (to stop at a step boundary with a checkpoint),
-    # SIGTERM interrupts like Ctrl-C, so that data preparation cleans up after itself.
+    # SIGTERM interrupts like Ctrl-C, so that data preparation cleans up after itself; both are
+    # noted (_interrupt), so that one whose exception Python dropped still stops the start.
     previous = {}
     if threading.current_thread() is threading.main_thread():
         _SIGNALLED.clear()
