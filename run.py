@@ -225,7 +225,7 @@ def new_run_config(argv):
     try:
         config = make_config(args, explicit_flags(parser, argv))
         pick_device(config)
-    except (ConfigError, DatasetError) as err:
+    except ConfigError as err:
         raise ConfigError(f"error: {err}") from None
     return config
 
