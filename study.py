@@ -4,7 +4,7 @@ one summary.
 
     python study.py --out DIR [--metric Test_gt Factor VAE BVAE] [--seeds N | --seed 1 2 3]
                     [--alpha ...] [--omega ...] [--gamma ...] [--beta ...] [--spec FILE.json]
-                    [--preset thesis|figures|field] [--retries 2] [--extend]
+                    [--preset thesis|figures|evidence|field] [--retries 2] [--extend]
                     [--engine local] [--workers W] [--threads T] [--trials-per-gpu K]
                     [--engine ray] [--address auto|HOST:PORT] [--cpus-per-trial C]
                     [--gpus-per-trial G]
@@ -74,6 +74,19 @@ PRESETS = {
                           "AnnealedVAE", "VAE"],
                   alpha=[5.0], omega=[0.9], gamma=[6.4, 10.0], lambda_od=[10.0], c_max=[25.0],
                   beta={"BVAE": [4.0], "BTCVAE": [6.0]}),
+    # the thesis's claims over five seeds (the figures preset's runs, bf16): seeds 2-5 to
+    # 50,000 steps with the ground truth and scores every 5,000, a traversal every 10,000, a
+    # record every 100; seed 1 to the thesis's 110,000 with the figures' traversal every 2,000
+    # and 20-step records. Trials run in this order: Non-Syn VAE and FactorVAE seeds 2-5, the
+    # VAE's, then seed 1's three
+    "evidence": dict(metric=["Test_gt", "Factor", "VAE"], alpha=[5.0], omega=[0.9],
+                     gamma=[6.4], precision=["bf16"],
+                     arch={"Test_gt": ["2018"], "Factor": ["2018"], "VAE": ["2020"]},
+                     seed=[2, 3, 4, 5, 1],
+                     flags=["--steps", "50000", "--gt-interval", "5000", "--save-interval",
+                            "10000", "--log-interval", "100"],
+                     seed_flags={"1": ["--steps", "110000", "--save-interval", "2000",
+                                       "--log-interval", "20"]}),
 }
 STATES = ("pending", "running", "finished", "failed")
 MEASURE_OMEGA = Config.measure_omega  # the default; an i_max at another omega gets its own column
@@ -107,23 +120,40 @@ def axis_values(spec, axis, metric):
     return values.get(metric) if isinstance(values, dict) else values
 
 
+def seed_groups(spec):
+    """The spec's seeds in groups that share their run.py flags (the seeds without
+    ``seed_flags`` of their own first, then each seed that has them), in the spec's order."""
+    own = spec.get("seed_flags", {})
+    plain = [s for s in spec["seed"] if str(s) not in own]
+    return ([plain] if plain else []) + [[s] for s in spec["seed"] if str(s) in own]
+
+
 def expand(spec):
-    """The trials of a spec: [{name, metric, seed, settings}] in a fixed order."""
+    """The trials of a spec: [{name, metric, seed, settings}] in a fixed order: per group of
+    seeds (seed_groups), objective by objective, then axis values, then seeds."""
     trials = []
-    for metric in spec["metric"]:
-        axes = OBJECTIVE_AXES[metric] + tuple(CHOICE_AXES)
-        values = [axis_values(spec, axis, metric) or [None] for axis in axes]
-        for combo in itertools.product(*values):
-            settings = {a: v for a, v in zip(axes, combo, strict=True) if v is not None}
-            for seed in spec["seed"]:
-                trials.append(dict(name=trial_name(metric, settings, seed), metric=metric,
-                                   seed=seed, settings=settings))
+    for seeds in seed_groups(spec):
+        for metric in spec["metric"]:
+            axes = OBJECTIVE_AXES[metric] + tuple(CHOICE_AXES)
+            values = [axis_values(spec, axis, metric) or [None] for axis in axes]
+            for combo in itertools.product(*values):
+                settings = {a: v for a, v in zip(axes, combo, strict=True) if v is not None}
+                for seed in seeds:
+                    trials.append(dict(name=trial_name(metric, settings, seed), metric=metric,
+                                       seed=seed, settings=settings))
     return trials
+
+
+def trial_flags(spec, seed):
+    """The run.py flags every trial of ``seed`` shares: the spec's, then the seed's own (its
+    ``seed_flags`` entry, which ends with the shared flags after ``--`` so that they win)."""
+    return list(spec["flags"]) + list(spec.get("seed_flags", {}).get(str(seed), []))
 
 
 def trial_argv(spec, trial, out):
     """run.py's argv for a new trial."""
-    argv = list(spec["flags"]) + ["--metric", trial["metric"], "--seed", str(trial["seed"])]
+    argv = trial_flags(spec, trial["seed"]) + ["--metric", trial["metric"], "--seed",
+                                               str(trial["seed"])]
     for axis, value in trial["settings"].items():
         argv += [f"--{axis}", value if axis in CHOICE_AXES else repr(value)]
     return argv + ["--output_dir", str(out), "--run-name", trial["name"]]
@@ -159,9 +189,10 @@ def parse_args(argv):
                                      "flags)")
     grid.add_argument("--preset", choices=tuple(PRESETS),
                       help="thesis: the thesis comparison; figures: the runs of the thesis "
-                           "figures (python figures.py --study DIR draws them); field: Non-Syn "
-                           "VAE beside beta-VAE, FactorVAE, beta-TCVAE, DIP-VAE-I/II, "
-                           "AnnealedVAE and VAE")
+                           "figures (python figures.py --study DIR draws them); evidence: the "
+                           "figures' runs over seeds 1-5 (seeds 2-5 to 50,000 steps, seed 1 to "
+                           "110,000); field: Non-Syn VAE beside beta-VAE, FactorVAE, "
+                           "beta-TCVAE, DIP-VAE-I/II, AnnealedVAE and VAE")
     grid.add_argument("--extend", action="store_true",
                       help="add axis values or seeds to DIR's study")
     grid.add_argument("--retries", type=int, default=2, help="retries of a failed trial")
@@ -241,9 +272,10 @@ def make_spec(p, args, shared):
         refuse(f"flags must be a list of run.py's command-line words, e.g. [\"--steps\", "
                 f"\"3000\"], not {flags!r}")
     spec["flags"] = flags + shared
-    unknown = sorted(set(spec) - {"metric", "seed", "flags", *AXES})
+    unknown = sorted(set(spec) - {"metric", "seed", "flags", "seed_flags", *AXES})
     if unknown:
-        refuse(f"unknown axis {', '.join(unknown)}; axes are metric, seed, {', '.join(AXES)}")
+        refuse(f"unknown axis {', '.join(unknown)}; axes are metric, seed, {', '.join(AXES)} "
+               f"(and flags, seed_flags)")
     if not spec.get("metric"):
         refuse("no objective: give --metric (or --preset, --spec)")
     for key in ("metric", "seed"):
@@ -285,16 +317,47 @@ def make_spec(p, args, shared):
             if dupes := sorted({str(v) for v in values if values.count(v) > 1}):
                 refuse(f"axis {key} lists {', '.join(dupes)} more than once: each value makes "
                         f"its own trials, give it once")
-    try:
-        clash = owned_flags(spec["flags"])
-    except ConfigError as err:
-        refuse(f"run.py flags {' '.join(spec['flags'])!r}: {err}")
-    if clash:
-        name = clash[0]
-        refuse(f"run.py flag --{name} (as run.py reads {' '.join(spec['flags'])!r}) is "
-                + ("an axis of the study: give it as one (--" + name + " ...)" if name in AXES
-                   or name in ("metric", "seed") else "set by the study itself for every trial"))
-    return {k: spec[k] for k in ("metric", "seed", *AXES, "flags") if k in spec}
+    if "seed_flags" in spec:
+        from_preset = args.preset and spec["seed_flags"] is PRESETS[args.preset].get("seed_flags")
+        spec["seed_flags"] = checked_seed_flags(spec, shared, from_preset)
+        if not spec["seed_flags"]:
+            del spec["seed_flags"]
+    for flags in [spec["flags"]] + [trial_flags(spec, seed) for seed in spec["seed"]]:
+        try:
+            clash = owned_flags(flags)
+        except ConfigError as err:
+            refuse(f"run.py flags {' '.join(flags)!r}: {err}")
+        if clash:
+            name = clash[0]
+            refuse(f"run.py flag --{name} (as run.py reads {' '.join(flags)!r}) is "
+                    + ("an axis of the study: give it as one (--" + name + " ...)"
+                       if name in AXES or name in ("metric", "seed")
+                       else "set by the study itself for every trial"))
+    return {k: spec[k] for k in ("metric", "seed", *AXES, "flags", "seed_flags") if k in spec}
+
+
+def checked_seed_flags(spec, shared, from_preset):
+    """A spec's ``seed_flags`` ({"1": ["--steps", "110000"]}: run.py flags for that seed's
+    trials only, after the spec's flags), each entry ending with the shared flags after ``--``
+    so that those still win. A preset's entries for seeds the study does not run are dropped;
+    a spec file's are refused."""
+    given = spec["seed_flags"]
+    if not isinstance(given, dict):
+        refuse(f"seed_flags must be {{seed: [run.py flags]}}, e.g. {{\"1\": [\"--steps\", "
+               f"\"110000\"]}}, not {given!r}")
+    seeds = {str(s) for s in spec["seed"]}
+    checked = {}
+    for seed, flags in given.items():
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            refuse(f"seed_flags for seed {seed} must be a list of run.py's command-line words, "
+                   f"e.g. [\"--steps\", \"110000\"], not {flags!r}")
+        if str(seed) not in seeds:
+            if from_preset:
+                continue
+            refuse(f"seed_flags names seed {seed}, which is not among the study's seeds "
+                   f"({', '.join(map(str, spec['seed']))})")
+        checked[str(seed)] = flags + shared
+    return checked
 
 
 def check_trials(spec, trials, out):
@@ -459,6 +522,11 @@ def study_json_problem(data):
     if not isinstance(spec, dict) or not isinstance(spec.get("metric"), list) or not \
             isinstance(spec.get("seed"), list) or not isinstance(spec.get("flags"), list):
         return "its spec lacks metric, seed or flags"
+    seed_flags = spec.get("seed_flags", {})
+    if not isinstance(seed_flags, dict) or not all(
+            isinstance(f, list) and all(isinstance(w, str) for w in f)
+            for f in seed_flags.values()):
+        return "its seed_flags are not {seed: [run.py flags]}"
     if not isinstance(trials, list):
         return "its trials are not a list"
     for i, trial in enumerate(trials):
@@ -538,7 +606,8 @@ class Study:
         axes and seeds, nothing else)."""
         if self.data is not None and self.data["spec"] != spec:
             old = self.data["spec"]
-            grows = extend and old["flags"] == spec["flags"] and (
+            grows = extend and all(trial_flags(old, s) == trial_flags(spec, s)
+                                   for s in old["seed"]) and (
                 {t["name"] for t in expand(old)} <= {t["name"] for t in expand(spec)})
             if not grows:
                 raise StudyError(f"{self.out} holds a study with another spec ({self.path}); it is "
@@ -1130,7 +1199,8 @@ def _main(p, args, shared):
             where = (f"Ray at {args.address}" if args.address else "a local Ray instance") + (
                 f", {args.cpus_per_trial:g} CPU(s) and {args.gpus_per_trial:g} GPU(s) per trial")
         else:
-            cuda = not any(f in ("--no-cuda", "--no_cuda") for f in spec["flags"])
+            cuda = not any(f in ("--no-cuda", "--no_cuda") for seed in spec["seed"]
+                           for f in trial_flags(spec, seed))
             plan = plan_local(usable_cpus(), visible_gpus() if cuda else [], args.workers,
                               args.threads, args.trials_per_gpu, cuda)
             where = (f"{plan.workers} worker(s) x {plan.threads} thread(s)"
