@@ -631,6 +631,66 @@ def test_the_figures_preset_is_the_thesis_figures_runs(tmp_path):
     assert not (tmp_path / "s").exists() and not (tmp_path / "b").exists()
 
 
+def test_the_evidence_preset_is_five_seeds_with_seed_1_to_the_thesis_length(tmp_path):
+    """``--preset evidence``: the figures' three runs (bf16) over seeds 2-5 to 50,000 steps with
+    the ground truth every 5,000, a traversal every 10,000 and a record every 100, and seed 1 to
+    110,000 with a traversal every 2,000 and 20-step records; Non-Syn and FactorVAE's seeds come
+    first, then the VAE's, then seed 1's. Flags after ``--`` win over both."""
+    spec = study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--preset",
+                                              "evidence"]))
+    names = [t["name"] for t in study.expand(spec)]
+    nonsyn = "Test_gt_alpha5.0_omega0.9_bf16_arch2018"
+    factor, vae = "Factor_gamma6.4_bf16_arch2018", "VAE_bf16_arch2020"
+    assert names == ([f"{nonsyn}_seed{s}" for s in (2, 3, 4, 5)]
+                     + [f"{factor}_seed{s}" for s in (2, 3, 4, 5)]
+                     + [f"{vae}_seed{s}" for s in (2, 3, 4, 5)]
+                     + [f"{nonsyn}_seed1", f"{factor}_seed1", f"{vae}_seed1"])
+    configs = study.check_trials(spec, study.expand(spec), tmp_path / "s")
+    for name, config in configs.items():
+        seed1 = name.endswith("_seed1")
+        assert (config["steps"], config["save_interval"], config["log_interval"]) == (
+            (110000, 2000, 20) if seed1 else (50000, 10000, 100)), name
+        assert config["gt_interval"] == 5000 and config["precision"] == "bf16"
+        assert config["arch"] == ("2020" if name.startswith("VAE") else "2018")
+        assert config["seed"] == int(name.rsplit("seed", 1)[1])
+    short = study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--preset",
+                                               "evidence", "--", "--steps", "40"]))
+    assert {c["steps"] for c in study.check_trials(short, study.expand(short),
+                                                   tmp_path / "s").values()} == {40}
+    narrowed = study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--preset",
+                                                  "evidence", "--seed", "2", "3"]))
+    assert "seed_flags" not in narrowed and len(study.expand(narrowed)) == 6
+    assert not (tmp_path / "s").exists()
+
+
+def test_seed_flags_in_a_spec_file_are_checked_like_flags(tmp_path, capsys):
+    """A spec file's seed_flags give one seed's trials their own run.py flags (after the
+    spec's); a bad entry, a seed the study lacks, or a flag the study owns is one line."""
+    path = tmp_path / "spec.json"
+
+    def spec_of(spec):
+        path.write_text(json.dumps(spec))
+        return study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--spec",
+                                                  str(path)]))
+    spec = spec_of({"metric": ["VAE"], "seed": [1, 2], "flags": ["--steps", "30"],
+                    "seed_flags": {"2": ["--steps", "60"]}})
+    assert [(t["name"], run_dry(study.trial_argv(spec, t, tmp_path))["steps"])
+            for t in study.expand(spec)] == [("VAE_seed1", 30), ("VAE_seed2", 60)]
+    for bad, message in (({"metric": ["VAE"], "seed_flags": ["--steps", "5"]},
+                          "seed_flags must be {seed: [run.py flags]}"),
+                         ({"metric": ["VAE"], "seed_flags": {"1": "--steps 5"}},
+                          "seed_flags for seed 1 must be a list"),
+                         ({"metric": ["VAE"], "seed_flags": {"7": ["--steps", "5"]}},
+                          "seed_flags names seed 7, which is not among the study's seeds"),
+                         ({"metric": ["VAE"], "seed_flags": {"1": ["--beta", "5"]}},
+                          "run.py flag --beta")):
+        with pytest.raises(SystemExit):
+            spec_of(bad)
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (bad, err)
+    assert not (tmp_path / "s").exists()
+
+
 def run_dry(argv):
     """The settings run.py resolves for a trial's argv (its own parser; nothing written)."""
     import run
