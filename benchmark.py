@@ -49,9 +49,12 @@ from metrics import METRIC_NAMES, METRICS, PROTOCOLS, lookup
 from model import kl_loss
 from plotting import save_ground_truth_plot
 from precision import native_bf16
-from solver import Config, Solver, Trained, encode_all, grid_summary
+from config import Config
+from representation import Trained, encode_all, grid_summary
+from runfolder import RunFolder
+from solver import Solver
 from synergy import greedy_best_set
-from utils import RunFolder, usable_cpus
+from utils import usable_cpus
 
 
 def _sync(device):
@@ -203,11 +206,19 @@ class Stepper:
                 for name, solver in self.solvers.items()}
 
 
+def _glibc_default_malloc():
+    """Build models as 7adde97 did: freed memory goes back to the kernel (model.build_model
+    keeps it warm otherwise). Fails loudly if build_model no longer calls that name."""
+    import model
+    if not callable(getattr(model, "keep_freed_memory", None)):
+        raise AttributeError("model.keep_freed_memory is gone: re-point the baseline's patch")
+    model.keep_freed_memory = lambda: False
+
+
 def baseline_worker(args):
     """``--baseline-worker``: the BASELINE variants with glibc's default malloc, timed a round
     each time a line arrives on stdin; one JSON line of timings answers each."""
-    import solver
-    solver.keep_freed_memory = lambda: False  # as 7adde97: freed memory goes back to the kernel
+    _glibc_default_malloc()
     with tempfile.TemporaryDirectory() as tmp:
         stepper = Stepper(args, BASELINE, tmp)
         print("ready", flush=True)
@@ -384,14 +395,13 @@ def trained_for(args, memory_format=None):
 def timed_encoding(trained, precision="fp32"):
     """(seconds, codes) of one encoding pass over the grid."""
     return _clock(trained.device,
-                  lambda: encode_all(trained.model, trained.data, precision=precision))
+                  lambda: encode_all(trained.model, trained.data, precision))
 
 
 def metrics_worker(args):
     """``--baseline-worker --metrics``: the encoding pass as 7adde97 ran it (NCHW, glibc's
     default malloc), once per line on stdin (a path to save the codes to); answers seconds."""
-    import solver
-    solver.keep_freed_memory = lambda: False
+    _glibc_default_malloc()
     trained = trained_for(args, torch.contiguous_format)
     print("ready", flush=True)
     for line in sys.stdin:

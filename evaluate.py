@@ -17,16 +17,17 @@ import sys
 
 from dataset import DatasetError
 from metrics import METRIC_NAMES, metric_list
-from solver import (WEIGHTS, Trained, evaluation_report, log_measures, sample_measures,
-                    stored_run, stored_weights)
-from utils import ArgumentParser, ConfigError, DiskFull, RunFolder
+from representation import Trained, evaluation_report, log_measures
+from runfolder import RunFolder, stored_model
+from utils import ArgumentParser, ConfigError, DiskFull
 
 log = logging.getLogger("evaluate")
 
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run folder with checkpoints/last.pt")
+    p.add_argument("run_dir", help=f"a run folder with {RunFolder.CHECKPOINT} (or "
+                                        f"{RunFolder.CONFIG} and {RunFolder.WEIGHTS})")
     p.add_argument("--eval-metrics", type=metric_list, default=None,
                    help=f"comma-separated from {', '.join(METRIC_NAMES)}; all; none (only the "
                         f"evaluation sample's measures). Default: the run's own --eval-metrics")
@@ -38,8 +39,7 @@ def main(argv=None):
 
     folder = RunFolder(args.run_dir)
     try:
-        weights_only = not folder.checkpoint_path.is_file() and (folder.path / WEIGHTS).is_file()
-        checkpoint, stored = stored_weights(folder) if weights_only else stored_run(folder)
+        checkpoint, stored = stored_model(folder)
         if stored.dataset != "dsprites":
             raise ConfigError(f"{folder} was trained on {stored.dataset}, which has no "
                               f"ground-truth factors to score against")
@@ -57,7 +57,7 @@ def main(argv=None):
             data_dir=args.data_dir or stored.data_dir), checkpoint)
         results = trained.evaluate(folder, tuple(n for n in names.split(",") if n),
                                    plot=holder is None)
-        measures = sample_measures(trained.model, trained.data, trained.config)
+        measures = trained.measures()
         log_measures(trained.step, measures)
         if holder is None:
             folder.append_evaluation(evaluation_report(trained.step, trained.data, results,

@@ -52,9 +52,10 @@ from PIL import Image, ImageDraw
 from plotting import (ACTIVE_VARIANCE, EXPLAINED, label_rows, latent_factors, latent_labels,
                       traversal_labels)
 from metrics import METRIC_LABELS, METRIC_NAMES
-from solver import (NONSYN, OBJECTIVE_NAMES, SAMPLE_MEASURES, WEIGHTS, Config, Trained,
-                    objective_label)
-from utils import ConfigError, RunFolder, atomic_torch_save
+from config import NONSYN, OBJECTIVE_NAMES, Config, objective_label
+from representation import SAMPLE_MEASURES, Trained
+from runfolder import RunFolder, export_weights
+from utils import ConfigError
 
 
 class FigureError(RuntimeError):
@@ -485,7 +486,6 @@ def learned_table(runs):
     return lines
 
 
-RUN_RECORDS = ("config.json", "metrics.jsonl", "metrics.json")  # small text: kept in the repo
 # an absolute path inside a record's strings (the output folder, where the data was looked for)
 MACHINE_PATH = re.compile(r"(?<![\w.~/:\\])/[\w.\-]+(?:/[\w.\-]+)*")
 
@@ -505,7 +505,7 @@ def export_records(runs, out_dir):
     for _, folder in runs:
         target = Path(out_dir) / "runs" / folder.name
         target.mkdir(parents=True, exist_ok=True)
-        for name in RUN_RECORDS:
+        for name in RunFolder.RECORDS:  # small text: kept in the repository
             if (folder.path / name).is_file():
                 text = (folder.path / name).read_text()
                 if name == folder.CONFIG:  # the data is searched for where the copy is used
@@ -514,9 +514,7 @@ def export_records(runs, out_dir):
                     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
                 (target / name).write_text(without_machine_paths(text))
         if folder.checkpoint_path.is_file():
-            checkpoint = folder.load_checkpoint()
-            atomic_torch_save(dict(step=checkpoint["step"], model={
-                k: v.contiguous() for k, v in checkpoint["model"].items()}), target / WEIGHTS)
+            export_weights(folder, target)
     return len(runs)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from synergy import kl_per_latent
+from utils import keep_freed_memory
 
 
 class Encoder(nn.Module):
@@ -167,3 +168,19 @@ def permute_dims(z):
     """Shuffle every latent column independently across the batch (samples of prod_j q(z_j))."""
     keys = torch.rand(z.shape, device=z.device)
     return z.gather(0, keys.argsort(dim=0))
+
+
+# The networks' activations are kept channels-last (NHWC): oneDNN and cuDNN run these
+# convolutions faster so, with no reordering between layers (docs/benchmarks.md). Values are
+# the same up to the order of float sums; a checkpoint stores the weights in either layout.
+MEMORY_FORMAT = torch.channels_last
+
+
+def build_model(config, device, memory_format=MEMORY_FORMAT):
+    """The VAE of ``config`` (dataset, z_dim, decoder arch), initialised as ``config.init`` says,
+    its convolution weights (and so its activations) in ``memory_format``."""
+    keep_freed_memory()  # every model of a process trains or encodes with warm pages
+    model = MODEL_SPECS[config.dataset].build(config.z_dim, config.arch)
+    if config.init == "original":
+        init_as_pytorch_041(model)
+    return model.to(device, memory_format=memory_format)

@@ -111,6 +111,66 @@ def _minimise(s, loss):
     s.optim.step()
 
 
+# --- the optimisers (Non-Syn VAE's original update needs PyTorch 0.4.1's Adam) ----------------
+
+class Adam041(torch.optim.Optimizer):
+    """Adam as PyTorch 0.4.1 ran it, for the original update (REFERENCE: replay-tested).
+
+    - Arithmetic: m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
+      p <- p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps). Today's Adam adds eps
+      after the bias correction: a 30x larger effective eps at t = 1, where the KL gradients
+      are tiny.
+    - Parameters move in place through ``p.data``, which does not bump their autograd version
+      counter: a graph built before the step can still be back-propagated afterwards, reading
+      the new weights (the original's stale graph, on purpose; torch.optim would raise).
+    - ``zero_grad`` zeroes gradients instead of dropping them, and only a parameter whose grad
+      is None is skipped: a parameter outside the loss still moves by its Adam momentum.
+    """
+
+    def __init__(self, params, lr, betas, eps=1e-8):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    def zero_grad(self, set_to_none=False):
+        super().zero_grad(set_to_none=False)
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states, strict=True):
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+            grads = [p.grad for p in params]
+            m = [s["exp_avg"] for s in states]
+            v = [s["exp_avg_sq"] for s in states]
+            # the same arithmetic as one tensor at a time, in one call per operation
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_add_(denom, group["eps"])
+            steps = [-group["lr"] * math.sqrt(1 - beta2 ** s["step"]) / (1 - beta1 ** s["step"])
+                     for s in states]
+            torch._foreach_addcdiv_([p.data for p in params], m, denom, steps)
+
+
+def vae_optimiser(model, config):
+    """The VAE's optimiser: 0.4.1's Adam for Non-Syn VAE's original update, today's otherwise."""
+    adam = Adam041 if OBJECTIVES[config.metric].step is nonsyn and config.update == "original" \
+        else torch.optim.Adam
+    return adam(model.parameters(), lr=config.lr_VAE, betas=(config.beta1_VAE, config.beta2_VAE))
+
+
+def discriminator_optimiser(D, config):
+    return torch.optim.Adam(D.parameters(), lr=config.lr_D, betas=(config.beta1_D, config.beta2_D))
+
+
 def nonsyn_original(s):
     """Non-Syn VAE exactly as the original trains it (``--update original``, the default),
     replay-tested against the original trainer step for step (tests/test_replay.py)."""

@@ -91,6 +91,14 @@ def _warn_bf16_without_amx():
                 "choice on this CPU")
 
 
+def pick_device(config):
+    """The device ``config`` trains on, chosen once per start; refuses a precision that device
+    cannot run well."""
+    device = torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
+    check_precision(config.precision, device)
+    return device
+
+
 def autocast(device, precision):
     """A fresh context manager for the networks' forward passes at ``precision``."""
     if precision == "fp32":

@@ -42,12 +42,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, Config, new_run_config, objective_label)
 from metrics import METRIC_LABELS
 from precision import PRECISIONS
-from solver import (ARCHS, MEASURE_LABELS, NONSYN, OBJECTIVE_SETTINGS, SAMPLE_MEASURES, Config,
-                    objective_label)
-from utils import (ArgumentParser, ConfigError, DiskFull, RunFolder, atomic_write_bytes,
-                   check_writable, usable_cpus, write_json)
+from representation import MEASURE_LABELS, SAMPLE_MEASURES
+from runfolder import RunFolder
+from utils import (ArgumentParser, ConfigError, DiskFull, atomic_write_bytes, check_writable,
+                   usable_cpus, write_json)
 
 ROOT = Path(__file__).resolve().parent
 OBJECTIVE_AXES = OBJECTIVE_SETTINGS  # the value axes that multiply each objective's trials
@@ -363,7 +364,6 @@ def checked_seed_flags(spec, shared, from_preset):
 def check_trials(spec, trials, out):
     """Every trial's settings, checked as ``run.py --dry-run`` checks them (run.new_run_config,
     here in this process) before any trial starts; returns {name: resolved settings}."""
-    from run import new_run_config
     settings = {}
     for trial in trials:
         try:
@@ -449,7 +449,7 @@ def launch(spec, trial, out, env, cwd=None):
     (default: here; relative paths among the flags mean what they meant to study.py); its
     output goes to DIR/.<name>.log."""
     folder = out / trial["name"]
-    resume = (folder / "checkpoints/last.pt").exists()
+    resume = RunFolder(folder).checkpoint_path.exists()
     with open(out / f".{trial['name']}.log", "ab") as log:  # the child holds its own copy
         if folder.is_dir() and not resume and not RunFolder(folder).holds_nothing():
             # stopped before its first checkpoint: start again, keeping what it wrote
@@ -479,37 +479,13 @@ def exit_reason(code, tail):
 
 
 def complete(folder):
-    """True when ``folder`` holds a run that trained all its steps (its checkpoint at the last
-    step, no evaluation left to redo)."""
-    run = RunFolder(folder)
-    if not run.checkpoint_path.is_file():
-        return False
-    try:
-        checkpoint = run.load_checkpoint()
-    except ConfigError:
-        return False  # run.py's resume names the problem
-    return (checkpoint["step"] >= checkpoint["config"]["steps"]
-            and not checkpoint.get("eval_pending"))
+    """True when ``folder`` holds a run that trained all its steps."""
+    return RunFolder(folder).is_complete()
 
 
 def current_step(folder):
-    """The last training step logged in ``folder``'s metrics.jsonl (0 without one), read from
-    the file's tail."""
-    path = Path(folder) / RunFolder.LOG
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - 4096))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return 0
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("kind") == "train":
-            return record["step"]
-    return 0
+    """The last training step logged in ``folder`` (0 before the first record)."""
+    return RunFolder(folder).last_logged_step()
 
 
 # --- bookkeeping ---------------------------------------------------------------------------------
@@ -1207,7 +1183,7 @@ def _main(p, args, shared):
                      + (f" on GPU(s) {', '.join(plan.devices)}" if plan.devices[0] else ""))
         study.check_spec(spec, args.extend)
         # a trial without a run folder (new, or recorded finished but its folder is gone)
-        fresh = [t for t in expand(spec) if not (study.out / t["name"] / "config.json").exists()]
+        fresh = [t for t in expand(spec) if not RunFolder(study.out / t["name"]).has_config()]
         configs = check_trials(spec, fresh, study.out)  # nothing written yet
         held = study.lock(reread=not args.rebuild)  # noqa: F841  (held until this ends)
         if args.rebuild:

@@ -2,6 +2,7 @@
 fixtures several test files use (an action at a given training step, a metrics-log reader,
 a synthetic CelebA zip)."""
 import io
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -16,7 +17,17 @@ sys.path.insert(0, str(ROOT))
 FIXTURES = Path(__file__).resolve().parent / "data"
 
 import solver as solver_module  # noqa: E402  (needs ROOT on sys.path)
-from utils import RunFolder  # noqa: E402
+from runfolder import RunFolder  # noqa: E402
+
+# run.py flags of the tests' short runs: 6 steps on the reduced grid on the CPU, no metrics,
+# a 200-image evaluation sample (QUICK); batches of 8 and no ground truth before step 1000,
+# the length given by each test (TINY)
+QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "6", "--log-interval", "2",
+         "--save-interval", "3", "--gt-interval", "6", "--no-cuda", "--nb-test", "4",
+         "--eval-metrics", "none", "--eval-sample", "200"]
+TINY = ["--grid", "reduced", "--batch_size", "8", "--log-interval", "2", "--save-interval", "4",
+        "--gt-interval", "1000", "--no-cuda", "--nb-test", "2", "--eval-metrics", "none",
+        "--eval-sample", "200"]
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +58,62 @@ def at_step(monkeypatch):
             self.train_step = counted
         monkeypatch.setattr(solver_module.Solver, "__init__", patched)
     return install
+
+
+def run_cli(tmp_path, name, *flags, base=QUICK):
+    """run.py's main in this process on the procedural dSprites: (exit code, run folder)."""
+    from run import main
+    code = main([*base, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
+                 str(no_data(tmp_path)), *flags])
+    return code, tmp_path / name
+
+
+# --- the original trainer's replay (tests/data/original_replay_s120.npz) ---------------------------
+
+FIXTURE = FIXTURES / "original_replay_s120.npz"
+
+
+def images(packed):
+    """uint8 (B, 512) packed bits -> float (B, 1, 64, 64)."""
+    return torch.from_numpy(np.unpackbits(packed, axis=-1).reshape(-1, 1, 64, 64).astype(np.float32))
+
+
+class ReplayBatches:
+    """The fixture's batch of every step, and its partner batch (--sample sample)."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def train(self, step):
+        return images(self.original["batches"][step])
+
+    def partner(self, step):
+        return images(self.original["partner_batches"][step])
+
+
+class ReplayNoise:
+    """The fixture's noise slabs, one per reparameterised sample, in the order they are drawn."""
+
+    def __init__(self, original):
+        self.slabs = torch.from_numpy(original["noise"])
+        self.drawn = 0
+
+    def __call__(self, like):
+        slab = self.slabs[self.drawn]
+        self.drawn += 1
+        assert slab.shape == like.shape
+        return slab
+
+
+def in_module_order(original, prefix):
+    """The fixture's tensors under ``prefix`` (original key names such as ``encoder.9.weight``),
+    sorted as the modules are registered: network, layer index, weight before bias."""
+    names = [k[len(prefix):] for k in original if k.startswith(prefix)]
+
+    def key(name):
+        net, index, kind = re.fullmatch(r"(encoder|decoder)\.(\d+)\.(weight|bias)", name).groups()
+        return net == "decoder", int(index), kind == "bias"
+    return [torch.from_numpy(original[prefix + n]) for n in sorted(names, key=key)]
 
 
 def records(run_dir, kind="train"):

@@ -15,13 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import evaluate
-from conftest import no_data
+from conftest import TINY, no_data
 from run import main
-from utils import RunFolder, tensor_checksum
+from runfolder import RunFolder, tensor_checksum
 
-QUICK = ["--grid", "reduced", "--batch_size", "8", "--log-interval", "2", "--save-interval", "4",
-         "--gt-interval", "1000", "--no-cuda", "--nb-test", "2", "--eval-metrics", "none",
-         "--eval-sample", "50"]
+QUICK = [*TINY, "--eval-sample", "50"]
 
 
 @pytest.fixture(scope="module")

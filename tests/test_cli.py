@@ -9,18 +9,9 @@ import pytest
 import torch
 
 import dataset
-from conftest import no_data, records
+from conftest import QUICK, no_data, records, run_cli
 from run import main
 
-QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "6", "--log-interval", "2",
-         "--save-interval", "3", "--gt-interval", "6", "--no-cuda", "--nb-test", "4",
-         "--eval-metrics", "none", "--eval-sample", "200"]
-
-
-def run_cli(tmp_path, name, *flags):
-    code = main([*QUICK, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
-                 str(no_data(tmp_path)), *flags])
-    return code, tmp_path / name
 
 
 def final_weights(run_dir):
@@ -154,7 +145,7 @@ def test_bad_flag_values_name_the_flag(capsys, flag, value, message):
 
 
 def test_viz_on_parses_booleans():
-    from run import build_parser
+    from config import build_parser
     assert build_parser().parse_args(["--viz_on", "True"]).viz_on is True
     assert build_parser().parse_args(["--viz_on", "False"]).viz_on is False
 
@@ -191,7 +182,7 @@ def test_corrupt_npz_stops_the_run_with_advice(tmp_path, capsys):
 ])
 def test_the_originals_readme_commands_parse_verbatim(command, viz):
     import shlex
-    from run import build_parser, make_config
+    from config import build_parser, make_config
     config = make_config(build_parser().parse_args(shlex.split(command)))
     assert (config.alpha, config.omega, config.steps, config.viz_on) == (5.0, 0.9, 150000, viz)
     assert config.gt_interval == (5000 if not viz else 10000)
@@ -282,14 +273,14 @@ def test_evaluate_needs_a_checkpoint(tmp_path, capsys):
     ("run_name", 3, "run_name must be text"),
 ])
 def test_config_built_in_code_is_checked_like_the_flags(setting, value, message):
-    from solver import Config
+    from config import Config
     from utils import ConfigError
     with pytest.raises(ConfigError, match=message):
         Config(**{setting: value})
 
 
 def test_config_takes_ints_for_floats_and_whole_floats_for_ints():
-    from solver import Config
+    from config import Config
     config = Config(alpha=5, steps=1e3)
     assert config.alpha == 5.0 and isinstance(config.alpha, float)
     assert config.steps == 1000 and isinstance(config.steps, int)
@@ -321,7 +312,7 @@ def test_unknown_checkpoint_format_is_refused_with_a_clear_error(tmp_path, capsy
 
 
 def test_every_multi_word_flag_takes_both_spellings():
-    from run import build_parser
+    from config import build_parser
     parser = build_parser()
     original = parser.parse_args(["--batch_size", "8", "--data-dir", "d", "--output_dir", "o",
                                   "--run-name", "r", "--nb-test", "3", "--viz_il_iter", "7",

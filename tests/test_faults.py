@@ -16,19 +16,16 @@ import torch
 
 import evaluate
 import figures
-from conftest import ROOT, cmdline, no_data, records, write_celeba_zip
+from conftest import ROOT, TINY, cmdline, no_data, records, write_celeba_zip
+from conftest import run_cli as quick_run
 from dataset import CELEBA_ZIP, DSPRITES_FILE, DatasetError, load_celeba
 from run import main
-from utils import RunFolder
+from runfolder import RunFolder
 
-QUICK = ["--grid", "reduced", "--batch_size", "8", "--log-interval", "2", "--save-interval", "4",
-         "--gt-interval", "1000", "--no-cuda", "--nb-test", "2", "--eval-metrics", "none",
-         "--eval-sample", "200"]
 
 
 def run_cli(tmp_path, name, *flags):
-    return main([*QUICK, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
-                 str(no_data(tmp_path)), *flags]), tmp_path / name
+    return quick_run(tmp_path, name, *flags, base=TINY)
 
 
 def sha256(path):
@@ -148,7 +145,7 @@ def test_a_bad_checkpoint_gets_the_projects_own_one_line_error(tmp_path, capsys,
 @pytest.mark.parametrize("name", ["a/b", "..", ".", "x" * 201, "a\\b", ".lock", ".hidden", "",
                                   "   ", " lead", "tab\tname"])
 def test_run_name_must_be_one_visible_path_component(tmp_path, capsys, name):
-    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--run-name", name]) == 2
+    assert main([*TINY, "--output_dir", str(tmp_path / "runs"), "--run-name", name]) == 2
     assert "run_name (--run-name) must be a visible single folder name" in \
         capsys.readouterr().err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
@@ -162,7 +159,7 @@ def test_a_data_path_that_is_not_the_file_is_an_error_not_a_fallback(tmp_path, c
         (data / DSPRITES_FILE).mkdir()
     else:
         (data / DSPRITES_FILE).symlink_to(tmp_path / "nowhere.npz")
-    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--run-name", "r",
+    assert main([*TINY, "--output_dir", str(tmp_path / "runs"), "--run-name", "r",
                  "--data-dir", str(data)]) == 2
     err = capsys.readouterr().err
     assert f"{DSPRITES_FILE} is {'not a file' if kind == 'folder' else 'a broken link'}" in err
@@ -233,10 +230,11 @@ def test_a_jpeg_declaring_200_megapixels_is_one_line_and_leaves_no_run_folder(tm
 
 def test_evaluate_with_no_metrics_measures_the_sample_without_encoding_the_grid(tmp_path,
                                                                                  monkeypatch):
-    import solver
+    import representation
     code, run_dir = run_cli(tmp_path, "r", "--steps", "4")
     assert code == 0
-    monkeypatch.setattr(solver, "encode_all", lambda *a, **k: pytest.fail("grid encoded"))
+    monkeypatch.setattr(representation, "encode_all",
+                        lambda *a, **k: pytest.fail("grid encoded"))
     assert evaluate.main([str(run_dir), "--eval-metrics", "none", "--no-cuda"]) == 0
     last = RunFolder(run_dir).evaluations()[-1]
     assert last["scores"] == {} and last["measures"]["n_images"] == 200
@@ -318,11 +316,11 @@ def test_a_failed_start_leaves_no_folder_and_its_name_stays_free(tmp_path, capsy
     bad = tmp_path / "bad-data"
     bad.mkdir()
     (bad / DSPRITES_FILE).write_bytes(b"<html>quota</html>")
-    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--run-name", "r",
+    assert main([*TINY, "--output_dir", str(tmp_path / "runs"), "--run-name", "r",
                  "--data-dir", str(bad)]) == 2
     assert "not a valid dSprites file" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "r").exists()
-    assert main([*QUICK, "--steps", "2", "--output_dir", str(tmp_path / "runs"), "--run-name",
+    assert main([*TINY, "--steps", "2", "--output_dir", str(tmp_path / "runs"), "--run-name",
                  "r", "--data-dir", str(no_data(tmp_path))]) == 0
 
 
@@ -331,14 +329,14 @@ def test_a_folder_left_without_a_checkpoint_may_be_reused_by_its_name(tmp_path):
     (left / "checkpoints").mkdir(parents=True)
     (left / "checkpoints" / ".last.pt.abc.tmp").write_bytes(b"half a checkpoint")
     (left / ".lock").write_text("123\n")
-    assert main([*QUICK, "--steps", "2", "--output_dir", str(tmp_path / "runs"), "--run-name",
+    assert main([*TINY, "--steps", "2", "--output_dir", str(tmp_path / "runs"), "--run-name",
                  "r", "--data-dir", str(no_data(tmp_path))]) == 0
     assert RunFolder(left).load_checkpoint()["step"] == 2
     assert not list((left / "checkpoints").glob("*.tmp"))  # the orphan went at the first save
     kept = tmp_path / "runs" / "kept"  # a folder with outputs is never reused
     kept.mkdir()
     (kept / "metrics.jsonl").write_text("{}\n")
-    assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--run-name", "kept"]) == 2
+    assert main([*TINY, "--output_dir", str(tmp_path / "runs"), "--run-name", "kept"]) == 2
     assert (kept / "metrics.jsonl").read_text() == "{}\n"
 
 
@@ -423,7 +421,7 @@ def test_a_sigterm_whose_exception_python_dropped_still_stops_the_start(tmp_path
     monkeypatch.setattr(solver_module.Solver, "__init__", init_then_dropped_sigterm)
     dropped = []
     monkeypatch.setattr(sys, "unraisablehook", dropped.append)  # where Python reports it
-    code = main([*QUICK, "--steps", "4", "--output_dir", str(tmp_path / "runs"), "--run-name", "r",
+    code = main([*TINY, "--steps", "4", "--output_dir", str(tmp_path / "runs"), "--run-name", "r",
                  "--data-dir", str(no_data(tmp_path))])
     assert [type(d.exc_value) for d in dropped] == [KeyboardInterrupt]  # it was dropped
     err = capsys.readouterr().err
@@ -747,7 +745,7 @@ def test_a_real_full_disk_at_the_checkpoint_is_one_line_and_exit_3(tmp_path, cap
     "[enforce fail at inline_container.cc] unexpected pos" (exit 1); now one line, exit 3."""
     with mounted_tmpfs(tmp_path / "small", "1m") as small:
         result = subprocess.run(
-            [sys.executable, "run.py", *QUICK, "--steps", "4", "--output_dir", str(small),
+            [sys.executable, "run.py", *TINY, "--steps", "4", "--output_dir", str(small),
              "--run-name", "full", "--data-dir", str(no_data(tmp_path))],
             cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode == 3, result.stderr
@@ -788,7 +786,7 @@ def test_disk_full_in_metrics_jsonl_is_one_line_and_exit_3(tmp_path, monkeypatch
 
 
 def test_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    import solver
+    import representation
     import study
     code, run_dir = run_cli(tmp_path, "ro", "--steps", "4")
     assert code == 0
@@ -796,13 +794,13 @@ def test_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys, monkeyp
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("the grid was encoded before the folder was checked")
-    monkeypatch.setattr(solver, "encode_all", no_encoding)
+    monkeypatch.setattr(representation, "encode_all", no_encoding)
     with read_only(run_dir):
         assert main(["--resume", str(run_dir), "--steps", "6"]) == 2
         assert f"{run_dir} is read-only" in one_error_line(capsys.readouterr().err)
         assert evaluate.main([str(run_dir), "--no-cuda"]) == 2
         assert f"{run_dir} is read-only" in one_error_line(capsys.readouterr().err)
-        assert study.main(["--out", str(run_dir / "study"), "--metric", "VAE", "--", *QUICK]) \
+        assert study.main(["--out", str(run_dir / "study"), "--metric", "VAE", "--", *TINY]) \
             == 2
         assert f"{run_dir} is read-only" in one_error_line(capsys.readouterr().err)
     assert folder_digest(run_dir) == before

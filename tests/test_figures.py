@@ -11,7 +11,7 @@ from conftest import write_celeba_zip
 from dataset import FACTOR_NAMES
 from plotting import latent_factors, latent_labels
 from run import main
-from utils import RunFolder
+from runfolder import RunFolder
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_figures_from_tiny_runs(runs, celeba_run, tmp_path):
     assert table[0]["measures"] == {k: json.loads((runs["Test_gt"] / "metrics.json").read_text())[
         "evaluations"][-1]["measures"][k] for k in ("recon", "kl", "elbo", "i_max")}
     for metric in ("Test_gt", "Factor", "VAE"):  # the records, without this machine's paths
-        for name in figures.RUN_RECORDS:
+        for name in RunFolder.RECORDS:
             kept, own = (out / "runs" / metric / name).read_text(), (runs[metric] / name).read_text()
             if name == "config.json":  # and the data searched for where the copy is scored
                 record = json.loads(own)

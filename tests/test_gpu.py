@@ -15,17 +15,18 @@ import torch
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import study  # noqa: E402
+from conftest import QUICK as CPU_QUICK  # noqa: E402
 from conftest import layer_dtypes, no_data, records  # noqa: E402
 from run import main  # noqa: E402
-from solver import Config, Solver  # noqa: E402
-from test_replay import FIXTURE, ReplayBatches, ReplayNoise, in_module_order  # noqa: E402
+from config import Config  # noqa: E402
+from solver import Solver  # noqa: E402
+from conftest import FIXTURE, ReplayBatches, ReplayNoise, in_module_order  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device: the GPU path is checked on a GPU machine "
                                        "(python benchmark.py --device-check)")
-QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "9", "--log-interval", "2",
-         "--save-interval", "4", "--gt-interval", "9", "--nb-test", "4", "--eval-metrics", "none",
-         "--eval-sample", "200"]
+QUICK = [f for f in CPU_QUICK if f != "--no-cuda"] + ["--steps", "9", "--save-interval", "4",
+                                                      "--gt-interval", "9"]
 
 
 class OnDevice:

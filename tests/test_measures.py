@@ -8,8 +8,10 @@ import torch
 
 import study
 from model import bernoulli_loss
-from run import default_run_name
-from solver import Config, Solver, Trained, objective_label, sample_measures
+from config import default_run_name
+from config import Config, objective_label
+from representation import Trained, sample_measures
+from solver import Solver
 from synergy import kl_per_latent
 
 
@@ -86,7 +88,7 @@ def test_sample_measures_match_an_image_by_image_recomputation(tmp_path):
 def test_the_final_evaluation_records_the_sample_measures(tmp_path):
     from conftest import no_data
     from run import main
-    from utils import RunFolder
+    from runfolder import RunFolder
     assert main(["--grid", "reduced", "--batch_size", "8", "--steps", "4", "--log-interval", "2",
                  "--save-interval", "4", "--gt-interval", "1000", "--no-cuda", "--nb-test", "2",
                  "--eval-metrics", "none", "--eval-sample", "50", "--metric", "VAE",
@@ -132,7 +134,8 @@ def test_run_folder_names_carry_only_the_settings_of_their_objective():
 def test_a_summary_never_mixes_sample_measures_with_minibatch_losses(tmp_path):
     """A run evaluated before the sample measures existed contributes its scores only."""
     import json
-    from utils import RunFolder, write_json
+    from runfolder import RunFolder
+    from utils import write_json
     for name, measures in (("new", dict(recon=1.0, kl=2.0, elbo=-3.0, i_max=0.5,
                                         measure_omega=0.9)), ("old", None)):
         folder = tmp_path / name

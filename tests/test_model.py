@@ -9,7 +9,8 @@ from torch import nn
 
 from model import VAE, Discriminator, init_as_pytorch_041, reparameterise
 from plotting import image_grid, save_ground_truth_plot
-from solver import Config, Solver, traversal_rows
+from config import Config
+from solver import Solver, traversal_rows
 
 
 def layers(module):

@@ -106,8 +106,8 @@ def train_records(run_dir):
 
 
 def test_field_objectives_name_their_runs_and_labels(tmp_path):
-    from run import build_parser, default_run_name, make_config
-    from solver import objective_label
+    from config import build_parser, default_run_name, make_config
+    from config import objective_label
     parser = build_parser()
     config = make_config(parser.parse_args(["--metric", "DIPVAE2", "--seed", "1"]))
     assert default_run_name(config).startswith("DIPVAE2_lambda_od10.0_lambda_d_factor1.0_seed1_")
@@ -126,7 +126,7 @@ def test_field_objectives_name_their_runs_and_labels(tmp_path):
     ("--c_steps", "2.5", "not a whole number"), ("--c_max", "nan", "finite"),
     ("--lambda_d_factor", "x", "not a number")])
 def test_bad_field_settings_are_refused_in_one_line(tmp_path, capsys, flag, value, message):
-    from test_cli import run_cli
+    from conftest import run_cli
     with pytest.raises(SystemExit) as refused:
         run_cli(tmp_path, "bad", "--metric", "AnnealedVAE", flag, value)
     assert refused.value.code == 2
@@ -220,7 +220,8 @@ def test_one_step_is_adam_on_the_loss_written_out(tmp_path, metric, settings, st
     the loss written out above, and the parameters after it are torch.optim.Adam's after one
     step on that loss (AnnealedVAE at c_steps / 2: C = c_max / 2)."""
     import copy
-    from solver import Config, Solver
+    from config import Config
+    from solver import Solver
     config = Config(metric=metric, grid="reduced", batch_size=8, cuda=False, seed=3, **settings)
     eps = torch.randn(8, config.z_dim, generator=torch.Generator().manual_seed(1))
     batch = FixedBatch(None)

@@ -11,23 +11,17 @@ import pytest
 import torch
 
 import precision
+import representation
 import solver as solver_module
 import study
-from conftest import layer_dtypes, no_data, records
+from conftest import layer_dtypes, records, run_cli
 from run import main
-from solver import Config, Solver
+from config import Config
+from solver import Solver
 from utils import ConfigError, keep_freed_memory
 
-QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "6", "--log-interval", "2",
-         "--save-interval", "3", "--gt-interval", "6", "--no-cuda", "--nb-test", "4",
-         "--eval-metrics", "none", "--eval-sample", "200"]
 native = pytest.mark.skipif(not precision.native_bf16("cpu"),
                             reason="this CPU has no native bf16 (AVX512-BF16 / AMX)")
-
-
-def run_cli(tmp_path, name, *flags):
-    return main([*QUICK, "--output_dir", str(tmp_path), "--run-name", name, "--data-dir",
-                 str(no_data(tmp_path)), *flags]), tmp_path / name
 
 
 def without_bf16(monkeypatch):
@@ -143,8 +137,8 @@ def test_bf16_changes_the_arithmetic_only_a_little(tmp_path):
 
 def test_the_encoding_pass_with_bf16_stays_close_to_fp32(tmp_path):
     s = Solver(Config(grid="reduced", cuda=False), tmp_path)
-    fp32 = solver_module.encode_all(s.model, s.data)
-    bf16 = solver_module.encode_all(s.model, s.data, precision="bf16")
+    fp32 = representation.encode_all(s.model, s.data, "fp32")
+    bf16 = representation.encode_all(s.model, s.data, "bf16")
     assert fp32.dtype == bf16.dtype == "float32" and fp32.shape == bf16.shape
     assert abs(fp32 - bf16).max() < 0.05 and (fp32 != bf16).any()
 

@@ -6,64 +6,17 @@ and reparameterisation noise, in both --sample modes: alpha 5, omega 0.9, batch 
 the 2020 architecture. The project's own Solver replays it through its public step, with the
 fixture's batches and noise handed in.
 """
-import re
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import FIXTURES
-from solver import Config, Solver
-
-FIXTURE = FIXTURES / "original_replay_s120.npz"
-
+from conftest import FIXTURE, ReplayBatches, ReplayNoise, in_module_order
+from config import Config
+from solver import Solver
 
 @pytest.fixture(scope="module")
 def original():
     return dict(np.load(FIXTURE))
-
-
-def images(packed):
-    """uint8 (B, 512) packed bits -> float (B, 1, 64, 64)."""
-    return torch.from_numpy(np.unpackbits(packed, axis=-1).reshape(-1, 1, 64, 64).astype(np.float32))
-
-
-class ReplayBatches:
-    """The fixture's batch of every step, and its partner batch (--sample sample)."""
-
-    def __init__(self, original):
-        self.original = original
-
-    def train(self, step):
-        return images(self.original["batches"][step])
-
-    def partner(self, step):
-        return images(self.original["partner_batches"][step])
-
-
-class ReplayNoise:
-    """The fixture's noise slabs, one per reparameterised sample, in the order they are drawn."""
-
-    def __init__(self, original):
-        self.slabs = torch.from_numpy(original["noise"])
-        self.drawn = 0
-
-    def __call__(self, like):
-        slab = self.slabs[self.drawn]
-        self.drawn += 1
-        assert slab.shape == like.shape
-        return slab
-
-
-def in_module_order(original, prefix):
-    """The fixture's tensors under ``prefix`` (original key names such as ``encoder.9.weight``),
-    sorted as the modules are registered: network, layer index, weight before bias."""
-    names = [k[len(prefix):] for k in original if k.startswith(prefix)]
-
-    def key(name):
-        net, index, kind = re.fullmatch(r"(encoder|decoder)\.(\d+)\.(weight|bias)", name).groups()
-        return net == "decoder", int(index), kind == "bias"
-    return [torch.from_numpy(original[prefix + n]) for n in sorted(names, key=key)]
 
 
 @pytest.mark.parametrize("sample", ["no_sample", "sample"])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from model import VAE, bernoulli_loss, kl_loss
-from solver import Config, Solver
+from config import Config
+from solver import Solver
 from synergy import synergy_penalty
 
 

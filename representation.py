@@ -1,0 +1,211 @@
+"""A trained representation, apart from training: a model rebuilt from a stored run
+(``Trained``), the encoding pass over a dataset, the evaluation sample's measures (recon, KL,
+ELBO, i_max), the ground-truth summary and plot, the disentanglement scores and the report
+metrics.json keeps. The precision of every pass is passed explicitly (a run's own, from its
+Config)."""
+import dataclasses
+import logging
+import time
+import zipfile
+from datetime import datetime
+
+import numpy as np
+import torch
+from PIL import Image
+
+from config import Config, objective_label
+from dataset import (FACTOR_NAMES, ORIENTATION_VALUES, SCALE_VALUES, grid_axes, load_dataset)
+from metrics import EVAL_SEED, evaluate, lookup
+from model import MODEL_SPECS, build_model, evaluating, reparameterise
+from plotting import mean_activations, save_ground_truth_plot
+from precision import autocast, pick_device
+from runfolder import stored_model
+from synergy import kl_per_latent, worst_set_kl
+from utils import atomic_file, package_versions, run_abandonable
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Trained:
+    """A model and its data rebuilt from a stored config, for scripts that evaluate or draw
+    (evaluate.py, figures.py, benchmark.py): no optimisers, no discriminator, no run loop."""
+    config: Config
+    model: torch.nn.Module
+    data: object
+    device: torch.device
+    step: int = 0
+
+    @classmethod
+    def build(cls, config, checkpoint=None, device=None):
+        """The model of ``config`` with the checkpoint's weights (or freshly initialised), on
+        ``device`` (default: the one ``config`` asks for)."""
+        device = device or pick_device(config)
+        torch.manual_seed(config.seed)
+        model = build_model(config, device)
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+        data = load_dataset(config.dataset, config.data_dir, config.grid,
+                            config.celeba_crop).to(device)
+        return cls(config, model, data, device, checkpoint["step"] if checkpoint else 0)
+
+    @classmethod
+    def load(cls, folder, **changes):
+        """The run in ``folder`` at its checkpoint, visdom off; ``changes`` override stored
+        settings."""
+        checkpoint, config = stored_model(folder)
+        return cls.build(dataclasses.replace(config, viz_on=False, **changes), checkpoint)
+
+    def evaluate(self, folder, metric_names, plot=True):
+        return evaluate_representation(self.model, self.data, self.config, folder, self.step,
+                                       metric_names, plot)
+
+    def encode(self, should_stop=None):
+        """The posterior means of every image (``encode_all``) at the run's precision."""
+        return encode_all(self.model, self.data, self.config.precision, should_stop)
+
+    def measures(self):
+        """The evaluation sample's measures (``sample_measures``) at the run's precision."""
+        return sample_measures(self.model, self.data, self.config)
+
+
+def encode_all(model, data, precision, should_stop=None, batch_size=None):
+    """Posterior means of every image in dataset order: float32 array (N, z_dim), or None when
+    ``should_stop()`` turns true on the way (a Ctrl-C should not wait for the whole grid).
+    ``precision`` bf16 runs the encoder under autocast (the means come back in fp32).
+
+    On the CPU fp32 wants small batches (96 with channels-last weights; 96-384 within noise of
+    each other, 512 and more slower on 2 cores) and bf16 on AMX larger ones (256: 29-34 s for
+    the full grid on 2 cores, 96: 45 s); a GPU wants large ones. The batch size does not change
+    the fp32 means (identical for 96-512). The means are gathered on the device and copied to
+    the host once."""
+    device = next(model.parameters()).device
+    batch_size = batch_size or (4096 if device.type == "cuda" else
+                                256 if precision == "bf16" else 96)
+    codes = torch.empty(len(data), model.encoder.z_dim, device=device)
+    with evaluating(model), autocast(device, precision):
+        for start in range(0, len(data), batch_size):
+            if should_stop is not None and should_stop():
+                return None
+            index = torch.arange(start, min(start + batch_size, len(data)), device=device)
+            codes[start:start + len(index)] = model.encoder(data.images(index))[0]
+    return codes.cpu().numpy()
+
+
+def grid_summary(codes, data, z_dim):
+    """The ground-truth plot's numbers (``plotting.mean_activations``) of the grid's codes."""
+    axes = grid_axes(data.grid)
+    return mean_activations(codes.reshape(*data.factor_sizes, z_dim),
+                            scales=SCALE_VALUES[axes[1]], orientations=ORIENTATION_VALUES[axes[2]])
+
+
+SAMPLE_MEASURES = ("recon", "kl", "elbo", "i_max")  # of ``sample_measures``, every objective
+MEASURE_LABELS = dict(recon="recon", kl="KL", elbo="ELBO", i_max="I_max")
+SAMPLE_PROTOCOL = ("mean over a fixed sample of images (drawn without replacement with "
+                   "eval_seed): one forward pass each, recon decoded from one sample z ~ q(z|x) "
+                   "(noise from eval_seed), KL analytic, elbo = -(recon + kl), i_max the KL of "
+                   "the worst set of the sample-mean KL per latent at measure_omega")
+
+
+def sample_measures(model, data, config, seed=EVAL_SEED, batch_size=500):
+    """recon, kl, elbo and i_max of ``model`` over a fixed sample of ``config.eval_sample``
+    images of ``data`` (SAMPLE_PROTOCOL): the same images and noise for every run with the same
+    data and sample size, whatever its objective."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(data), generator=generator)[:config.eval_sample]
+    noise = torch.randn(len(index), config.z_dim, generator=generator)
+    reconstruction_loss = MODEL_SPECS[config.dataset].reconstruction_loss
+    recon = torch.zeros((), dtype=torch.float64, device=device)
+    kl = torch.zeros(config.z_dim, dtype=torch.float64, device=device)
+    with evaluating(model):
+        for start in range(0, len(index), batch_size):
+            x = data.images(index[start:start + batch_size].to(device))
+            with autocast(device, config.precision):
+                mu, logvar = model.encoder(x)
+                z = reparameterise(mu, logvar, noise[start:start + len(x)].to(device))
+                logits = model.decoder(z).float()
+            recon += reconstruction_loss(logits, x).double() * len(x)
+            kl += kl_per_latent(mu, logvar).double().sum(0)
+    recon, kl = (recon / len(index)).item(), (kl / len(index))
+    i_max = worst_set_kl(kl, config.measure_omega)[0].item()
+    kl_total = kl.sum().item()
+    return dict(recon=recon, kl=kl_total, elbo=-(recon + kl_total), i_max=i_max,
+                kl_per_latent=[round(k, 6) for k in kl.tolist()], n_images=len(index),
+                measure_omega=config.measure_omega, protocol=SAMPLE_PROTOCOL)
+
+
+def log_measures(step, measures):
+    log.info("step %d | evaluation sample of %d images: recon %.2f | KL %.2f | ELBO %.2f | "
+             "i_max %.3f (omega %g)", step, measures["n_images"], measures["recon"],
+             measures["kl"], measures["elbo"], measures["i_max"], measures["measure_omega"])
+
+
+def evaluate_representation(model, data, config, folder, step, metric_names, plot=True,
+                            should_stop=None):
+    """Encode the whole grid once; from those means draw the ground-truth plot (unless the run
+    already has it) and compute the disentanglement metrics. Returns {metric: result}, or None
+    when interrupted."""
+    started = time.perf_counter()
+    plot_path = folder.gt_plot_path(config.alpha, step)
+    summary_path = folder.gt_summary_path(config.alpha, step)
+    # A good plot is never redrawn over; a missing or unreadable one (a cut-short write) is.
+    plot_ok, summary_ok = readable_png(plot_path), readable_npz(summary_path)
+    plot = plot and not (plot_ok and summary_ok)
+    if not plot and not metric_names:
+        return {}  # nothing that needs the grid's codes
+    codes = encode_all(model, data, config.precision, should_stop)
+    if codes is None:
+        log.warning("evaluation at step %d skipped: interrupted", step)
+        return None
+    sizes = data.factor_sizes
+    if plot:
+        summary = grid_summary(codes, data, config.z_dim)
+        if not summary_ok:
+            with atomic_file(summary_path) as f:
+                np.savez(f, **summary)
+        if not plot_ok:
+            with atomic_file(plot_path) as f:
+                save_ground_truth_plot(summary, f, f"{objective_label(config.to_dict())}, step "
+                                                   f"{step:,}")
+    encoded = time.perf_counter()
+    score = lambda: evaluate(lookup(codes, sizes), sizes, metric_names)  # noqa: E731
+    # Metrics can take minutes (DCI fits thousands of trees): during training they run in a
+    # child process that a Ctrl-C or SIGTERM abandons at once.
+    results = score() if should_stop is None or not metric_names else run_abandonable(
+        score, should_stop)
+    if results is None:
+        log.warning("evaluation at step %d stopped: interrupted", step)
+        return None
+    if results:
+        log.info("step %d | %s | encoding %.1f s, metrics %.1f s", step,
+                 " | ".join(f"{name} {r['score']:.3f}" for name, r in results.items()),
+                 encoded - started, time.perf_counter() - encoded)
+    return results
+
+
+def readable_png(path):
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def readable_npz(path):
+    try:
+        with np.load(path) as arrays:
+            [arrays[k] for k in arrays.files]
+        return True
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return False
+
+
+def evaluation_report(step, data, results, source, measures=None):
+    """One metrics.json entry: the scores with their protocols, the evaluation sample's
+    ``measures`` (``sample_measures``), the data and library versions."""
+    return dict(step=step, source=source, scores=results, measures=measures, eval_seed=EVAL_SEED,
+                data=dict(source=data.source, grid=data.grid, factors=list(FACTOR_NAMES),
+                          factor_sizes=list(data.factor_sizes), representation="posterior mean"),
+                versions=package_versions(), at=datetime.now().isoformat(timespec="seconds"))

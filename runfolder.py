@@ -1,0 +1,681 @@
+"""The run folder: its file names, the checkpoint (format, checksum, every field checked
+against what this code writes), config.json, metrics.jsonl and metrics.json, stored runs and
+stored weights, and the two sequences run.py drives: start a run and resume a run. study.py,
+evaluate.py and figures.py read run folders only through this module."""
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from config import (CHECKPOINT_FORMAT, IMPLIED_SETTINGS, RESUMABLE, Config, flag_of)
+from dataset import FACTOR_NAMES, DatasetError
+from model import MODEL_SPECS, Discriminator
+from objectives import OBJECTIVES, Adam041, discriminator_optimiser, vae_optimiser
+from precision import device_record, pick_device
+from utils import (ConfigError, DiskFull, Diverged, atomic_torch_save, atomic_write_bytes,
+                   check_writable, disk_full_named, git_commit, load_tensors, package_versions,
+                   write_json)
+
+log = logging.getLogger(__name__)
+
+
+def tensor_checksum(state):
+    """sha256 of every tensor in a (nested) checkpoint state, with its key path, dtype and
+    shape, in a fixed order: any change of a stored number changes it."""
+    digest = hashlib.sha256()
+
+    def visit(prefix, value):
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(f"{prefix}/{key}", value[key])
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                visit(f"{prefix}/{i}", item)
+        elif isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{prefix}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    visit("", state)
+    return digest.hexdigest()
+
+
+class RunFolder:
+    """Owner of one run folder: its file names, the checkpoint (with its format version), the
+    metrics log and the evaluation report. Nothing else builds a path inside a run folder.
+
+    Files: ``config.json`` (settings, data source, versions, resumes), ``metrics.jsonl`` (one
+    record per log interval, ``"kind": "train"``, and per evaluation, ``"kind": "eval"``),
+    ``metrics.json`` (evaluations with their protocols, appended), ``checkpoints/last.pt``,
+    ``alpha_<alpha>_traversal_<step>.png`` and ``alpha_<alpha>_gt_<step>.png`` / ``.npz``.
+    """
+
+    CONFIG = "config.json"
+    LOG = "metrics.jsonl"
+    REPORT = "metrics.json"
+    CHECKPOINT = "checkpoints/last.pt"
+    WEIGHTS = "model.pt"  # a run's final weights alone (figures.py writes misc/runs/<run>/)
+    RECORDS = (CONFIG, LOG, REPORT)  # the run's small text records
+    _NUMBERED = re.compile(r"alpha_.+_(traversal|gt)_(\d+)\.(png|npz)")
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __str__(self):
+        return str(self.path)
+
+    @property
+    def name(self):
+        return self.path.name
+
+    @classmethod
+    def create(cls, output_dir, run_name, default_name):
+        """A new, empty, writable run folder ``output_dir/run_name``. An existing ``run_name``
+        is an error (runs are never overwritten) unless a start that failed left it without
+        anything of a run (see ``holds_nothing``); a generated ``default_name`` gets a numeric
+        suffix instead."""
+        parent = Path(output_dir)
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create --output_dir {parent}: {err.strerror or err}; "
+                              f"choose a writable folder") from err
+        path = parent / (run_name or default_name)
+        if run_name is None:
+            suffix = 1
+            while path.exists():
+                suffix += 1
+                path = parent / f"{default_name}_{suffix}"
+        elif path.exists():
+            if path.is_dir() and cls(path).holds_nothing():
+                log.info("Reusing %s: an earlier start left it without a checkpoint or outputs",
+                         path)
+                return cls(path)
+            raise ConfigError(f"run folder {path} already exists and is never overwritten; "
+                              f"use --resume {path} to continue it, or another --run-name")
+        try:
+            path.mkdir()
+            (path / ".write-test").touch()
+            (path / ".write-test").unlink()
+        except OSError as err:
+            raise ConfigError(f"cannot write the run folder {path}: {err.strerror or err}; "
+                              f"choose a writable --output_dir") from err
+        return cls(path)
+
+    _BOOKKEEPING = {".lock", CONFIG}  # and an empty metrics.jsonl
+
+    def holds_nothing(self):
+        """True when the folder holds nothing a run produced: at most its lock, its config.json
+        and an empty checkpoints/ (a start that failed or was stopped before its first step)."""
+        for entry in self.path.iterdir():
+            if entry.name in self._BOOKKEEPING or (
+                    entry.name == self.LOG and entry.is_file() and entry.stat().st_size == 0):
+                continue
+            if entry.name == Path(self.CHECKPOINT).parent.name and entry.is_dir() and not any(
+                    p for p in entry.iterdir() if not p.name.endswith(".tmp")):
+                continue
+            return False
+        return True
+
+    def set_aside(self, why):
+        """Rename the folder to ``<name>.<why>-<time>`` (kept, never deleted) so that it no
+        longer blocks its name; returns the new path."""
+        kept = self.path.with_name(f"{self.path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.path.rename(kept)
+        return kept
+
+    def remove_if_empty(self):
+        """Remove the folder of a start that failed before producing anything (see
+        ``holds_nothing``), so that it does not block its name; anything else stays."""
+        if self.path.is_dir() and self.holds_nothing():
+            for entry in sorted(self.path.rglob("*"), reverse=True):
+                entry.rmdir() if entry.is_dir() else entry.unlink()
+            self.path.rmdir()
+
+    def remove_orphans(self):
+        """Delete temporary checkpoint files that a killed write left behind (called with the
+        writer lock held, at every save and resume)."""
+        folder = self.checkpoint_path.parent
+        if folder.is_dir():
+            for orphan in folder.glob(f".{self.checkpoint_path.name}.*.tmp"):
+                orphan.unlink(missing_ok=True)
+
+    # --- files named by step --------------------------------------------------------------------
+
+    def traversal_path(self, alpha, step):
+        return self.path / f"alpha_{alpha}_traversal_{step}.png"
+
+    def gt_plot_path(self, alpha, step):
+        return self.path / f"alpha_{alpha}_gt_{step}.png"
+
+    def gt_summary_path(self, alpha, step):
+        return self.path / f"alpha_{alpha}_gt_{step}.npz"
+
+    def _numbered(self, kind, suffix):
+        found = []
+        for path in self.path.iterdir():
+            match = self._NUMBERED.fullmatch(path.name)
+            if match and match.group(1) == kind and match.group(3) == suffix:
+                found.append((int(match.group(2)), path))
+        return sorted(found)
+
+    def traversals(self):
+        """(step, path) of every traversal image, in step order."""
+        return self._numbered("traversal", "png")
+
+    def gt_plots(self):
+        return self._numbered("gt", "png")
+
+    def gt_summaries(self):
+        return self._numbered("gt", "npz")
+
+    # --- the checkpoint ---------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self):
+        return self.path / self.CHECKPOINT
+
+    @property
+    def weights_path(self):
+        return self.path / self.WEIGHTS
+
+    def has_config(self):
+        return (self.path / self.CONFIG).is_file()
+
+    def is_complete(self):
+        """True when the folder holds a run that trained all its steps (its checkpoint at the
+        last step, no evaluation left to redo)."""
+        if not self.checkpoint_path.is_file():
+            return False
+        try:
+            checkpoint = self.load_checkpoint()
+        except ConfigError:
+            return False  # a resume names the problem
+        return (checkpoint["step"] >= checkpoint["config"]["steps"]
+                and not checkpoint.get("eval_pending"))
+
+    def save_checkpoint(self, state):
+        """Write ``state`` (tensors and plain values) atomically, tagged with its format and
+        the checksum of its tensors."""
+        self.checkpoint_path.parent.mkdir(exist_ok=True)
+        self.remove_orphans()
+        state = dict(state, format=CHECKPOINT_FORMAT)
+        atomic_torch_save(dict(state, checksum=tensor_checksum(state)), self.checkpoint_path)
+
+    def load_checkpoint(self):
+        """The run's checkpoint (tensors and plain values only): readable, of a known format,
+        its tensors matching their checksum. Format 1 is read with its implied settings."""
+        path = self.checkpoint_path
+        if not path.is_file():
+            raise ConfigError(f"{self.path}: no checkpoint at {path}")
+        checkpoint = load_tensors(path, "checkpoint")
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+        if found not in (*IMPLIED_SETTINGS, CHECKPOINT_FORMAT) or isinstance(found, bool):
+            raise ConfigError(f"{path} has checkpoint format {found!r}; this version of the code "
+                              f"reads formats 1 to {CHECKPOINT_FORMAT}. Use the code the run was "
+                              f"trained with (config.json records its git commit)")
+        config = checkpoint.get("config")
+        if found in IMPLIED_SETTINGS and isinstance(config, dict):
+            checkpoint["config"] = {**IMPLIED_SETTINGS[found], **config}
+        if found != 1:  # format 1 had no checksum
+            stored = checkpoint.pop("checksum", None)
+            if stored != tensor_checksum(checkpoint):
+                raise ConfigError(f"{path}: the checksum of its tensors does not match the one "
+                                  f"stored in it; the file is corrupt. Nothing was changed")
+        return checkpoint
+
+    def check_writable(self, purpose):
+        """ConfigError (one line) unless this process can write into the folder (a read-only
+        file system, or permissions that forbid it), before anything is computed."""
+        check_writable(self.path, purpose)
+
+    def check_no_links(self):
+        """ConfigError (one line) if an entry of the run folder (or of checkpoints/) is a
+        symbolic link: the run's writes would follow it out of the folder."""
+        parts = [self.path, self.checkpoint_path.parent]
+        for folder in parts:
+            if folder.is_symlink():
+                raise ConfigError(f"{folder} is a symbolic link; the run's writes would follow "
+                                  f"it out of the run folder. Replace it by a real folder")
+            for entry in folder.iterdir() if folder.is_dir() else ():
+                if entry.is_symlink():
+                    raise ConfigError(f"{entry} is a symbolic link (to {os.readlink(entry)}); "
+                                      f"the run's writes would follow it out of {self.path}. "
+                                      f"Replace it by the file itself")
+
+    def check_run(self):
+        """Raise ConfigError (one line) unless this is a run folder with a checkpoint; a folder
+        that holds run folders gets them named, so that the user can pick one."""
+        if not self.path.exists():
+            raise ConfigError(f"{self.path} does not exist; give a run folder (outputs/<run "
+                              f"name>, as printed when the run started)")
+        if not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a run folder")
+        if self.checkpoint_path.is_file():
+            return
+        if (self.path / self.CONFIG).is_file():
+            raise ConfigError(f"{self.path} has no checkpoint yet ({self.CHECKPOINT}): the run "
+                              f"stopped before its first save; start it again")
+        runs = sorted(p.name for p in self.path.iterdir() if (p / self.CHECKPOINT).is_file())
+        inside = (f"; the run folders inside it: {', '.join(runs[:8])}"
+                  f"{f' and {len(runs) - 8} more' if len(runs) > 8 else ''}" if runs
+                  else "; it holds no run folders either")
+        raise ConfigError(f"{self.path} is not a run folder (no {self.CHECKPOINT}){inside}")
+
+    def lock_holder(self):
+        """The PID (text) of the process that trains in this folder now, or None."""
+        try:
+            handle = open(self.path / ".lock")
+        except OSError:
+            return None
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip() or "unknown"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+    @contextmanager
+    def writer_lock(self):
+        """Hold the folder's advisory lock while this process trains in it. A second process is
+        refused at once with the holder's PID; the lock goes with the process that holds it, so
+        a killed run never blocks its own resume."""
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(f"{self.path} is in use by another process (PID {holder}) that "
+                              f"trains or resumes it; two writers would mix their steps. Wait "
+                              f"for it to end, or stop it first") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{os.getpid()}\n")
+            handle.flush()
+            yield
+        finally:
+            handle.close()
+
+    # --- config.json ------------------------------------------------------------------------------
+
+    def write_config(self, metadata):
+        write_json(self.path / self.CONFIG, metadata)
+
+    def read_config(self):
+        path = self.path / self.CONFIG
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def record_resume(self, step, changed, device=None):
+        """Append one resumption (its step, the settings changed, the device) to config.json."""
+        metadata = self.read_config()
+        metadata.setdefault("resumes", []).append(
+            dict(step=step, changed=changed, device=device,
+                 at=datetime.now().isoformat(timespec="seconds")))
+        self.write_config(metadata)
+
+    # --- metrics.jsonl and metrics.json -----------------------------------------------------------
+
+    def open_log(self):
+        """metrics.jsonl opened for appending records (see ``write_record``; close it with
+        ``close_log``)."""
+        return open(self.path / self.LOG, "a")
+
+    def close_log(self, log_file):
+        """Close metrics.jsonl; a record that a full disk kept in the buffer fails once more
+        here, as the same one-line DiskFull (not a second, raw OSError)."""
+        with disk_full_named(self.path / self.LOG):
+            log_file.close()
+
+    def write_record(self, log_file, kind, record):
+        """One metrics.jsonl line: ``{"kind": kind, **record}``, flushed at once."""
+        with disk_full_named(self.path / self.LOG):
+            log_file.write(json.dumps(dict(kind=kind, **record)) + "\n")
+            log_file.flush()
+
+    def _log_lines(self, text=None):
+        """metrics.jsonl's complete lines (of ``text``, its content if already read); a torn
+        last line (a write cut short by a kill or a full disk) is left out with a warning."""
+        path = self.path / self.LOG
+        if text is None:
+            if not path.exists():
+                return []
+            text = path.read_text()
+        lines = text.splitlines(keepends=True)
+        if lines:
+            try:
+                json.loads(lines[-1])
+            except json.JSONDecodeError:
+                log.warning("%s: its last line is torn (%d characters, a write cut short); it "
+                            "is ignored", path, len(lines[-1]))
+                lines = lines[:-1]
+        return lines
+
+    def last_logged_step(self):
+        """The last training step in metrics.jsonl (0 without one), read from the file's tail:
+        cheap enough to poll while the run trains."""
+        path = self.path / self.LOG
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 4096))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return 0
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("kind") == "train":
+                return record["step"]
+        return 0
+
+    def records(self, kind=None):
+        """metrics.jsonl records in order, all or only those of ``kind`` ("train" / "eval")."""
+        rows = [json.loads(line) for line in self._log_lines()]
+        return rows if kind is None else [r for r in rows if r["kind"] == kind]
+
+    def trim_log(self, step):
+        """Keep the records up to ``step`` (the checkpoint's): the resumed run rewrites the rest,
+        and a torn last line goes too."""
+        path = self.path / self.LOG
+        if not path.exists():
+            return
+        text = path.read_text()
+        lines = self._log_lines(text)
+        kept = [line if line.endswith("\n") else line + "\n" for line in lines
+                if json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            log.warning("%s: %d records after the checkpoint (step %d) will be recomputed",
+                        self.LOG, len(lines) - len(kept), step)
+        if "".join(kept) != text:
+            atomic_write_bytes(path, "".join(kept).encode())
+
+    def evaluations(self):
+        """The evaluations appended to metrics.json so far."""
+        path = self.path / self.REPORT
+        return json.loads(path.read_text())["evaluations"] if path.exists() else []
+
+    def last_evaluated(self, part):
+        """``part`` ("scores" or "measures") of the latest evaluation in metrics.json that has
+        it, or {}: runs evaluated before the sample measures existed have scores only."""
+        found = [e[part] for e in self.evaluations() if e.get(part)]
+        return found[-1] if found else {}
+
+    def append_evaluation(self, evaluation):
+        write_json(self.path / self.REPORT,
+                   {"evaluations": self.evaluations() + [evaluation]})
+
+
+# --- a stored run: every field checked before anything is built on it ------------------------------
+
+class _Bad(Exception):
+    """A checkpoint field that is not what this code writes (the message names it)."""
+
+
+def _number(value, name, whole=False, low=0, high=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            whole and not isinstance(value, int)) or not math.isfinite(value):
+        raise _Bad(f"{name} must be a finite {'whole ' if whole else ''}number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise _Bad(f"{name} must lie in [{low}, {high if high is not None else 'inf'}], got "
+                   f"{value!r}")
+
+
+def _tensor(value, name, shape, dtype=torch.float32, finite=True):
+    if not isinstance(value, torch.Tensor):
+        raise _Bad(f"{name} must be a tensor, got {type(value).__name__}")
+    if tuple(value.shape) != tuple(shape) or value.dtype != dtype:
+        raise _Bad(f"{name} must be a {dtype} tensor of shape {tuple(shape)}, got "
+                   f"{value.dtype} {tuple(value.shape)}")
+    if finite and value.is_floating_point() and not value.isfinite().all():
+        raise _Bad(f"{name} holds NaN or infinite values")
+
+
+def _state_dict(stored, template, name):
+    if not isinstance(stored, dict) or set(stored) != set(template):
+        found = sorted(map(str, stored)) if isinstance(stored, dict) else type(stored).__name__
+        raise _Bad(f"{name} must hold the tensors {sorted(template)[:3]}..., got {found}"[:300])
+    for key, tensor in template.items():
+        _tensor(stored[key], f"{name}[{key}]", tensor.shape, tensor.dtype)
+
+
+def _optimiser(stored, optimiser, name):
+    """An optimiser's state dict against a fresh ``optimiser`` of the same parameters: the same
+    groups and settings, and per parameter its step and moments of the parameter's shape."""
+    template = optimiser.state_dict()
+    if not isinstance(stored, dict) or set(stored) != {"state", "param_groups"}:
+        raise _Bad(f"{name} must hold 'state' and 'param_groups'")
+    groups, fresh = stored["param_groups"], template["param_groups"]
+    if not isinstance(groups, list) or len(groups) != len(fresh):
+        raise _Bad(f"{name}.param_groups must be a list of {len(fresh)} group(s)")
+    for i, (group, want) in enumerate(zip(groups, fresh, strict=True)):
+        if not isinstance(group, dict):
+            raise _Bad(f"{name}.param_groups[{i}] must be a dict")
+        for key in ("params", "lr", "betas", "eps"):
+            value, wanted = group.get(key), want[key]
+            as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+            if as_list(value) != as_list(wanted):
+                raise _Bad(f"{name}.param_groups[{i}].{key} must be {want[key]!r} (the run's "
+                           f"settings), got {group.get(key)!r}")
+    params = [p for group in optimiser.param_groups for p in group["params"]]
+    state = stored["state"]
+    if not isinstance(state, dict) or not set(state) <= set(range(len(params))):
+        raise _Bad(f"{name}.state must map parameter indices 0..{len(params) - 1} to their "
+                   f"state")
+    adam041 = isinstance(optimiser, Adam041)
+    for index, entry in state.items():
+        where = f"{name}.state[{index}]"
+        if not isinstance(entry, dict) or set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
+            raise _Bad(f"{where} must hold step, exp_avg and exp_avg_sq")
+        if adam041:
+            _number(entry["step"], f"{where}.step", whole=True, low=1)
+        else:
+            _tensor(entry["step"], f"{where}.step", ())
+            _number(entry["step"].item(), f"{where}.step", low=1)
+        shape = params[index].shape
+        _tensor(entry["exp_avg"], f"{where}.exp_avg", shape)
+        _tensor(entry["exp_avg_sq"], f"{where}.exp_avg_sq", shape)
+        if (entry["exp_avg_sq"] < 0).any():
+            raise _Bad(f"{where}.exp_avg_sq holds negative values")
+
+
+def check_checkpoint(checkpoint, config):
+    """Every stored field of a training checkpoint against what this code writes for
+    ``config``: types, ranges, the tensors' shapes and dtypes against the networks ``config``
+    builds, the optimisers' settings, the RNG state. Raises ConfigError naming the first field
+    that is not, before anything is built on it or any file is touched."""
+    required = {"step", "elapsed", "config", "model", "optim", "best_counts", "rng", "format"}
+    optional = {"eval_pending"}  # format 1 had none
+    if OBJECTIVES[config.metric].discriminator:
+        required |= {"D", "optim_D"}
+    try:
+        if missing := sorted(required - set(checkpoint)):
+            raise _Bad(f"missing {', '.join(missing)}")
+        if unknown := sorted(map(str, set(checkpoint) - required - optional)):
+            raise _Bad(f"unknown entries {', '.join(unknown)} (not written by this code)")
+        _number(checkpoint["step"], "step", whole=True, high=config.steps)
+        _number(checkpoint["elapsed"], "elapsed")
+        if not isinstance(checkpoint.get("eval_pending", False), bool):
+            raise _Bad(f"eval_pending must be True or False, got {checkpoint['eval_pending']!r}")
+        with torch.device("cpu"):
+            model = MODEL_SPECS[config.dataset].build(config.z_dim, config.arch)
+            _state_dict(checkpoint["model"], model.state_dict(), "model")
+            _optimiser(checkpoint["optim"], vae_optimiser(model, config), "optim")
+            if OBJECTIVES[config.metric].discriminator:
+                D = Discriminator(config.z_dim)
+                _state_dict(checkpoint["D"], D.state_dict(), "D")
+                _optimiser(checkpoint["optim_D"], discriminator_optimiser(D, config),
+                           "optim_D")
+        counts = checkpoint["best_counts"]
+        _tensor(counts, "best_counts", (config.z_dim,))
+        if (counts < 0).any() or (counts > checkpoint["step"]).any() or (
+                counts != counts.round()).any():
+            raise _Bad("best_counts must be whole numbers of steps between 0 and the step")
+        rng = checkpoint["rng"]
+        if not isinstance(rng, dict) or "torch" not in rng or not set(rng) <= {"torch", "cuda"}:
+            raise _Bad("rng must hold the 'torch' generator state (and 'cuda' on a GPU)")
+        for key, value in rng.items():
+            if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or \
+                    value.dim() != 1:
+                raise _Bad(f"rng.{key} must be a 1-d uint8 tensor")
+        try:
+            torch.Generator().set_state(rng["torch"])  # a scratch generator: nothing global
+        except RuntimeError:
+            raise _Bad("rng.torch is not a generator state torch accepts") from None
+    except _Bad as err:
+        raise ConfigError(f"the checkpoint's {err}; the file was edited or written by other "
+                          f"code. Nothing was changed") from None
+
+
+def stored_run(folder):
+    """(checkpoint, Config) of the run in ``folder``, validated before anything is built or
+    written: a readable checkpoint of a known format whose tensors match their checksum, stored
+    settings checked like flags, and the same run as config.json describes (settings that a
+    resume may change aside)."""
+    folder.check_run()
+    folder.check_no_links()
+    checkpoint = folder.load_checkpoint()
+    config = Config.from_stored(checkpoint["config"], f"the checkpoint of {folder}")
+    try:
+        check_checkpoint(checkpoint, config)
+    except ConfigError as err:
+        raise ConfigError(f"{folder.checkpoint_path}: {err}") from None
+    started = folder.read_config().get("config")
+    if started is not None:
+        started = {**IMPLIED_SETTINGS[1], **started}  # written before a setting existed
+        differ = sorted(k for k, v in config.to_dict().items()
+                        if k not in RESUMABLE and started.get(k) != v)
+        if differ:
+            raise ConfigError(f"the checkpoint in {folder} does not belong to the run its "
+                              f"config.json describes (they differ in {', '.join(differ)}); "
+                              f"nothing was changed")
+    return checkpoint, config
+
+
+def stored_weights(folder):
+    """({"step", "model"}, Config) of a folder that holds a run's config.json and its model
+    weights alone (``WEIGHTS``, no checkpoint): what evaluate.py needs to score a run that
+    was not trained here. Checked like a checkpoint's model."""
+    folder.check_no_links()
+    started = folder.read_config().get("config")
+    if not isinstance(started, dict):
+        raise ConfigError(f"{folder} has no {folder.CONFIG} with the run's settings")
+    config = Config.from_stored({**IMPLIED_SETTINGS[1], **started}, f"{folder}/{folder.CONFIG}")
+    path = folder.weights_path
+    saved = load_tensors(path, "model weights file")
+    try:
+        if not isinstance(saved, dict) or set(saved) != {"step", "model"}:
+            raise _Bad("must hold 'step' and 'model'")
+        _number(saved["step"], "step", whole=True, high=config.steps)
+        with torch.device("cpu"):
+            template = MODEL_SPECS[config.dataset].build(config.z_dim, config.arch)
+        _state_dict(saved["model"], template.state_dict(), "model")
+    except _Bad as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return saved, config
+
+
+def run_metadata(config, data, device):
+    """What config.json records besides the settings: data source and size, the device asked
+    for and used (``precision.device_record``), versions, commit."""
+    return dict(config=config.to_dict(), data_source=data.source, n_images=len(data),
+                device=device_record(config, device),
+                versions=package_versions(), git_commit=git_commit(),
+                factors=list(FACTOR_NAMES) if data.has_factors else None)
+
+
+def stored_model(folder):
+    """({"step", "model", ...}, Config) of the model a folder holds: its training checkpoint,
+    or, in a folder with config.json and the final weights alone (misc/runs/<run>), those."""
+    if not folder.checkpoint_path.is_file() and folder.weights_path.is_file():
+        return stored_weights(folder)
+    return stored_run(folder)
+
+
+def export_weights(folder, target):
+    """Write the final weights alone (``RunFolder.WEIGHTS``, ~2 MB) of ``folder``'s checkpoint
+    into the folder ``target``."""
+    checkpoint = folder.load_checkpoint()
+    atomic_torch_save(dict(step=checkpoint["step"], model={
+        k: v.contiguous() for k, v in checkpoint["model"].items()}),
+        Path(target) / RunFolder.WEIGHTS)
+
+
+# --- the sequences of a start and a resume ---------------------------------------------------------
+
+def resumed_settings(folder, given):
+    """(config, checkpoint, changed) of resuming the run in ``folder`` with the settings
+    ``given`` now ({name: value}): only RESUMABLE ones may change, and --steps must lie beyond
+    the checkpoint unless an evaluation is left to redo. Checked before anything is written."""
+    checkpoint, stored = stored_run(folder)
+    stored = stored.to_dict()
+    changes = {k: v for k, v in given.items() if k in stored}
+    fixed = {k: v for k, v in changes.items() if k not in RESUMABLE and v != stored[k]}
+    if fixed:
+        raise ConfigError(f"--resume keeps the run's settings; cannot change "
+                          f"{', '.join('--' + k for k in sorted(fixed))} (only "
+                          f"{', '.join('--' + k for k in RESUMABLE)} may change)")
+    config = Config(**{**stored, **changes})
+    if config.steps <= checkpoint["step"] and not checkpoint.get("eval_pending"):
+        raise ConfigError(f"the run in {folder} is already at step {checkpoint['step']}; pass "
+                          f"{flag_of('steps')} N with N > {checkpoint['step']} to train further")
+    return config, checkpoint, {k: v for k, v in changes.items() if v != stored[k]}
+
+
+@contextmanager
+def resume_run(folder, given, build):
+    """Resume the run in ``folder`` with the settings ``given`` now: checks the folder, takes
+    its writer lock, checks every stored field and builds the Solver (``build(config, device,
+    checkpoint)``) before any file changes, then drops what the checkpoint does not cover (torn
+    writes, records after it) and records the resume in config.json. Yields the Solver with the
+    lock held."""
+    folder.check_run()  # before the lock: a wrong path gets no .lock file
+    folder.check_no_links()
+    folder.check_writable("--resume")
+    with folder.writer_lock():
+        config, checkpoint, changed = resumed_settings(folder, given)
+        device = pick_device(config)  # the stored precision must run here
+        solver = build(config, device, checkpoint)
+        folder.remove_orphans()
+        folder.trim_log(checkpoint["step"])
+        folder.record_resume(checkpoint["step"], changed, device_record(config, device))
+        log.info("Resuming %s at step %d of %d", folder, checkpoint["step"], config.steps)
+        yield solver
+
+
+@contextmanager
+def start_run(folder, config, device, build):
+    """Start a new run in the new ``folder`` (RunFolder.create): takes its writer lock, builds
+    the Solver (``build(config, device)``), writes config.json and yields the Solver with the
+    lock held. A start that fails before the run produced anything removes the folder so that
+    it does not block its name; a run that diverged before its first checkpoint is kept under
+    a new name (its log shows the divergence)."""
+    try:
+        with folder.writer_lock():
+            solver = build(config, device)
+            folder.write_config(run_metadata(config, solver.data, device))
+            yield solver
+    except (ConfigError, DatasetError, DiskFull, KeyboardInterrupt):
+        folder.remove_if_empty()
+        raise
+    except Diverged as err:
+        if folder.checkpoint_path.exists():
+            raise
+        folder.remove_if_empty()
+        if folder.path.exists():
+            kept = folder.set_aside("diverged")
+            raise Diverged(f"{err}; nothing to resume, so the run folder was renamed {kept} "
+                           f"(its log kept) and the name is free") from None
+        raise
