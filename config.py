@@ -440,20 +440,22 @@ def new_run_config(argv):
 
 
 def cli_table():
-    """The command line as a markdown table (docs/cli.md holds it; a test keeps them equal):
-    per section, each flag with its default and help line."""
+    """The command line as markdown tables (docs/cli.md holds them; a test keeps them equal):
+    per section, each flag with its default, whether ``--resume`` may change it, and its help
+    line."""
     lines = []
     for title in GROUPS:
-        lines += ["", f"**{title}**", "", "| flag | default | what it sets |", "| --- | --- | --- |"]
+        lines += ["", f"**{title}**", "", "| flag | default | on resume | what it sets |",
+                  "| --- | --- | --- | --- |"]
         for name, field in SETTINGS.items():
             if field.metadata["group"] != title:
                 continue
-            rows = [(flag_of(name), field.default, field.metadata["help"])]
-            rows += [(flag, "off" if kw.get("action") == "store_true" else "", kw["help"])
+            resume = "may change" if field.metadata["resumable"] else "kept"
+            default = "off" if name == "cuda" else (
+                "" if field.default in (None, "") else f"`{field.default}`")
+            rows = [(flag_of(name), default, resume, field.metadata["help"])]
+            rows += [(flag, "off" if kw.get("action") == "store_true" else "", "", kw["help"])
                      for flag, kw in ACTIONS.get(name, ())]
-            for flag, default, text in rows:
-                shown = "" if default in (None, "") else f"`{default}`"
-                if name == "cuda" and flag == "--no-cuda":
-                    shown = "off"
-                lines.append(f"| `{flag}` | {shown} | {text.replace('|', chr(92) + '|')} |")
+            lines += [f"| `{flag}` | {shown} | {resume} | {text.replace('|', chr(92) + '|')} |"
+                      for flag, shown, resume, text in rows]
     return "\n".join(lines[1:]) + "\n"

@@ -28,7 +28,8 @@ from monitor import VisdomMonitor
 from objectives import OBJECTIVES, discriminator_optimiser, vae_optimiser
 from plotting import image_grid
 from precision import autocast, pick_device
-from representation import evaluate_representation, evaluation_report, log_measures, sample_measures
+from representation import (evaluate_representation, evaluation_report, log_measures,
+                            sample_measures)
 from runfolder import RunFolder
 from synergy import kl_per_latent, synergy_penalty, worst_set_kl
 from utils import Diverged, atomic_file, derived_seed, rng_state, set_rng_state

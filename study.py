@@ -42,7 +42,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, Config, new_run_config, objective_label)
+from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, Config, build_parser, explicit_flags,
+                    new_run_config, objective_label)
 from metrics import METRIC_LABELS
 from precision import PRECISIONS
 from representation import MEASURE_LABELS, SAMPLE_MEASURES
@@ -235,8 +236,7 @@ OWNED = ("metric", "seed", "output_dir", "run_name", "resume", "dry_run", "help"
 def owned_flags(flags):
     """The run.py settings among ``flags`` (a spec's or those after --) that the study owns, as
     run.py would read them: abbreviations (--alph) and either spelling resolved."""
-    import run
-    return sorted(run.explicit_flags(run.build_parser(), flags, with_help=True) & set(OWNED))
+    return sorted(explicit_flags(build_parser(), flags, with_help=True) & set(OWNED))
 
 
 def refuse(message):
@@ -769,6 +769,12 @@ class TrialFailed(RuntimeError):
     """run.py ended with an error under Ray; Ray retries the trial."""
 
 
+# Seconds a Ray trial's step() waits for its run.py before it reports progress. Ray stops a
+# trial (Ctrl-C, SIGTERM) only once its step() returns, and the trial trains on meanwhile: with
+# 10 s a short trial could finish before the stop reached it (seen with Ray 2.60).
+STEP_POLL = 1.0
+
+
 def ray_trainable():
     """The Ray Tune trainable of a trial (a class made here, so that Ray is imported only with
     --engine ray): run.py in a child process on the node Ray chose, its threads set from the
@@ -785,7 +791,7 @@ def ray_trainable():
 
         def step(self):
             try:
-                code = self.process.wait(timeout=10)
+                code = self.process.wait(timeout=STEP_POLL)
             except subprocess.TimeoutExpired:
                 return {"step": current_step(self.out / self.trial["name"])}
             if code != 0:
