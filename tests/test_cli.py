@@ -84,6 +84,7 @@ def test_same_seed_same_metrics(tmp_path):
     assert strip(records(a)) != strip(records(c))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric, update, sample", [
     ("Test_gt", "original", "no_sample"), ("Test_gt", "original", "sample"),
     ("Test_gt", "two-step", "no_sample"), ("Test_gt", "joint", "sample"),
@@ -188,6 +189,7 @@ def test_the_originals_readme_commands_parse_verbatim(command, viz):
     assert config.gt_interval == (5000 if not viz else 10000)
 
 
+@pytest.mark.slow  # the metrics run in a child process during training
 def test_metrics_during_training_and_evaluate_command(tmp_path):
     import evaluate
     code, run_dir = run_cli(tmp_path, "scored", "--gt-interval", "3", "--eval-metrics",
@@ -225,6 +227,7 @@ def test_evaluate_scores_the_runs_own_metrics_and_the_sample_measures(tmp_path, 
     assert "mig " in out and "i_max " in out
 
 
+@pytest.mark.slow
 def test_evaluate_on_a_run_still_training_warns_and_writes_nothing(tmp_path, capsys, caplog):
     import hashlib
     import subprocess

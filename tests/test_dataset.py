@@ -157,6 +157,7 @@ def http_file():
     server.shutdown()
 
 
+@pytest.mark.slow
 def test_download_verifies_md5_and_writes_atomically(tmp_path, http_file):
     url, payload = http_file
     with pytest.raises(DatasetError, match="MD5"):

@@ -57,6 +57,7 @@ def test_a_non_finite_loss_stops_the_run_at_its_step_and_keeps_the_last_checkpoi
 
 # --- 4. one writer per run folder ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):
     code, run_dir = run_cli(tmp_path, "locked", "--steps", "4")
     assert code == 0
@@ -279,6 +280,7 @@ FIELD_DEFAULTS = dict(lambda_od=10.0, lambda_d_factor=10.0, c_max=25.0, c_steps=
                       c_gamma=1000.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("old_format, implied", [
     (1, dict(arch="2020", init="current", precision="fp32", measure_omega=0.9,
              eval_sample=10000, **FIELD_DEFAULTS)),  # before --arch, --init, the checksum
@@ -452,6 +454,7 @@ def test_an_evaluation_stopped_by_sigterm_is_redone_when_the_run_resumes(tmp_pat
     assert "already at step 6" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_long_metric_stops_within_seconds(tmp_path, monkeypatch, caplog):
     import multiprocessing
     import signal
@@ -591,6 +594,7 @@ def visdom_run(tmp_path, name, port, *flags):
                    "1", "--viz_la_iter", "2", *flags)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server, problem", [("silent_server", "no answer within 0.5 s"),
                                              ("error_server", "it answered HTTP 501")])
 def test_a_hanging_or_failing_visdom_never_blocks_training(tmp_path, monkeypatch, request, server,
@@ -607,6 +611,7 @@ def test_a_hanging_or_failing_visdom_never_blocks_training(tmp_path, monkeypatch
     assert [r["step"] for r in records(run_dir)][-1] == 30
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:visdom")  # the hung request may warn only when it ends
 def test_sigterm_stops_within_seconds_while_visdom_hangs(tmp_path, monkeypatch, at_step,
                                                          silent_server):
@@ -639,6 +644,7 @@ def test_disk_full_while_caching_celeba_names_the_cache_and_leaves_nothing(tmp_p
     assert not list(tmp_path.glob("*celeba64_*")) and not (tmp_path / "runs" / "faces").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_at_20_moments_of_parallel_celeba_preprocessing_never_hangs_or_leaks(tmp_path):
     """Real processes: SIGTERM (and at some moments a second one) while the pool starts,
     decodes, stops or after it finished: every time the process ends within 5 s, with no temp
@@ -740,6 +746,7 @@ def one_error_line(err):
     return lines[-1]
 
 
+@pytest.mark.slow
 def test_a_real_full_disk_at_the_checkpoint_is_one_line_and_exit_3(tmp_path, capfd):
     """On a 1 MB tmpfs the first 6 MB checkpoint cannot be written: torch's own writer said
     "[enforce fail at inline_container.cc] unexpected pos" (exit 1); now one line, exit 3."""
@@ -785,6 +792,7 @@ def test_disk_full_in_metrics_jsonl_is_one_line_and_exit_3(tmp_path, monkeypatch
     assert f"no space left on device while writing {run_dir / 'metrics.jsonl'}" in line
 
 
+@pytest.mark.slow
 def test_a_read_only_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     import representation
     import study

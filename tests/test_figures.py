@@ -39,6 +39,7 @@ def celeba_run(tmp_path_factory):
     return root / "faces"
 
 
+@pytest.mark.slow
 def test_figures_from_tiny_runs(runs, celeba_run, tmp_path):
     out = tmp_path / "misc"
     assert figures.main(["--nonsyn", str(runs["Test_gt"]), "--factor", str(runs["Factor"]),
@@ -98,6 +99,7 @@ def test_latent_labels_name_the_factor_with_most_explained_variance():
     assert latent_labels(summary) == ["position y", "none", "inactive"]
 
 
+@pytest.mark.slow
 def test_missing_pieces_are_named(runs, tmp_path, capsys):
     empty = tmp_path / "empty"  # a Non-Syn run folder that has written nothing yet
     empty.mkdir()
@@ -115,6 +117,7 @@ def test_missing_pieces_are_named(runs, tmp_path, capsys):
     assert "has no config.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_without_summary_is_reencoded_from_its_checkpoint(runs):
     for path in runs["VAE"].glob("alpha_*_gt_*.npz"):
         path.unlink()
@@ -122,6 +125,7 @@ def test_a_run_without_summary_is_reencoded_from_its_checkpoint(runs):
     assert step == 8 and summary["pos"].shape == (8, 8, 10)
 
 
+@pytest.mark.slow
 def test_curves_sample_every_20_steps_from_a_zero_point(tmp_path, runs, capsys):
     folders = []
     for seed in (1, 2):
@@ -158,6 +162,7 @@ def test_curves_sample_every_20_steps_from_a_zero_point(tmp_path, runs, capsys):
     assert "--log-interval 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_study_folder_gives_its_first_finished_trial_of_each_kind(runs, tmp_path, capsys):
     study_dir = tmp_path / "study"
     study_dir.mkdir()
@@ -186,6 +191,7 @@ def test_a_study_folder_gives_its_first_finished_trial_of_each_kind(runs, tmp_pa
     assert "has no study.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_roles_take_a_run_of_any_objective(runs, tmp_path):
     """latents.png may set Non-Syn VAE beside any objective; --compare lists more runs."""
     out = tmp_path / "misc"

@@ -255,6 +255,7 @@ def test_one_step_is_adam_on_the_loss_written_out(tmp_path, metric, settings, st
         assert (update - expected_update).norm() <= 0.01 * expected_update.norm(), name
 
 
+@pytest.mark.slow
 def test_a_field_study_tests_each_objective_against_nonsyn_and_draws_the_thesis_roles(tmp_path):
     """The field preset's study machinery on three of its objectives (two seeds, a few steps on
     the reduced grid): every trial logs synergy, the summary has a row per configuration with

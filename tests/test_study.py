@@ -40,6 +40,7 @@ def finished(tmp_path_factory):
     return out, argv
 
 
+@pytest.mark.slow
 def test_a_two_by_two_study_makes_four_runs_and_a_two_row_summary(finished):
     out, _ = finished
     names = sorted(p.name for p in out.iterdir() if p.is_dir())
@@ -70,6 +71,7 @@ def test_a_two_by_two_study_makes_four_runs_and_a_two_row_summary(finished):
     assert not re.search(r"\de[+-]\d", summary)  # no 1e+02 in a table
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_study_changes_nothing_and_trains_nothing(finished):
     """The same command again starts no trial (its output says every trial is finished and
     runs none) and leaves every file as it was. (It used to assert a wall-clock bound of 5 s,
@@ -84,6 +86,7 @@ def test_rerunning_a_finished_study_changes_nothing_and_trains_nothing(finished)
     assert digest(out) == before
 
 
+@pytest.mark.slow
 def test_a_different_spec_for_the_same_folder_is_refused(finished, capsys):
     out, _ = finished
     before = digest(out)
@@ -92,6 +95,7 @@ def test_a_different_spec_for_the_same_folder_is_refused(finished, capsys):
     assert digest(out) == before
 
 
+@pytest.mark.slow
 def test_a_second_study_on_the_same_folder_is_refused_while_one_runs(finished, capsys):
     import fcntl
     out, argv = finished
@@ -142,6 +146,7 @@ def test_bad_input_is_refused_before_any_trial_starts(tmp_path, capsys, argv, me
     assert not out.exists()  # nothing written, not even study.json
 
 
+@pytest.mark.slow
 def test_trials_are_checked_in_process_as_run_py_dry_run_checks_them(tmp_path):
     """study.py checks its trials without a run.py process each; the settings it resolves and
     the line it quotes for a refusal are those of ``run.py ... --dry-run`` itself."""
@@ -288,11 +293,13 @@ def assert_resumed(out, straight, output):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_and_ends_as_an_uninterrupted_trial(tmp_path, straight):
     out = tmp_path / "killed"
     assert_resumed(out, straight, kill_mid_trial(out))
 
 
+@pytest.mark.slow
 def test_a_killed_study_stops_its_trials_with_a_checkpoint_and_resumes_them(tmp_path, straight):
     out = tmp_path / "orphaned"
     process = subprocess.Popen([sys.executable, str(ROOT / "study.py"), *one_trial(out)],
@@ -310,6 +317,7 @@ def test_a_killed_study_stops_its_trials_with_a_checkpoint_and_resumes_them(tmp_
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+@pytest.mark.slow
 def test_a_trial_killed_before_its_first_checkpoint_starts_again_keeping_its_files(tmp_path):
     out = tmp_path / "early"
     argv = ["--out", str(out), "--metric", "VAE", "--", *KILL_FLAGS, "--save-interval", "1000",
@@ -326,6 +334,7 @@ def test_a_trial_killed_before_its_first_checkpoint_starts_again_keeping_its_fil
     assert json.loads((out / "study.json").read_text())["trials"][0]["state"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_crashing_trial_is_marked_failed_with_its_reason_and_the_others_go_on(tmp_path,
                                                                                capsys):
     out = tmp_path / "crash"  # alpha 1e300 makes the Non-Syn loss infinite: run.py stops, exit 3
@@ -344,6 +353,7 @@ def test_a_crashing_trial_is_marked_failed_with_its_reason_and_the_others_go_on(
     assert "| VAE | 1 |" in summary and "1 trial(s) have not finished" in summary
 
 
+@pytest.mark.slow
 def test_welch_tests_and_curves_come_from_the_runs_files(finished):
     from scipy.stats import ttest_ind
     out, _ = finished
@@ -384,6 +394,7 @@ def test_bad_placements_are_refused(gpus, kw, message):
         study.plan_local(2, gpus, **kw)
 
 
+@pytest.mark.slow
 def test_engine_ray_without_ray_names_the_install_command(tmp_path):
     code = ("import sys; sys.modules['ray'] = None; sys.path.insert(0, {root!r}); import study; "
             "sys.exit(study.main(['--out', {out!r}, '--engine', 'ray', '--metric', 'VAE']))")
@@ -400,6 +411,7 @@ def without_clock(folder):
     return [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")} for r in rows_]
 
 
+@pytest.mark.slow
 def test_the_ray_engine_makes_the_same_run_folders_as_the_local_one(finished, tmp_path):
     pytest.importorskip("ray", reason="the Ray extra is not installed (requirements-ray.txt)")
     local, argv = finished
@@ -422,12 +434,14 @@ def test_the_ray_engine_makes_the_same_run_folders_as_the_local_one(finished, tm
     assert list((out / ".ray").iterdir()), "Ray's own storage is not in the study folder"
 
 
+@pytest.mark.slow
 def test_a_trial_killed_under_ray_is_retried_and_resumes_from_its_checkpoint(tmp_path, straight):
     pytest.importorskip("ray", reason="the Ray extra is not installed (requirements-ray.txt)")
     out = tmp_path / "killed"
     assert_resumed(out, straight, kill_mid_trial(out, "--engine", "ray"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["local", "ray"])
 def test_ctrl_c_stops_the_study_with_checkpoints_and_the_same_command_resumes(tmp_path, engine):
     if engine == "ray":
@@ -453,6 +467,7 @@ def test_ctrl_c_stops_the_study_with_checkpoints_and_the_same_command_resumes(tm
     assert "Resuming" in (out / ".VAE_seed1.log").read_text()
 
 
+@pytest.mark.slow
 def test_relative_paths_mean_what_they_mean_where_the_study_was_started(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     no_data(tmp_path)
@@ -461,6 +476,7 @@ def test_relative_paths_mean_what_they_mean_where_the_study_was_started(tmp_path
     assert not (ROOT / "rel").exists()
 
 
+@pytest.mark.slow
 def test_extend_adds_seeds_and_runs_only_the_new_trials(finished, tmp_path):
     import shutil
     local, argv = finished
@@ -505,6 +521,7 @@ def test_default_workers_count_the_cpus_this_process_may_use(tmp_path, monkeypat
     assert (plan.workers, plan.threads) == (1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
 def test_study_under_taskset_plans_one_worker_per_allowed_cpu(tmp_path):
     """The real process: pinned to one CPU, study.py's default plan is one worker."""
@@ -525,6 +542,7 @@ def copy_of(finished, tmp_path):
     return tmp_path / "s", [tmp_path / "s" if a == str(out) else a for a in argv]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "empty", "a list", "edited state",
                                     "trial removed"])
 def test_an_unreadable_study_json_is_named_with_the_way_to_recover(finished, tmp_path, capsys,
@@ -567,6 +585,7 @@ def test_an_unreadable_study_json_is_named_with_the_way_to_recover(finished, tmp
     assert len(list(out.glob("study.json.unreadable-*"))) == 1
 
 
+@pytest.mark.slow
 def test_a_trial_recorded_finished_without_its_final_checkpoint_runs_again(finished, tmp_path):
     import shutil
     out, argv = copy_of(finished, tmp_path)
@@ -578,6 +597,7 @@ def test_a_trial_recorded_finished_without_its_final_checkpoint_runs_again(finis
     assert torch.load(out / "VAE_seed2/checkpoints/last.pt", weights_only=True)["step"] == 6
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_the_study_is_one_line_and_exit_3(finished, tmp_path, capsys,
                                                                    monkeypatch):
     import errno
@@ -698,6 +718,7 @@ def run_dry(argv):
     return run.make_config(parser.parse_args(argv), run.explicit_flags(parser, argv)).to_dict()
 
 
+@pytest.mark.slow
 def test_a_stopped_study_with_pending_trials_ends_and_resumes_them(tmp_path):
     """SIGTERM to a study whose queue still holds trials: the running trial stops with a
     checkpoint, the study ends (exit 130; it used to wait forever on the pending ones), and the

@@ -156,6 +156,7 @@ def test_factor_discriminator_step_leaves_the_vae_gradients_alone(tmp_path):
     assert all(moved)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_every_variant(capsys):
     import benchmark
     from precision import native_bf16
@@ -172,6 +173,7 @@ def test_benchmark_runs_every_variant(capsys):
     assert "Non-Syn original        " in out and "x  vs Non-Syn original @7adde97" in out
 
 
+@pytest.mark.slow
 def test_the_device_check_runs_end_to_end_on_the_cpu(capsys):
     """``benchmark.py --device-check`` is written for a GPU machine; here it runs as a smoke
     check: the GPU tests skip, and the packed-trial and encoding measurements run on the CPU."""

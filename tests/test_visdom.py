@@ -21,6 +21,8 @@ from conftest import records
 from run import main
 from visdom_assets import assets_installed
 
+pytestmark = pytest.mark.slow  # a real visdom server, a browser, training runs beside them
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
                   "--hide-scrollbars"]
