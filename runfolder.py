@@ -659,23 +659,24 @@ def resume_run(folder, given, build):
 def start_run(folder, config, device, build):
     """Start a new run in the new ``folder`` (RunFolder.create): takes its writer lock, builds
     the Solver (``build(config, device)``), writes config.json and yields the Solver with the
-    lock held. A start that fails before the run produced anything removes the folder so that
-    it does not block its name; a run that diverged before its first checkpoint is kept under
-    a new name (its log shows the divergence)."""
-    try:
-        with folder.writer_lock():
+    lock held. A start refused because another process holds the folder touches nothing of
+    it. A start that fails, its lock held, before the run produced anything removes the folder
+    so that it does not block its name; a run that diverged before its first checkpoint is
+    kept under a new name (its log shows the divergence)."""
+    with folder.writer_lock():  # refused while another process holds it: nothing touched
+        try:
             solver = build(config, device)
             folder.write_config(run_metadata(config, solver.data, device))
             yield solver
-    except (ConfigError, DatasetError, DiskFull, KeyboardInterrupt):
-        folder.remove_if_empty()
-        raise
-    except Diverged as err:
-        if folder.checkpoint_path.exists():
+        except (ConfigError, DatasetError, DiskFull, KeyboardInterrupt):
+            folder.remove_if_empty()  # this start's own folder, its lock held
             raise
-        folder.remove_if_empty()
-        if folder.path.exists():
-            kept = folder.set_aside("diverged")
-            raise Diverged(f"{err}; nothing to resume, so the run folder was renamed {kept} "
-                           f"(its log kept) and the name is free") from None
-        raise
+        except Diverged as err:
+            if folder.checkpoint_path.exists():
+                raise
+            folder.remove_if_empty()
+            if folder.path.exists():
+                kept = folder.set_aside("diverged")
+                raise Diverged(f"{err}; nothing to resume, so the run folder was renamed "
+                               f"{kept} (its log kept) and the name is free") from None
+            raise

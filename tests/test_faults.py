@@ -83,6 +83,23 @@ def test_a_second_writer_is_refused_with_the_holders_pid(tmp_path, capsys):
     assert records(run_dir)[-1]["step"] == 6
 
 
+def test_a_second_start_on_a_run_name_in_training_touches_nothing_of_it(tmp_path, capsys):
+    """The first start holds its folder's lock before its first record (config.json, an empty
+    metrics.jsonl): a second start with the same --run-name is refused in one line and leaves
+    the folder as it is (it used to delete it as 'empty', and the first run died at its next
+    write)."""
+    first = RunFolder(tmp_path / "same")
+    first.path.mkdir()
+    (first.path / first.CONFIG).write_text('{"config": {}}\n')
+    (first.path / first.LOG).write_text("")
+    with first.writer_lock():  # held as the first run holds it while it starts
+        before = {p.name: sha256(p) for p in first.path.iterdir()}
+        code, _ = run_cli(tmp_path, "same", "--steps", "4")
+        assert code == 2
+        assert "in use by another process" in one_error_line(capsys.readouterr().err)
+        assert {p.name: sha256(p) for p in first.path.iterdir()} == before
+
+
 # --- 7. checkpoints are validated, not trusted -----------------------------------------------
 
 def checkpoint_of(tmp_path, name="ckpt"):
