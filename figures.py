@@ -62,6 +62,18 @@ class FigureError(RuntimeError):
     """A run folder lacks what a figure needs; the message names the folder and the file."""
 
 
+def check_out_outside(out, folders):
+    """Refuse an --out that holds (or is) a source run folder: the figures and the exported
+    records (OUT/runs/<name>/) would rewrite that run's own files."""
+    where = Path(out).resolve()
+    for folder in folders:
+        source = folder.path.resolve()
+        if source == where or where in source.parents:
+            raise FigureError(f"--out {out} holds the run folder {folder}: the figures and "
+                              f"the exported records would rewrite its own files; choose an "
+                              f"--out outside the runs")
+
+
 def run_titles(folders):
     """[(name, folder)]: each run's name in comparison.md, its objective's name (Non-Syn VAE,
     FactorVAE, ...), or, where two runs share it, the objective with its settings and seed."""
@@ -605,6 +617,7 @@ def main(argv=None):
             band = [RunFolder(r) for r in args.band or []]
             for folder in folders + band:
                 check_kind(folder, "--curves", NONSYN)
+            check_out_outside(out, folders + band)
             out.mkdir(parents=True, exist_ok=True)
             points = curve_figures(folders, out, args.curve_steps)
             if band:
@@ -626,6 +639,7 @@ def main(argv=None):
             check_kind(folder, "--compare")
         if celeba:
             check_kind(celeba[0][1], "--celeba", dataset="celeba")
+        check_out_outside(out, roles + compared + [folder for _, folder in celeba])
         titled = run_titles(roles + compared)
         runs, listed = titled[:3], titled[3:]
         out.mkdir(parents=True, exist_ok=True)

@@ -283,6 +283,25 @@ def test_figures_checks_every_runs_kind_and_the_out_folder_before_writing(tmp_pa
     assert "is a file" in capsys.readouterr().err and blocker.read_text() == "x"
 
 
+def test_figures_never_write_into_a_source_run_folder(tmp_path, capsys):
+    """Runs made with --output_dir X/runs and figures with --out X: the export of the records
+    (X/runs/<name>/) used to rewrite the runs' own config.json, metrics.json(l) and add
+    model.pt, after which --resume and evaluate.py refused them. Refused now, nothing written."""
+    out = tmp_path / "X"
+    runs = {}
+    for metric in ("Test_gt", "Factor", "VAE"):
+        code, runs[metric] = run_cli(out / "runs", metric, "--metric", metric, "--steps", "2")
+        assert code == 0
+    before = {p: sha256(p) for p in out.rglob("*") if p.is_file()}
+    roles = ["--nonsyn", str(runs["Test_gt"]), "--factor", str(runs["Factor"]), "--vae",
+             str(runs["VAE"])]
+    for argv in (roles + ["--out", str(out)], roles + ["--out", str(runs["VAE"])],
+                 ["--curves", str(runs["Test_gt"]), "--out", str(out)]):
+        assert figures.main(argv) == 2
+        assert "holds the run folder" in one_error_line(capsys.readouterr().err)
+        assert {p: sha256(p) for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_atomically_written_files_keep_the_usual_permissions(tmp_path):
     from utils import atomic_write_bytes
     old = os.umask(0o022)
