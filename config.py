@@ -260,6 +260,14 @@ def flag_of(name):
     return SETTINGS[name].metadata["flag"] or f"--{name}"
 
 
+# Settings a label names when they are not the default (besides the objective's own): what
+# makes two runs of one objective different models; two labels alike mean the same settings.
+LABELLED = ("arch", "init", "precision", "z_dim", "lr_VAE", "beta1_VAE", "beta2_VAE",
+            "batch_size")
+OBJECTIVE_EXTRAS = {"AnnealedVAE": ("c_steps", "c_gamma"),
+                    "Factor": ("lr_D", "beta1_D", "beta2_D")}
+
+
 def objective_label(settings):
     """A reader's name for a run's objective from its settings (a Config's dict, or part of
     one: missing settings are the defaults), e.g. "Non-Syn VAE (alpha 5, omega 0.9)",
@@ -269,13 +277,13 @@ def objective_label(settings):
     default = Config(metric=metric if metric in OBJECTIVES else Config.metric)
     get = lambda name: settings.get(name, getattr(default, name))  # noqa: E731
     parts = [f"{name} {get(name):g}" for name in OBJECTIVE_SETTINGS[metric]]
-    if metric in NONSYN:
-        parts += [f"{name} {get(name)}" for name in ("update", "sample")
-                  if get(name) != getattr(default, name)]
-    if get("arch") != default.arch:
-        parts.append(f"arch {get('arch')}")
-    if get("precision") != default.precision:
-        parts.append(get("precision"))
+    others = LABELLED + OBJECTIVE_EXTRAS.get(metric, ()) + (
+        ("update", "sample") if metric in NONSYN else ())
+    for name in sorted(others, key=list(SETTINGS).index):  # the table's order
+        value = get(name)
+        if value != getattr(default, name):
+            parts.append(value if name == "precision" else
+                         f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}")
     return OBJECTIVE_NAMES[metric] + (f" ({', '.join(parts)})" if parts else "")
 
 

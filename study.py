@@ -42,8 +42,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, Config, build_parser, explicit_flags,
-                    new_run_config, objective_label)
+from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, OBJECTIVES, Config, build_parser,
+                    explicit_flags, new_run_config, objective_label)
 from metrics import METRIC_LABELS
 from precision import PRECISIONS
 from representation import MEASURE_LABELS, SAMPLE_MEASURES
@@ -288,6 +288,11 @@ def make_spec(p, args, shared):
     if bad:
         refuse(f"unknown objective {', '.join(map(str, bad))}; choose from "
                 f"{', '.join(OBJECTIVE_AXES)}")
+    for i, metric in enumerate(spec["metric"]):  # e.g. BVAE and BVAE_gt: one objective twice
+        if alias := next((m for m in spec["metric"][:i] if m != metric
+                          and OBJECTIVES[m].step is OBJECTIVES[metric].step), None):
+            refuse(f"--metric {alias} and {metric} are the same objective "
+                   f"({OBJECTIVES[metric].name}) under two names; give one")
     if bad := [s for s in spec["seed"] if isinstance(s, bool) or not isinstance(s, int)
                or s < 0]:
         refuse(f"axis seed: {bad[0]!r} is not a seed (a whole number >= 0)")

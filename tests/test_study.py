@@ -125,6 +125,9 @@ def test_a_second_study_on_the_same_folder_is_refused_while_one_runs(finished, c
     (["--metric", "VAE", "--", "--he"], "run.py flag --help"),
     (["--metric", "VAE", "--seed", "1", "2", "1"], "axis seed lists 1 more than once"),
     (["--metric", "VAE", "VAE"], "axis metric lists VAE more than once"),
+    (["--metric", "BVAE", "BVAE_gt"], "--metric BVAE and BVAE_gt are the same objective "
+                                       "(beta-VAE) under two names"),
+    (["--metric", "Test_gt", "VAE", "test"], "--metric Test_gt and test are the same"),
     (["--metric", "Test_gt", "--alpha", "5", "5.0"], "axis alpha lists 5.0 more than once"),
     (["--metric", "Test_gt", "--omega", "2"], "would be refused by run.py"),
     (["--metric", "VAE", "--", "--batch_size", "1"], "would be refused by run.py"),
@@ -232,6 +235,21 @@ def test_a_spec_may_give_an_axis_per_objective(tmp_path, capsys):
 def test_the_objective_label_names_a_non_default_decoder():
     assert study.objective_label({"metric": "VAE", "arch": "2018"}) == "VAE (arch 2018)"
     assert study.objective_label({"metric": "VAE", "arch": "2020"}) == "VAE"
+
+
+def test_a_label_names_every_setting_that_makes_another_model():
+    """Two runs titled alike have the same settings: AnnealedVAE's c_steps and c_gamma,
+    FactorVAE's discriminator optimiser, the initialisation, width and optimiser of any."""
+    label = study.objective_label
+    assert label({"metric": "AnnealedVAE"}) == "AnnealedVAE (c_max 25)"
+    assert label({"metric": "AnnealedVAE", "c_steps": 5000, "c_gamma": 100.0}) == (
+        "AnnealedVAE (c_max 25, c_steps 5000, c_gamma 100)")
+    assert label({"metric": "Factor", "gamma": 10.0, "lr_D": 2e-4}) == (
+        "FactorVAE (gamma 10, lr_D 0.0002)")
+    assert label({"metric": "VAE", "init": "current", "z_dim": 6, "batch_size": 32,
+                  "precision": "bf16"}) == "VAE (init current, z_dim 6, batch_size 32, bf16)"
+    assert label({"metric": "Test_gt", "alpha": 5.0, "omega": 0.9, "update": "joint",
+                  "arch": "2018"}) == "Non-Syn VAE (alpha 5, omega 0.9, update joint, arch 2018)"
 
 
 KILL_FLAGS = ["--grid", "reduced", "--batch_size", "8", "--steps", "60", "--log-interval", "5",
