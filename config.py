@@ -260,10 +260,10 @@ def flag_of(name):
     return SETTINGS[name].metadata["flag"] or f"--{name}"
 
 
-# Settings a label names when they are not the default (besides the objective's own): what
-# makes two runs of one objective different models; two labels alike mean the same settings.
-LABELLED = ("arch", "init", "precision", "z_dim", "lr_VAE", "beta1_VAE", "beta2_VAE",
-            "batch_size")
+# Settings a label names when they are not the default, besides the objective's own: the
+# network and arithmetic, and the objective's further settings (runs that differ only there
+# were titled alike). Settings every run of a study shares (batch size, steps) stay unnamed.
+LABELLED = ("arch", "init", "precision")
 OBJECTIVE_EXTRAS = {"AnnealedVAE": ("c_steps", "c_gamma"),
                     "Factor": ("lr_D", "beta1_D", "beta2_D")}
 

@@ -88,7 +88,10 @@ def check_kind(folder, flag, metrics=None, dataset=None):
     """Refuse a run folder of the wrong kind for ``flag`` before anything is written."""
     if not folder.path.is_dir():
         raise FigureError(f"{flag} {folder} is not a run folder")
-    config = folder.read_config().get("config")
+    try:
+        config = folder.read_config().get("config")
+    except ConfigError as err:
+        raise FigureError(f"{flag} {folder}: {err}") from None
     if config is None:
         raise FigureError(f"{flag} {folder} has no {folder.CONFIG}: not a run folder of this "
                           f"project")

@@ -314,8 +314,22 @@ class RunFolder:
         write_json(self.path / self.CONFIG, metadata)
 
     def read_config(self):
+        """config.json's record ({} where there is none yet); ConfigError (one line) where it
+        is not a readable JSON object with the settings under "config"."""
         path = self.path / self.CONFIG
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path} is not readable ({type(err).__name__}: {err}); it was "
+                              f"damaged or edited. Restore it from a copy: the run's "
+                              f"checkpoint holds its settings too") from None
+        if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
+            raise ConfigError(f"{path} is not a run's record (a JSON object with the settings "
+                              f"under \"config\"); it was damaged or edited. Restore it from a "
+                              f"copy")
+        return record
 
     def record_resume(self, step, changed, device=None):
         """Append one resumption (its step, the settings changed, the device) to config.json."""

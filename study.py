@@ -42,8 +42,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, OBJECTIVES, Config, build_parser,
-                    explicit_flags, new_run_config, objective_label)
+from config import (ARCHS, IMPLIED_SETTINGS, NONSYN, OBJECTIVE_SETTINGS, OBJECTIVES, RESUMABLE,
+                    Config, build_parser, explicit_flags, new_run_config, objective_label)
 from metrics import METRIC_LABELS
 from precision import PRECISIONS
 from representation import MEASURE_LABELS, SAMPLE_MEASURES
@@ -364,6 +364,38 @@ def checked_seed_flags(spec, shared, from_preset):
                    f"({', '.join(map(str, spec['seed']))})")
         checked[str(seed)] = flags + shared
     return checked
+
+
+# Settings a trial's folder may hold otherwise than its flags resolve now: where it was written
+# from; nor are those a resume may change compared, but for the steps.
+UNCOMPARED = ("output_dir", "run_name")
+
+
+def check_trial_folders(out, trials, configs):
+    """Refuse (StudyError, one line) a trial whose folder holds another run: config.json's
+    settings (older runs: with the values their format implies) differ from those the trial's
+    flags resolve to, e.g. a folder replaced by (a link to) another objective's run."""
+    for trial in trials:
+        folder = RunFolder(Path(out) / trial["name"])
+        try:
+            record = folder.read_config()
+        except ConfigError as err:
+            raise StudyError(f"trial {trial['name']}: {err}") from None
+        if not record.get("config"):
+            continue  # not started yet, or stopped before it wrote its settings
+        stored = {**IMPLIED_SETTINGS[1], **record["config"]}
+        for resume in record.get("resumes", []):
+            if isinstance(resume, dict) and isinstance(resume.get("changed"), dict):
+                stored.update(resume["changed"])
+        expected = configs[trial["name"]]
+        differ = [k for k, v in expected.items() if k not in UNCOMPARED and stored.get(k) != v
+                  and (k not in RESUMABLE or k == "steps")]
+        if differ or folder.path.is_symlink():
+            what = ", ".join(f"{k} {stored.get(k)!r} (the trial's: {expected[k]!r})"
+                             for k in differ[:4]) or "it is a symbolic link"
+            raise StudyError(f"trial {trial['name']}: its folder {folder} holds another run "
+                             f"({what}); it is not this trial's run. Move it out of the study "
+                             f"folder and run the same command again")
 
 
 def check_trials(spec, trials, out):
@@ -1194,8 +1226,8 @@ def _main(p, args, shared):
                      + (f" on GPU(s) {', '.join(plan.devices)}" if plan.devices[0] else ""))
         study.check_spec(spec, args.extend)
         # a trial without a run folder (new, or recorded finished but its folder is gone)
-        fresh = [t for t in expand(spec) if not RunFolder(study.out / t["name"]).has_config()]
-        configs = check_trials(spec, fresh, study.out)  # nothing written yet
+        configs = check_trials(spec, expand(spec), study.out)  # nothing written yet
+        check_trial_folders(study.out, expand(spec), configs)
         held = study.lock(reread=not args.rebuild)  # noqa: F841  (held until this ends)
         if args.rebuild:
             study.rebuild()

@@ -238,16 +238,16 @@ def test_the_objective_label_names_a_non_default_decoder():
 
 
 def test_a_label_names_every_setting_that_makes_another_model():
-    """Two runs titled alike have the same settings: AnnealedVAE's c_steps and c_gamma,
-    FactorVAE's discriminator optimiser, the initialisation, width and optimiser of any."""
+    """Two runs titled alike have the same objective settings: AnnealedVAE's c_steps and
+    c_gamma, FactorVAE's discriminator optimiser, the initialisation, decoder, precision."""
     label = study.objective_label
     assert label({"metric": "AnnealedVAE"}) == "AnnealedVAE (c_max 25)"
     assert label({"metric": "AnnealedVAE", "c_steps": 5000, "c_gamma": 100.0}) == (
         "AnnealedVAE (c_max 25, c_steps 5000, c_gamma 100)")
     assert label({"metric": "Factor", "gamma": 10.0, "lr_D": 2e-4}) == (
         "FactorVAE (gamma 10, lr_D 0.0002)")
-    assert label({"metric": "VAE", "init": "current", "z_dim": 6, "batch_size": 32,
-                  "precision": "bf16"}) == "VAE (init current, z_dim 6, batch_size 32, bf16)"
+    assert label({"metric": "VAE", "init": "current", "batch_size": 32,
+                  "precision": "bf16"}) == "VAE (init current, bf16)"
     assert label({"metric": "Test_gt", "alpha": 5.0, "omega": 0.9, "update": "joint",
                   "arch": "2018"}) == "Non-Syn VAE (alpha 5, omega 0.9, update joint, arch 2018)"
 
@@ -558,6 +558,53 @@ def copy_of(finished, tmp_path):
     out, argv = finished
     shutil.copytree(out, tmp_path / "s")
     return tmp_path / "s", [tmp_path / "s" if a == str(out) else a for a in argv]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("swap", ["link", "copy"])
+def test_a_trial_folder_holding_another_run_is_named_and_not_counted(finished, tmp_path, capsys,
+                                                                      swap):
+    """A trial's folder replaced by (a link to) another objective's run was counted finished
+    and its numbers entered the summary; now one line names the trial and the settings."""
+    import shutil
+    out, argv = copy_of(finished, tmp_path)
+    argv = [str(a) for a in argv]
+    shutil.rmtree(out / "VAE_seed2")
+    other = out / "Test_gt_alpha5.0_omega0.9_seed1"
+    if swap == "link":
+        (out / "VAE_seed2").symlink_to(other, target_is_directory=True)
+    else:
+        shutil.copytree(other, out / "VAE_seed2")
+    before = digest(out)
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "trial VAE_seed2: its folder" in err and "holds another run (metric 'Test_gt' " \
+        "(the trial's: 'VAE')" in err
+    assert digest(out) == before
+
+
+def test_the_trial_folder_check_reads_settings_as_their_format_implies(tmp_path):
+    """check_trial_folders compares config.json (completed with the settings older formats
+    imply, and the steps a resume set) with the trial's flags; paths are not compared."""
+    spec = study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--metric", "VAE",
+                                              "--seeds", "1", "--", "--steps", "40"]))
+    trials = study.expand(spec)
+    configs = study.check_trials(spec, trials, tmp_path / "s")
+    folder = tmp_path / "s" / "VAE_seed1"
+    folder.mkdir(parents=True)
+    own = dict(configs["VAE_seed1"], output_dir="elsewhere", steps=20)
+    for name in ("precision", "measure_omega", "c_max"):  # as a format-2 run wrote it
+        own.pop(name)
+    (folder / "config.json").write_text(json.dumps(
+        {"config": own, "resumes": [{"step": 20, "changed": {"steps": 40}}]}))
+    study.check_trial_folders(tmp_path / "s", trials, configs)  # its own run: no complaint
+    (folder / "config.json").write_text(json.dumps({"config": dict(own, seed=2, steps=40)}))
+    with pytest.raises(study.StudyError, match="seed 2 \\(the trial's: 1\\)"):
+        study.check_trial_folders(tmp_path / "s", trials, configs)
+    (folder / "config.json").write_text("{\"config\": ")
+    with pytest.raises(study.StudyError, match="config.json is not readable"):
+        study.check_trial_folders(tmp_path / "s", trials, configs)
 
 
 @pytest.mark.slow
