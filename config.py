@@ -100,8 +100,8 @@ class Config:
     lambda_d_factor: float | None = setting(
         None, O, "DIP-VAE diagonal weight over --lambda_od (default: 10 for DIPVAE1, 1 for "
         "DIPVAE2)", bound=Bound(float, 0), since=5, before=10.0)
-    c_max: float = setting(25.0, O, "AnnealedVAE's final KL capacity C (AnnealedVAE)",
-                           bound=Bound(float, 0), since=5, before=25.0)
+    c_max: float = setting(25.0, O, "AnnealedVAE's final KL capacity C (AnnealedVAE), in nats",
+                           bound=Bound(float, 0, 1e6), since=5, before=25.0)
     c_steps: int = setting(100000, O, "AnnealedVAE: steps over which C rises linearly from 0 "
                            "to --c_max", bound=Bound(int, 1, MANY), since=5, before=100_000)
     c_gamma: float = setting(1000.0, O, "AnnealedVAE weight of |KL - C|", bound=Bound(float, 0),

@@ -223,7 +223,10 @@ class RunFolder:
                               f"reads formats 1 to {CHECKPOINT_FORMAT}. Use the code the run was "
                               f"trained with (config.json records its git commit)")
         config = checkpoint.get("config")
-        if found in IMPLIED_SETTINGS and isinstance(config, dict):
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path} holds no run settings ('config'); the file was edited or "
+                              f"written by other code. Nothing was changed")
+        if found in IMPLIED_SETTINGS:
             checkpoint["config"] = {**IMPLIED_SETTINGS[found], **config}
         if found != 1:  # format 1 had no checksum
             stored = checkpoint.pop("checksum", None)
@@ -417,9 +420,23 @@ class RunFolder:
             atomic_write_bytes(path, "".join(kept).encode())
 
     def evaluations(self):
-        """The evaluations appended to metrics.json so far."""
+        """The evaluations appended to metrics.json so far; ConfigError (one line) where it is
+        not a readable JSON object holding a list of them."""
         path = self.path / self.REPORT
-        return json.loads(path.read_text())["evaluations"] if path.exists() else []
+        if not path.exists():
+            return []
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path} is not readable ({type(err).__name__}: {err}); it was "
+                              f"damaged or edited. Move it aside (its evaluations are also in "
+                              f"{self.LOG}'s eval records) and run again") from None
+        if not isinstance(report, dict) or not isinstance(report.get("evaluations"), list) or \
+                not all(isinstance(e, dict) for e in report["evaluations"]):
+            raise ConfigError(f"{path} is not a run's report (a JSON object with a list of "
+                              f"evaluations); it was damaged or edited. Move it aside and run "
+                              f"again")
+        return report["evaluations"]
 
     def last_evaluated(self, part):
         """``part`` ("scores" or "measures") of the latest evaluation in metrics.json that has
@@ -659,6 +676,7 @@ def resume_run(folder, given, build):
     folder.check_no_links()
     folder.check_writable("--resume")
     with folder.writer_lock():
+        folder.evaluations()  # a damaged metrics.json is named now, not after the training
         config, checkpoint, changed = resumed_settings(folder, given)
         device = pick_device(config)  # the stored precision must run here
         solver = build(config, device, checkpoint)

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from config import NONSYN
+from config import NONSYN, OBJECTIVE_SETTINGS, flag_of
 from dataset import Batches, load_dataset
 from model import (MEMORY_FORMAT, MODEL_SPECS, Discriminator, build_model, evaluating,
                    init_as_pytorch_041, kl_loss, reparameterise)
@@ -209,9 +209,12 @@ class Solver:
                  if bad]
         kept = (f"the last checkpoint, step {self.checkpoint_step}, is kept"
                 if self.checkpoint_step is not None else "no checkpoint was written")
+        own = [flag_of(name) for name in OBJECTIVE_SETTINGS[self.config.metric]
+               if name not in ("omega", "lambda_d_factor")]  # the objective's weights
+        smaller = f" (or a smaller {' / '.join(own)})" if own else ""
         raise Diverged(f"{' and '.join(terms)} became NaN or infinite at step {step}; training "
-                       f"stopped and {kept}. Try a lower --lr_VAE (or a smaller --alpha / "
-                       f"--gamma) in a new run")
+                       f"stopped and {kept}. Try a lower {flag_of('lr_VAE')}{smaller} in a new "
+                       f"run")
 
     def _log(self, log_file, values, best):
         self.check_finite()

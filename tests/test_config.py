@@ -103,3 +103,11 @@ def test_the_readme_reads_in_one_screen_with_a_true_layout_table():
     named = set(re.findall(r"`([\w./]+\.py)`", layout))
     modules = {p.name for p in ROOT.glob("*.py")}
     assert named - {"conftest.py"} == modules, (sorted(named ^ modules))
+
+
+def test_c_max_is_bounded_below_what_torch_full_overflows():
+    """AnnealedVAE with c_max 1e39 overflowed torch.full (a raw RuntimeError)."""
+    with pytest.raises(config.ConfigError, match="c_max must be <= 1000000.0"):
+        config.Config(metric="AnnealedVAE", c_max=1e39)
+    with pytest.raises(SystemExit):
+        config.build_parser().parse_args(["--c_max", "1e39"])

@@ -47,12 +47,22 @@ def test_a_non_finite_loss_stops_the_run_at_its_step_and_keeps_the_last_checkpoi
     err = capsys.readouterr().err
     assert "became NaN or infinite at step 6" in err and "recon" in err
     assert "last checkpoint, step 4, is kept" in err and "--lr_VAE" in err
+    own = {"Test_gt": "(or a smaller --alpha)", "Factor": "(or a smaller --gamma)"}[metric]
+    assert own in err  # the objective's own weight, not another objective's
     checkpoint = RunFolder(run_dir).load_checkpoint()  # still valid, checksum included
     assert checkpoint["step"] == 4
     assert all(t.isfinite().all() for t in checkpoint["model"].values())
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]  # valid JSON: no bare NaN
     assert "NaN" not in "".join(lines) and [r["step"] for r in rows] == [2, 4]
+
+
+def test_a_diverged_field_objective_names_its_own_flags(tmp_path, at_step, capsys):
+    """beta-TCVAE's divergence suggested --alpha / --gamma, which it does not use."""
+    at_step(1, lambda solver: [p.data.fill_(math.nan) for p in solver.model.parameters()])
+    assert run_cli(tmp_path, "nan", "--metric", "BTCVAE", "--steps", "6")[0] == 3
+    err = one_error_line(capsys.readouterr().err)
+    assert "--lr_VAE (or a smaller --beta)" in err and "--alpha" not in err
 
 
 # --- 4. one writer per run folder ------------------------------------------------------------
@@ -98,6 +108,48 @@ def test_a_second_start_on_a_run_name_in_training_touches_nothing_of_it(tmp_path
         assert code == 2
         assert "in use by another process" in one_error_line(capsys.readouterr().err)
         assert {p.name: sha256(p) for p in first.path.iterdir()} == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "[]", "{}", "not utf-8"])
+def test_a_damaged_metrics_json_is_named_before_a_resume_trains(tmp_path, capsys, damage):
+    """A damaged metrics.json let every resume train and then crash at the final evaluation,
+    losing the steps since the last checkpoint; now one line, exit 2, before any step."""
+    code, run_dir = run_cli(tmp_path, "r", "--steps", "4")
+    assert code == 0
+    report = run_dir / "metrics.json"
+    report.write_bytes({"truncated": report.read_bytes()[:40], "[]": b"[]", "{}": b"{}",
+                        "not utf-8": b"\xff\xfe{"}[damage])
+    before = {p.name: sha256(p) for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["--resume", str(run_dir), "--steps", "6"]) == 2
+    assert "metrics.json is not" in one_error_line(capsys.readouterr().err)
+    after = {p.name: sha256(p) for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_damaged_config_json_is_one_line_for_figures_and_evaluate(tmp_path, capsys):
+    code, run_dir = run_cli(tmp_path, "r", "--steps", "4")
+    assert code == 0
+    (run_dir / "config.json").write_text("[1, 2]")
+    assert evaluate.main([str(run_dir), "--no-cuda"]) == 2
+    assert "config.json is not a run's record" in one_error_line(capsys.readouterr().err)
+    assert figures.main(["--curves", str(run_dir), "--out", str(tmp_path / "f")]) == 2
+    assert "config.json is not a run's record" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_checkpoint_without_its_settings_is_one_line(tmp_path, capsys):
+    """A re-signed checkpoint without 'config' was a KeyError (exit 1)."""
+    from runfolder import tensor_checksum
+    code, run_dir = run_cli(tmp_path, "r", "--steps", "4")
+    assert code == 0
+    path = run_dir / "checkpoints/last.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["config"], checkpoint["checksum"]
+    checkpoint["checksum"] = tensor_checksum(checkpoint)
+    torch.save(checkpoint, path)
+    assert main(["--resume", str(run_dir), "--steps", "6"]) == 2
+    assert "holds no run settings" in one_error_line(capsys.readouterr().err)
+    assert evaluate.main([str(run_dir), "--no-cuda"]) == 2
+    assert "holds no run settings" in one_error_line(capsys.readouterr().err)
 
 
 # --- 7. checkpoints are validated, not trusted -----------------------------------------------
