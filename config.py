@@ -11,7 +11,7 @@ import math
 from datetime import datetime
 from typing import NamedTuple
 
-from dataset import CELEBA_CROPS, GRIDS
+from dataset import CELEBA_CROPS, GRIDS, DatasetError, check_data
 from metrics import DEFAULT_METRICS, METRIC_NAMES, metric_list
 from objectives import OBJECTIVES
 from precision import PRECISIONS, pick_device
@@ -428,8 +428,8 @@ def make_config(args, given=()):
 
 
 def new_run_config(argv):
-    """The Config ``python run.py ARGV --dry-run`` resolves for a new run, or ConfigError with
-    the last line run.py would print. study.py checks every trial with it, in its own process,
+    """The Config ``python run.py ARGV --dry-run`` resolves for a new run (its data checked as
+    the run checks it), or ConfigError with the last line run.py would print. study.py checks every trial with it, in its own process,
     before any trial starts (a run.py process per trial took ~3 s of CPU, mostly importing)."""
     parser = build_parser()
     printed = io.StringIO()
@@ -442,7 +442,8 @@ def new_run_config(argv):
     try:
         config = make_config(args, explicit_flags(parser, argv))
         pick_device(config)
-    except ConfigError as err:
+        check_data(config.dataset, config.data_dir)
+    except (ConfigError, DatasetError) as err:
         raise ConfigError(f"error: {err}") from None
     return config
 

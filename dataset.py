@@ -668,15 +668,30 @@ def preprocess_celeba(source, cache, crop, workers=None, chunk=512):
             tmp.unlink()
 
 
-def load_celeba(data_dir=None, crop="original"):
-    """CelebA as an ImageArray, preprocessing into the cache on first use."""
-    if crop not in CELEBA_CROPS:
-        raise ValueError(f"unknown CelebA crop {crop!r}; choose from {tuple(CELEBA_CROPS)}")
+def celeba_source(data_dir=None):
+    """The CelebA zip or folder ``find_celeba`` finds, or DatasetError naming where it looked."""
     source = find_celeba(data_dir)
     if source is None:
         searched = " or ".join(str(d) for d in _candidate_dirs(data_dir))
         raise DatasetError(f"no CelebA in {searched}: expected {CELEBA_ZIP} or an extracted "
                            f"{CELEBA_FOLDER}/ folder (use --data-dir). Get it from {CELEBA_SOURCE}")
+    return source
+
+
+def check_data(dataset, data_dir):
+    """What a run checks of its data before it writes anything (also ``--dry-run`` and
+    study.py's trial check): --data-dir is a folder, and CelebA is there. dSprites always is
+    (the official npz, else the procedural one)."""
+    check_data_dir(data_dir)
+    if dataset == "celeba":
+        celeba_source(data_dir)
+
+
+def load_celeba(data_dir=None, crop="original"):
+    """CelebA as an ImageArray, preprocessing into the cache on first use."""
+    if crop not in CELEBA_CROPS:
+        raise ValueError(f"unknown CelebA crop {crop!r}; choose from {tuple(CELEBA_CROPS)}")
+    source = celeba_source(data_dir)
     started = time.perf_counter()
     cache = celeba_cache_path(source, crop)
     if not cache.exists():

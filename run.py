@@ -10,7 +10,7 @@ import sys
 import threading
 
 from config import build_parser, default_run_name, explicit_flags, make_config
-from dataset import CELEBA_SOURCE, CELEBA_ZIP, DatasetError, check_data_dir, download_dsprites
+from dataset import CELEBA_SOURCE, CELEBA_ZIP, DatasetError, check_data, download_dsprites
 from precision import pick_device
 from runfolder import RunFolder, resume_run, resumed_settings, start_run
 from solver import Solver
@@ -73,6 +73,7 @@ def _run(args, given):
             config = (resumed_settings(RunFolder(args.resume), _given_settings(args, given))[0]
                       if args.resume else make_config(args, given))
             pick_device(config)
+            check_data(config.dataset, config.data_dir)  # as the run would, before writing
             print(f"ok: the settings are valid\n{json.dumps(config.to_dict())}")
             return 0
         if args.resume:
@@ -90,7 +91,7 @@ def _run(args, given):
                                   "and put it in --data-dir")
             if args.download:
                 download_dsprites(config.data_dir or "datasets")
-            check_data_dir(config.data_dir)  # before the run folder exists
+            check_data(config.dataset, config.data_dir)  # before the run folder exists
             folder = RunFolder.create(config.output_dir, config.run_name, default_run_name(config))
             log.info("Run folder: %s", folder)
             build = lambda config, device: Solver(config, folder, device=device)  # noqa: E731

@@ -364,6 +364,24 @@ def one_error_line(capsys):
     return err[0]
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--data-dir", "{tmp}/nowhere"], "nowhere does not exist"),
+    (["--data-dir", "{tmp}/a-file"], "a-file is a file, not a folder"),
+    (["--dataset", "celeba", "--data-dir", "{tmp}"], "no CelebA in"),
+])
+def test_dry_run_checks_the_data_as_the_run_does(tmp_path, capsys, flags, message):
+    """--dry-run (and study.py's trial check, the same code) accepted data the run refused: a
+    study then launched every trial three times and stored the bad flags."""
+    import study
+    (tmp_path / "a-file").write_text("x")
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    assert main(["--dry-run", *flags]) == 2
+    assert message in one_error_line(capsys)
+    assert study.main(["--out", str(tmp_path / "s"), "--metric", "VAE", "--", *flags]) == 2
+    assert "would be refused by run.py" in one_error_line(capsys)
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_data_dir_that_does_not_exist_is_named_and_no_folder_is_made(tmp_path, capsys):
     missing = tmp_path / "datsets"
     assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--data-dir", str(missing)]) == 2
