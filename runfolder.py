@@ -80,8 +80,10 @@ class RunFolder:
     def create(cls, output_dir, run_name, default_name):
         """A new, empty, writable run folder ``output_dir/run_name``. An existing ``run_name``
         is an error (runs are never overwritten) unless a start that failed left it without
-        anything of a run (see ``holds_nothing``); a generated ``default_name`` gets a numeric
-        suffix instead."""
+        anything of a run (see ``holds_nothing``: reused), or left records but no checkpoint
+        and no process holds it (kept as ``<name>.failed-<time>``, and the run starts anew: a
+        folder that can be neither resumed nor restarted would be a dead end); a generated
+        ``default_name`` gets a numeric suffix instead."""
         parent = Path(output_dir)
         try:
             parent.mkdir(parents=True, exist_ok=True)
@@ -95,12 +97,19 @@ class RunFolder:
                 suffix += 1
                 path = parent / f"{default_name}_{suffix}"
         elif path.exists():
-            if path.is_dir() and cls(path).holds_nothing():
+            folder = cls(path)
+            if path.is_dir() and folder.holds_nothing():
                 log.info("Reusing %s: an earlier start left it without a checkpoint or outputs",
                          path)
-                return cls(path)
-            raise ConfigError(f"run folder {path} already exists and is never overwritten; "
-                              f"use --resume {path} to continue it, or another --run-name")
+                return folder
+            if path.is_dir() and not path.is_symlink() and not folder.checkpoint_path.exists() \
+                    and (path / cls.CONFIG).is_file() and folder.lock_holder() is None:
+                kept = folder.set_aside("failed")  # a start that failed before its first save
+                log.warning("%s stopped before its first checkpoint; it is kept as %s and the "
+                            "run starts anew", path, kept)
+            else:
+                raise ConfigError(f"run folder {path} already exists and is never overwritten; "
+                                  f"use --resume {path} to continue it, or another --run-name")
         try:
             path.mkdir()
             (path / ".write-test").touch()
@@ -265,8 +274,14 @@ class RunFolder:
         if self.checkpoint_path.is_file():
             return
         if (self.path / self.CONFIG).is_file():
+            if holder := self.lock_holder():
+                raise ConfigError(f"{self.path} is training now (PID {holder}) and has no "
+                                  f"checkpoint yet: its first comes at its first save interval; "
+                                  f"wait for it, or stop that run first")
             raise ConfigError(f"{self.path} has no checkpoint yet ({self.CHECKPOINT}): the run "
-                              f"stopped before its first save; start it again")
+                              f"stopped before its first save. Start it again with the same "
+                              f"command: the folder is then kept as {self.path.name}"
+                              f".failed-<time>")
         runs = sorted(p.name for p in self.path.iterdir() if (p / self.CHECKPOINT).is_file())
         inside = (f"; the run folders inside it: {', '.join(runs[:8])}"
                   f"{f' and {len(runs) - 8} more' if len(runs) > 8 else ''}" if runs

@@ -152,6 +152,39 @@ def test_a_checkpoint_without_its_settings_is_one_line(tmp_path, capsys):
     assert "holds no run settings" in one_error_line(capsys.readouterr().err)
 
 
+def test_a_start_that_failed_before_its_first_checkpoint_has_a_way_out(tmp_path, at_step,
+                                                                        capsys):
+    """A run whose start failed after its first records (here: stopped, its checkpoint lost)
+    could be neither resumed ("start it again") nor started again ("already exists"). Resume
+    now says what the same start command does, and that start keeps the folder aside."""
+    code, run_dir = run_cli(tmp_path, "r", "--steps", "4")
+    assert code == 0
+    (run_dir / "checkpoints" / "last.pt").unlink()  # as a failure before the first save
+    kept = {p.name: sha256(p) for p in run_dir.iterdir() if p.is_file()}
+    assert main(["--resume", str(run_dir)]) == 2
+    assert "start it again with the same command" in one_error_line(
+        capsys.readouterr().err).lower()
+    assert run_cli(tmp_path, "r", "--steps", "4")[0] == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.failed-")]
+    assert len(aside) == 1 and {p.name: sha256(p) for p in aside[0].iterdir()
+                                if p.is_file()} == kept
+    assert RunFolder(run_dir).load_checkpoint()["step"] == 4
+
+
+def test_resume_of_a_run_in_its_first_interval_says_it_is_training(tmp_path, capsys):
+    """It said "stopped before its first save; start it again" while the run was training."""
+    folder = RunFolder(tmp_path / "busy")
+    folder.path.mkdir()
+    (folder.path / folder.CONFIG).write_text('{"config": {}}\n')
+    with folder.writer_lock():
+        assert main(["--resume", str(folder)]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"is training now (PID {os.getpid()})" in line
+        assert run_cli(tmp_path, "busy", "--steps", "2")[0] == 2  # nor set aside while held
+        assert "in use by another process" in one_error_line(capsys.readouterr().err)
+    assert not [p for p in tmp_path.iterdir() if ".failed-" in p.name]
+
+
 # --- 7. checkpoints are validated, not trusted -----------------------------------------------
 
 def checkpoint_of(tmp_path, name="ckpt"):
