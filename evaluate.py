@@ -13,7 +13,9 @@ with a warning naming its step, and nothing is written into its folder.
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 
 from dataset import DatasetError
 from metrics import METRIC_NAMES, metric_list
@@ -38,6 +40,25 @@ def main(argv=None):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     folder = RunFolder(args.run_dir)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops it like Ctrl-C
+        previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _evaluate(args, folder)
+    except KeyboardInterrupt:
+        print(f"error: interrupted; nothing more was written to {folder} (its metrics.json "
+              f"keeps the evaluations it had)", file=sys.stderr)
+        return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _evaluate(args, folder):
     try:
         checkpoint, stored = stored_model(folder)
         if stored.dataset != "dsprites":
@@ -46,6 +67,7 @@ def main(argv=None):
         holder = folder.lock_holder()
         if holder is None:  # before the encoding pass, not after it
             folder.check_writable("evaluate.py (metrics.json, the ground-truth plot)")
+            folder.remove_orphans()  # what an interrupted write left; no run writes here now
         if holder is not None:
             log.warning("warning: %s is still training (PID %s): scoring its latest checkpoint, "
                         "step %d of %d, and writing nothing into the run folder (the run "
@@ -62,9 +84,14 @@ def main(argv=None):
         if holder is None:
             folder.append_evaluation(evaluation_report(trained.step, trained.data, results,
                                                        "evaluate.py", measures))
-    except (ConfigError, DatasetError, DiskFull) as err:
+    except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DiskFull as err:
+        print(f"error: no space left on device while writing {err.path or 'a file'}; the "
+              f"previous version of the file is kept. Free some space, then run evaluate.py "
+              f"again", file=sys.stderr)
+        return 3
     where = (f" -> {folder.path / folder.REPORT}" if holder is None
              else " (not written: the run is in training)")
     print(f"step {trained.step}: " + ", ".join(

@@ -150,12 +150,14 @@ class RunFolder:
             self.path.rmdir()
 
     def remove_orphans(self):
-        """Delete temporary checkpoint files that a killed write left behind (called with the
-        writer lock held, at every save and resume)."""
-        folder = self.checkpoint_path.parent
-        if folder.is_dir():
-            for orphan in folder.glob(f".{self.checkpoint_path.name}.*.tmp"):
-                orphan.unlink(missing_ok=True)
+        """Delete the temporary files that a killed atomic write left behind (``.NAME.*.tmp``,
+        in the folder and in checkpoints/); called when no other process writes here: with the
+        writer lock held (every save and resume) or by evaluate.py when no run holds it."""
+        for folder in (self.path, self.checkpoint_path.parent):
+            if folder.is_dir():
+                for orphan in folder.glob(".*.tmp"):
+                    if orphan.is_file() and not orphan.is_symlink():
+                        orphan.unlink(missing_ok=True)
 
     # --- files named by step --------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -183,6 +184,43 @@ def test_resume_of_a_run_in_its_first_interval_says_it_is_training(tmp_path, cap
         assert run_cli(tmp_path, "busy", "--steps", "2")[0] == 2  # nor set aside while held
         assert "in use by another process" in one_error_line(capsys.readouterr().err)
     assert not [p for p in tmp_path.iterdir() if ".failed-" in p.name]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_evaluate_stopped_by_a_signal_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys,
+                                                              signum):
+    """evaluate.py had no signal handling: Ctrl-C printed a traceback, SIGTERM exited 143
+    silently, and once left a 0-byte .*.tmp in the run folder."""
+    import representation
+    code, run_dir = run_cli(tmp_path, "r", "--steps", "4")
+    assert code == 0
+    stale = run_dir / ".metrics.json.x1y2.tmp"  # what an earlier interrupted write left
+    stale.write_bytes(b"")
+    before = sha256(run_dir / "metrics.json")
+    encode = representation.encode_all
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return encode(*args, **kwargs)
+    monkeypatch.setattr(representation, "encode_all", signalled)
+    assert evaluate.main([str(run_dir), "--no-cuda", "--eval-metrics", "mig"]) == 130
+    assert "interrupted; nothing more was written" in one_error_line(capsys.readouterr().err)
+    assert sha256(run_dir / "metrics.json") == before
+    assert not list(run_dir.rglob("*.tmp"))
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers given back
+
+
+def test_evaluate_on_a_full_disk_is_exit_3_and_says_to_run_it_again(tmp_path, monkeypatch,
+                                                                    capsys):
+    import utils
+    code, run_dir = run_cli(tmp_path, "r", "--steps", "4")
+    assert code == 0
+    before = sha256(run_dir / "metrics.json")
+    monkeypatch.setattr(utils.os, "fsync", enospc)
+    assert evaluate.main([str(run_dir), "--no-cuda"]) == 3
+    line = one_error_line(capsys.readouterr().err)
+    assert "no space left on device" in line and "run evaluate.py again" in line
+    assert "resume" not in line and sha256(run_dir / "metrics.json") == before
 
 
 # --- 7. checkpoints are validated, not trusted -----------------------------------------------
