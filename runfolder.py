@@ -613,9 +613,10 @@ def stored_run(folder):
 
 
 def stored_weights(folder):
-    """({"step", "model"}, Config) of a folder that holds a run's config.json and its model
-    weights alone (``WEIGHTS``, no checkpoint): what evaluate.py needs to score a run that
-    was not trained here. Checked like a checkpoint's model."""
+    """({"step", "model", ...}, Config) of a folder that holds a run's config.json and its model
+    weights alone (``WEIGHTS``, no checkpoint): what evaluate.py needs to score a run that was
+    not trained here. The weights carry their run's settings and a checksum (``export_weights``)
+    and must be that config.json's run; the tensors are checked like a checkpoint's model."""
     folder.check_no_links()
     started = folder.read_config().get("config")
     if not isinstance(started, dict):
@@ -624,14 +625,29 @@ def stored_weights(folder):
     path = folder.weights_path
     saved = load_tensors(path, "model weights file")
     try:
-        if not isinstance(saved, dict) or set(saved) != {"step", "model"}:
-            raise _Bad("must hold 'step' and 'model'")
-        _number(saved["step"], "step", whole=True, high=config.steps)
+        if not isinstance(saved, dict) or set(saved) != {"step", "model", "config", "checksum"}:
+            raise _Bad("must hold 'step', 'model', 'config' and 'checksum' (weights written "
+                       "before they carried their run's settings: export them again with "
+                       "figures.py from the run folder)")
+        if saved["checksum"] != tensor_checksum({k: v for k, v in saved.items()
+                                                 if k != "checksum"}):
+            raise _Bad("the checksum of its tensors does not match the one stored in it; the "
+                       "file is corrupt")
+        own = Config.from_stored({**IMPLIED_SETTINGS[1], **saved["config"]}, "its settings") \
+            if isinstance(saved["config"], dict) else None
+        if own is None:
+            raise _Bad("holds no run settings")
+        differ = sorted(k for k, v in own.to_dict().items() if k not in RESUMABLE
+                        and k != "output_dir" and getattr(config, k) != v)
+        if differ:
+            raise _Bad(f"holds the weights of another run than {folder.CONFIG} describes "
+                       f"(they differ in {', '.join(differ)})")
+        _number(saved["step"], "step", whole=True, high=own.steps)
         with torch.device("cpu"):
             template = MODEL_SPECS[config.dataset].build(config.z_dim, config.arch)
         _state_dict(saved["model"], template.state_dict(), "model")
-    except _Bad as err:
-        raise ConfigError(f"{path}: {err}") from None
+    except (_Bad, ConfigError) as err:
+        raise ConfigError(f"{path}: {err}; nothing was written") from None
     return saved, config
 
 
@@ -654,11 +670,12 @@ def stored_model(folder):
 
 def export_weights(folder, target):
     """Write the final weights alone (``RunFolder.WEIGHTS``, ~2 MB) of ``folder``'s checkpoint
-    into the folder ``target``."""
+    into the folder ``target``, bound to their run: with its settings and a checksum."""
     checkpoint = folder.load_checkpoint()
-    atomic_torch_save(dict(step=checkpoint["step"], model={
-        k: v.contiguous() for k, v in checkpoint["model"].items()}),
-        Path(target) / RunFolder.WEIGHTS)
+    weights = dict(step=checkpoint["step"], config=checkpoint["config"], model={
+        k: v.contiguous() for k, v in checkpoint["model"].items()})
+    atomic_torch_save(dict(weights, checksum=tensor_checksum(weights)),
+                      Path(target) / RunFolder.WEIGHTS)
 
 
 # --- the sequences of a start and a resume ---------------------------------------------------------

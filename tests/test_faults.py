@@ -223,6 +223,34 @@ def test_evaluate_on_a_full_disk_is_exit_3_and_says_to_run_it_again(tmp_path, mo
     assert "resume" not in line and sha256(run_dir / "metrics.json") == before
 
 
+def test_final_weights_are_bound_to_their_run(tmp_path, capsys):
+    """evaluate.py on a folder of final weights (misc/runs/<run>) accepted another run's
+    weights of the same shape and appended their scores as this run's own."""
+    import shutil
+
+    from runfolder import export_weights
+    folders = {}
+    for seed in ("1", "2"):
+        code, run_dir = run_cli(tmp_path, f"seed{seed}", "--steps", "4", "--seed", seed)
+        assert code == 0
+        folders[seed] = tmp_path / "weights" / f"seed{seed}"
+        folders[seed].mkdir(parents=True)
+        shutil.copy(run_dir / "config.json", folders[seed])
+        export_weights(RunFolder(run_dir), folders[seed])
+    assert evaluate.main([str(folders["1"]), "--no-cuda"]) == 0  # its own weights score
+    capsys.readouterr()
+    shutil.copy(folders["2"] / "model.pt", folders["1"] / "model.pt")  # another run's
+    before = {p.name: sha256(p) for p in folders["1"].iterdir()}
+    assert evaluate.main([str(folders["1"]), "--no-cuda"]) == 2
+    assert "holds the weights of another run than config.json describes (they differ in " \
+        "run_name, seed)" in one_error_line(capsys.readouterr().err)
+    torch.save({"step": 4, "model": torch.load(folders["2"] / "model.pt")["model"]},
+               folders["2"] / "model.pt")  # unbound, as exported before
+    assert evaluate.main([str(folders["2"]), "--no-cuda"]) == 2
+    assert "export them again" in one_error_line(capsys.readouterr().err)
+    assert {p.name: sha256(p) for p in folders["1"].iterdir()} == before
+
+
 # --- 7. checkpoints are validated, not trusted -----------------------------------------------
 
 def checkpoint_of(tmp_path, name="ckpt"):
