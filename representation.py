@@ -60,10 +60,6 @@ class Trained:
         return evaluate_representation(self.model, self.data, self.config, folder, self.step,
                                        metric_names, plot)
 
-    def encode(self, should_stop=None):
-        """The posterior means of every image (``encode_all``) at the run's precision."""
-        return encode_all(self.model, self.data, self.config.precision, should_stop)
-
     def measures(self):
         """The evaluation sample's measures (``sample_measures``) at the run's precision."""
         return sample_measures(self.model, self.data, self.config)

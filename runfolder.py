@@ -48,6 +48,18 @@ def tensor_checksum(state):
     return digest.hexdigest()
 
 
+def _read_json(path, missing, advice):
+    """The JSON in ``path`` (``missing`` where there is no such file); ConfigError (one line,
+    ending with ``advice``) where it cannot be read."""
+    if not path.exists():
+        return missing
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not readable ({type(err).__name__}: {err}); it was "
+                          f"damaged or edited. {advice}") from None
+
+
 class RunFolder:
     """Owner of one run folder: its file names, the checkpoint (with its format version), the
     metrics log and the evaluation report. Nothing else builds a path inside a run folder.
@@ -337,19 +349,18 @@ class RunFolder:
         """config.json's record ({} where there is none yet); ConfigError (one line) where it
         is not a readable JSON object with the settings under "config"."""
         path = self.path / self.CONFIG
-        if not path.exists():
-            return {}
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path} is not readable ({type(err).__name__}: {err}); it was "
-                              f"damaged or edited. Restore it from a copy: the run's "
-                              f"checkpoint holds its settings too") from None
+        advice = "Restore it from a copy: the run's checkpoint holds its settings too"
+        record = _read_json(path, {}, advice)
         if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
             raise ConfigError(f"{path} is not a run's record (a JSON object with the settings "
-                              f"under \"config\"); it was damaged or edited. Restore it from a "
-                              f"copy")
+                              f"under \"config\"); it was damaged or edited. {advice}")
         return record
+
+    def started_settings(self):
+        """The settings config.json records for the run's start, completed with the values
+        runs had before a setting existed (IMPLIED_SETTINGS[1]); None without any."""
+        started = self.read_config().get("config")
+        return None if started is None else {**IMPLIED_SETTINGS[1], **started}
 
     def record_resume(self, step, changed, device=None):
         """Append one resumption (its step, the settings changed, the device) to config.json."""
@@ -440,14 +451,8 @@ class RunFolder:
         """The evaluations appended to metrics.json so far; ConfigError (one line) where it is
         not a readable JSON object holding a list of them."""
         path = self.path / self.REPORT
-        if not path.exists():
-            return []
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path} is not readable ({type(err).__name__}: {err}); it was "
-                              f"damaged or edited. Move it aside (its evaluations are also in "
-                              f"{self.LOG}'s eval records) and run again") from None
+        report = _read_json(path, {"evaluations": []}, f"Move it aside (its evaluations are "
+                            f"also in {self.LOG}'s eval records) and run again")
         if not isinstance(report, dict) or not isinstance(report.get("evaluations"), list) or \
                 not all(isinstance(e, dict) for e in report["evaluations"]):
             raise ConfigError(f"{path} is not a run's report (a JSON object with a list of "
@@ -600,9 +605,8 @@ def stored_run(folder):
         check_checkpoint(checkpoint, config)
     except ConfigError as err:
         raise ConfigError(f"{folder.checkpoint_path}: {err}") from None
-    started = folder.read_config().get("config")
+    started = folder.started_settings()
     if started is not None:
-        started = {**IMPLIED_SETTINGS[1], **started}  # written before a setting existed
         differ = sorted(k for k, v in config.to_dict().items()
                         if k not in RESUMABLE and started.get(k) != v)
         if differ:
@@ -618,10 +622,10 @@ def stored_weights(folder):
     not trained here. The weights carry their run's settings and a checksum (``export_weights``)
     and must be that config.json's run; the tensors are checked like a checkpoint's model."""
     folder.check_no_links()
-    started = folder.read_config().get("config")
-    if not isinstance(started, dict):
+    started = folder.started_settings()
+    if started is None:
         raise ConfigError(f"{folder} has no {folder.CONFIG} with the run's settings")
-    config = Config.from_stored({**IMPLIED_SETTINGS[1], **started}, f"{folder}/{folder.CONFIG}")
+    config = Config.from_stored(started, f"{folder}/{folder.CONFIG}")
     path = folder.weights_path
     saved = load_tensors(path, "model weights file")
     try:

@@ -42,8 +42,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from config import (ARCHS, IMPLIED_SETTINGS, NONSYN, OBJECTIVE_SETTINGS, OBJECTIVES, RESUMABLE,
-                    Config, build_parser, explicit_flags, new_run_config, objective_label)
+from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, OBJECTIVES, RESUMABLE, Config,
+                    build_parser, explicit_flags, new_run_config, objective_label)
 from metrics import METRIC_LABELS
 from precision import PRECISIONS
 from representation import MEASURE_LABELS, SAMPLE_MEASURES
@@ -378,12 +378,11 @@ def check_trial_folders(out, trials, configs):
     for trial in trials:
         folder = RunFolder(Path(out) / trial["name"])
         try:
-            record = folder.read_config()
+            record, stored = folder.read_config(), folder.started_settings()
         except ConfigError as err:
             raise StudyError(f"trial {trial['name']}: {err}") from None
         if not record.get("config"):
             continue  # not started yet, or stopped before it wrote its settings
-        stored = {**IMPLIED_SETTINGS[1], **record["config"]}
         for resume in record.get("resumes", []):
             if isinstance(resume, dict) and isinstance(resume.get("changed"), dict):
                 stored.update(resume["changed"])
@@ -1226,8 +1225,9 @@ def _main(p, args, shared):
                      + (f" on GPU(s) {', '.join(plan.devices)}" if plan.devices[0] else ""))
         study.check_spec(spec, args.extend)
         # a trial without a run folder (new, or recorded finished but its folder is gone)
-        configs = check_trials(spec, expand(spec), study.out)  # nothing written yet
-        check_trial_folders(study.out, expand(spec), configs)
+        trials = expand(spec)
+        configs = check_trials(spec, trials, study.out)  # nothing written yet
+        check_trial_folders(study.out, trials, configs)
         held = study.lock(reread=not args.rebuild)  # noqa: F841  (held until this ends)
         if args.rebuild:
             study.rebuild()
