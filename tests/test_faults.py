@@ -111,6 +111,7 @@ def test_a_second_start_on_a_run_name_in_training_touches_nothing_of_it(tmp_path
         assert {p.name: sha256(p) for p in first.path.iterdir()} == before
 
 
+@pytest.mark.slow  # trains several runs (fault injection)
 @pytest.mark.parametrize("damage", ["truncated", "[]", "{}", "not utf-8"])
 def test_a_damaged_metrics_json_is_named_before_a_resume_trains(tmp_path, capsys, damage):
     """A damaged metrics.json let every resume train and then crash at the final evaluation,
@@ -153,6 +154,7 @@ def test_a_checkpoint_without_its_settings_is_one_line(tmp_path, capsys):
     assert "holds no run settings" in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow  # trains several runs (fault injection)
 def test_a_start_that_failed_before_its_first_checkpoint_has_a_way_out(tmp_path, at_step,
                                                                         capsys):
     """A run whose start failed after its first records (here: stopped, its checkpoint lost)
@@ -186,6 +188,7 @@ def test_resume_of_a_run_in_its_first_interval_says_it_is_training(tmp_path, cap
     assert not [p for p in tmp_path.iterdir() if ".failed-" in p.name]
 
 
+@pytest.mark.slow  # trains several runs (fault injection)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_evaluate_stopped_by_a_signal_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys,
                                                               signum):
@@ -210,6 +213,7 @@ def test_evaluate_stopped_by_a_signal_is_one_line_and_exit_130(tmp_path, monkeyp
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers given back
 
 
+@pytest.mark.slow  # trains several runs (fault injection)
 def test_evaluate_on_a_full_disk_is_exit_3_and_says_to_run_it_again(tmp_path, monkeypatch,
                                                                     capsys):
     import utils
@@ -223,6 +227,7 @@ def test_evaluate_on_a_full_disk_is_exit_3_and_says_to_run_it_again(tmp_path, mo
     assert "resume" not in line and sha256(run_dir / "metrics.json") == before
 
 
+@pytest.mark.slow  # trains several runs (fault injection)
 def test_final_weights_are_bound_to_their_run(tmp_path, capsys):
     """evaluate.py on a folder of final weights (misc/runs/<run>) accepted another run's
     weights of the same shape and appended their scores as this run's own."""
@@ -434,6 +439,7 @@ def test_figures_checks_every_runs_kind_and_the_out_folder_before_writing(tmp_pa
     assert "is a file" in capsys.readouterr().err and blocker.read_text() == "x"
 
 
+@pytest.mark.slow  # trains several runs (fault injection)
 def test_figures_never_write_into_a_source_run_folder(tmp_path, capsys):
     """Runs made with --output_dir X/runs and figures with --out X: the export of the records
     (X/runs/<name>/) used to rewrite the runs' own config.json, metrics.json(l) and add
