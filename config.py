@@ -29,7 +29,7 @@ DATASETS = ("dsprites", "celeba")
 ARCHS = ("2020", "2018")  # the final decoder; the thesis figures' decoder (no ReLU after Linear)
 INITS = ("original", "current")  # PyTorch 0.4.1's default initialisation, or today's
 MANY = 10**9  # the upper bound of steps and intervals
-CHECKPOINT_FORMAT = 5  # bumped whenever the checkpoint's layout changes (runfolder.py)
+CHECKPOINT_FORMAT = 6  # bumped whenever the checkpoint's layout changes (runfolder.py)
 GROUPS = ("objective", "optimiser", "data", "run folder", "monitoring")  # --help's sections
 
 
@@ -150,6 +150,10 @@ class Config:
     save_interval: int = setting(2000, R, "steps between traversal images and checkpoints",
                                  flag="--save-interval", bound=Bound(int, 1, MANY),
                                  resumable=True)
+    keep_interval: int = setting(
+        0, R, "steps between checkpoints kept beside the latest, as checkpoints/step_N.pt, for "
+        "evaluate.py --step N (0: keep only the latest)", flag="--keep-interval",
+        bound=Bound(int, 0, MANY), resumable=True, since=6, before=0)
     gt_interval: int = setting(10000, R, "steps between ground-truth mean-activation plots",
                                flag="--gt-interval", bound=Bound(int, 1, MANY), resumable=True)
     eval_metrics: str = setting(

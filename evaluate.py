@@ -1,13 +1,14 @@
 """Evaluate a finished or interrupted run without retraining.
 
-    python evaluate.py RUN_DIR [--eval-metrics all] [--data-dir DIR] [--no-cuda]
+    python evaluate.py RUN_DIR [--eval-metrics all] [--step N] [--data-dir DIR] [--no-cuda]
 
 Loads the run's checkpoint with its stored config, encodes the whole dSprites grid once,
 draws the ground-truth plot for the checkpoint's step (unless the run already has it), measures
 recon, KL, ELBO and i_max over the fixed evaluation sample, and appends all of it, with the
 protocols and library versions, to RUN_DIR/metrics.json. The metrics are the run's own
 (``--eval-metrics`` of its config, factor_vae,mig by default); ``--eval-metrics all`` for all
-five (DCI alone takes minutes). A run that is still training is scored at its latest checkpoint,
+five (DCI alone takes minutes). ``--step N`` scores the checkpoint the run kept at step N
+(``run.py --keep-interval``) instead of its latest. A run that is still training is scored at its latest checkpoint,
 with a warning naming its step, and nothing is written into its folder.
 """
 import argparse
@@ -33,6 +34,9 @@ def main(argv=None):
     p.add_argument("--eval-metrics", type=metric_list, default=None,
                    help=f"comma-separated from {', '.join(METRIC_NAMES)}; all; none (only the "
                         f"evaluation sample's measures). Default: the run's own --eval-metrics")
+    p.add_argument("--step", type=int, default=None,
+                   help="score the checkpoint kept at this step (checkpoints/step_N.pt, written "
+                        "with run.py --keep-interval) instead of the latest")
     p.add_argument("--data-dir", help="where the official dSprites npz is (default: the run's)")
     p.add_argument("--no-cuda", dest="cuda", action="store_false", help="evaluate on the CPU")
     args = p.parse_args(argv)
@@ -60,7 +64,7 @@ def _interrupt(signum, frame):
 
 def _evaluate(args, folder):
     try:
-        checkpoint, stored = stored_model(folder)
+        checkpoint, stored = stored_model(folder, args.step)
         if stored.dataset != "dsprites":
             raise ConfigError(f"{folder} was trained on {stored.dataset}, which has no "
                               f"ground-truth factors to score against")
@@ -69,9 +73,10 @@ def _evaluate(args, folder):
             folder.check_writable("evaluate.py (metrics.json, the ground-truth plot)")
             folder.remove_orphans()  # what an interrupted write left; no run writes here now
         if holder is not None:
-            log.warning("warning: %s is still training (PID %s): scoring its latest checkpoint, "
+            log.warning("warning: %s is still training (PID %s): scoring its %s checkpoint, "
                         "step %d of %d, and writing nothing into the run folder (the run "
-                        "writes its own evaluations)", folder, holder, checkpoint["step"],
+                        "writes its own evaluations)", folder, holder,
+                        "latest" if args.step is None else "kept", checkpoint["step"],
                         stored.steps)
         names = stored.eval_metrics if args.eval_metrics is None else args.eval_metrics
         trained = Trained.build(dataclasses.replace(

@@ -225,18 +225,36 @@ class RunFolder:
         return (checkpoint["step"] >= checkpoint["config"]["steps"]
                 and not checkpoint.get("eval_pending"))
 
-    def save_checkpoint(self, state):
+    def kept_checkpoint_path(self, step):
+        return self.checkpoint_path.parent / f"step_{step}.pt"
+
+    def kept_steps(self):
+        """The steps of the checkpoints kept beside the latest (``--keep-interval``)."""
+        found = (p.stem.removeprefix("step_") for p in
+                 self.checkpoint_path.parent.glob("step_*.pt") if p.is_file())
+        return sorted(int(s) for s in found if s.isdigit())
+
+    def save_checkpoint(self, state, keep=False):
         """Write ``state`` (tensors and plain values) atomically, tagged with its format and
-        the checksum of its tensors."""
+        the checksum of its tensors; with ``keep``, also as the kept checkpoint of its step."""
         self.checkpoint_path.parent.mkdir(exist_ok=True)
         self.remove_orphans()
         state = dict(state, format=CHECKPOINT_FORMAT)
-        atomic_torch_save(dict(state, checksum=tensor_checksum(state)), self.checkpoint_path)
+        paths = [self.checkpoint_path] + ([self.kept_checkpoint_path(state["step"])] if keep
+                                          else [])
+        atomic_torch_save(dict(state, checksum=tensor_checksum(state)), *paths)
 
-    def load_checkpoint(self):
-        """The run's checkpoint (tensors and plain values only): readable, of a known format,
-        its tensors matching their checksum. Format 1 is read with its implied settings."""
-        path = self.checkpoint_path
+    def load_checkpoint(self, step=None):
+        """The run's checkpoint (tensors and plain values only), or the one kept at ``step``:
+        readable, of a known format, its tensors matching their checksum. Format 1 is read with
+        its implied settings."""
+        path = self.checkpoint_path if step is None else self.kept_checkpoint_path(step)
+        if step is not None and not path.is_file():
+            kept = self.kept_steps()
+            raise ConfigError(f"{self.path} kept no checkpoint at step {step} ("
+                              + (f"kept steps: {', '.join(map(str, kept))}" if kept else
+                                 "it kept none: train with --keep-interval N to keep some")
+                              + ")")
         if not path.is_file():
             raise ConfigError(f"{self.path}: no checkpoint at {path}")
         checkpoint = load_tensors(path, "checkpoint")
@@ -460,15 +478,25 @@ class RunFolder:
                               f"again")
         return report["evaluations"]
 
-    def last_evaluated(self, part):
-        """``part`` ("scores" or "measures") of the latest evaluation in metrics.json that has
-        it, or {}: runs evaluated before the sample measures existed have scores only."""
-        found = [e[part] for e in self.evaluations() if e.get(part)]
-        return found[-1] if found else {}
+    def last_evaluated(self, part, step=None):
+        """``part`` ("scores" or "measures") of the evaluation in metrics.json that has it at
+        ``step``, or by default at the latest step evaluated (the last appended among those:
+        evaluate.py may score a kept earlier step after the final one), or {}: runs evaluated
+        before the sample measures existed have scores only."""
+        found = [e for e in self.evaluations() if e.get(part)
+                 and (step is None or e.get("step") == step)]
+        if not found:
+            return {}
+        return max(reversed(found), key=lambda e: _step_of(e))[part]
 
     def append_evaluation(self, evaluation):
         write_json(self.path / self.REPORT,
                    {"evaluations": self.evaluations() + [evaluation]})
+
+
+def _step_of(evaluation):
+    step = evaluation.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else -1
 
 
 # --- a stored run: every field checked before anything is built on it ------------------------------
@@ -592,14 +620,14 @@ def check_checkpoint(checkpoint, config):
                           f"code. Nothing was changed") from None
 
 
-def stored_run(folder):
+def stored_run(folder, step=None):
     """(checkpoint, Config) of the run in ``folder``, validated before anything is built or
     written: a readable checkpoint of a known format whose tensors match their checksum, stored
     settings checked like flags, and the same run as config.json describes (settings that a
     resume may change aside)."""
     folder.check_run()
     folder.check_no_links()
-    checkpoint = folder.load_checkpoint()
+    checkpoint = folder.load_checkpoint(step)
     config = Config.from_stored(checkpoint["config"], f"the checkpoint of {folder}")
     try:
         check_checkpoint(checkpoint, config)
@@ -664,12 +692,13 @@ def run_metadata(config, data, device):
                 factors=list(FACTOR_NAMES) if data.has_factors else None)
 
 
-def stored_model(folder):
-    """({"step", "model", ...}, Config) of the model a folder holds: its training checkpoint,
-    or, in a folder with config.json and the final weights alone (misc/runs/<run>), those."""
-    if not folder.checkpoint_path.is_file() and folder.weights_path.is_file():
+def stored_model(folder, step=None):
+    """({"step", "model", ...}, Config) of the model a folder holds: its training checkpoint
+    (or the one kept at ``step``), or, in a folder with config.json and the final weights alone
+    (misc/runs/<run>), those."""
+    if step is None and not folder.checkpoint_path.is_file() and folder.weights_path.is_file():
         return stored_weights(folder)
-    return stored_run(folder)
+    return stored_run(folder, step)
 
 
 def export_weights(folder, target):

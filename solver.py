@@ -162,6 +162,8 @@ class Solver:
                     if self.step % c.save_interval == 0 or self.step == c.steps:
                         self.save_checkpoint()  # after the evaluation: it records whether it ran
                         self.save_traversal()
+                    elif self.keeps_step():
+                        self.save_checkpoint()
         finally:
             try:
                 self.folder.close_log(log_file)
@@ -271,9 +273,13 @@ class Solver:
 
     # --- checkpoints -------------------------------------------------------------------------
 
+    def keeps_step(self):
+        return self.config.keep_interval > 0 and self.step % self.config.keep_interval == 0
+
     def save_checkpoint(self):
-        """Write the checkpoint, unless a loss or a weight went non-finite (Diverged): the last
-        good checkpoint is never replaced by a broken one."""
+        """Write the checkpoint (at a step of --keep-interval, also as that step's kept one),
+        unless a loss or a weight went non-finite (Diverged): the last good checkpoint is never
+        replaced by a broken one."""
         self.check_finite()
         weights = list(self.model.parameters()) + (list(self.D.parameters()) if self.D else [])
         if not torch.stack([p.isfinite().all() for p in weights]).all():
@@ -287,7 +293,7 @@ class Solver:
                      best_counts=self.best_counts, rng=rng_state(self.device))
         if self.D is not None:
             state.update(D=self.D.state_dict(), optim_D=self.optim_D.state_dict())
-        self.folder.save_checkpoint(state)
+        self.folder.save_checkpoint(state, keep=self.keeps_step())
         self.checkpoint_step = self.step
 
     def load_state(self, state):

@@ -202,8 +202,10 @@ def parse_args(argv):
                       help="only write the summary of DIR (from the run folders if study.json "
                            "is unreadable)")
     grid.add_argument("--rebuild", action="store_true",
-                      help="with the study's own command: set an unreadable DIR/study.json aside "
-                           "and re-derive every trial's state from its run folder")
+                      help="set DIR/study.json aside (kept) and adopt the spec given now: "
+                           "every trial's state from its run folder, which must hold that "
+                           "trial's settings; a readable study.json's attempts and failure "
+                           "reasons carry over")
     local = p.add_argument_group("--engine local (default): worker processes on this machine")
     local.add_argument("--engine", choices=("local", "ray"), default="local")
     local.add_argument("--workers", type=int, default=None,
@@ -604,33 +606,61 @@ class Study:
         return data
 
     def rebuild(self):
-        """Set the unreadable study.json aside (study.json.unreadable-<time>, never deleted);
-        the spec given now is adopted with states from the run folders."""
+        """Re-derive the trials' states from their run folders under the spec given now. The
+        old study.json is set aside (study.json.replaced-<time>, or .unreadable-<time>; never
+        deleted); a readable one's attempt counts and failure reasons carry over to the trials
+        of the same name."""
+        try:
+            old = self.read()
+        except StudyError:
+            old = None
         if self.path.exists():
-            kept = self.path.with_name(f"study.json.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-            self.path.rename(kept)
+            kept = self._set_aside("replaced" if old is not None else "unreadable")
             print(f"study.py: {self.path} was set aside as {kept.name}; the trials' states "
-                  f"come from their run folders", file=sys.stderr)
-        self.data = None
+                  f"come from their run folders" + (", their attempts and failure reasons from "
+                                                     "it" if old is not None else ""),
+                  file=sys.stderr)
+        self.data = None if old is None else dict(spec=None, trials=[
+            {k: t[k] for k in ("name", "attempts", "reason", "log_tail")}
+            | dict(state="failed" if t["state"] == "failed" else "pending")
+            for t in old["trials"]])
+
+    def _set_aside(self, why):
+        kept = self.path.with_name(f"study.json.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.path.rename(kept)
+        return kept
+
+    def nothing_trained(self):
+        """True when no trial of the study in DIR has written a run folder (each failed at
+        start-up, or none started): its spec may then be replaced by a corrected one."""
+        return not any(RunFolder(self.out / t["name"]).has_config() for t in self.data["trials"])
 
     def check_spec(self, spec, extend):
         """Refuse a spec that would mix with the study already in DIR (``--extend`` may grow
-        axes and seeds, nothing else)."""
+        axes and seeds, nothing else; a study that trained nothing takes a corrected spec)."""
         if self.data is not None and self.data["spec"] != spec:
             old = self.data["spec"]
             grows = extend and all(trial_flags(old, s) == trial_flags(spec, s)
                                    for s in old["seed"]) and (
                 {t["name"] for t in expand(old)} <= {t["name"] for t in expand(spec)})
-            if not grows:
+            if not grows and not self.nothing_trained():
                 raise StudyError(f"{self.out} holds a study with another spec ({self.path}); it is "
-                                 f"never mixed or deleted: use another --out, the same spec, or "
-                                 f"--extend to add axis values or seeds")
+                                 f"never mixed or deleted: use another --out, the same spec, "
+                                 f"--extend to add axis values or seeds, or --rebuild to adopt "
+                                 f"this spec with the run folders whose settings match it")
 
     def adopt(self, spec):
         """Record ``spec`` and its trials, keeping the states of trials already known (a new
         study, or a rebuilt one, takes "finished" from the trials' run folders). A trial
-        recorded finished whose run folder does not hold its final checkpoint runs again."""
+        recorded finished whose run folder does not hold its final checkpoint runs again. A
+        replaced spec (a study that trained nothing) leaves its study.json beside."""
         trials = expand(spec)
+        if self.data is not None and self.data["spec"] not in (None, spec) and \
+                self.path.exists() and self.nothing_trained():
+            kept = self._set_aside("replaced")
+            print(f"study.py: no trial of the study in {self.out} had trained; its spec is "
+                  f"replaced by this one (the old study.json is kept as {kept.name})",
+                  file=sys.stderr)
         states = {t["name"]: t for t in (self.data or {}).get("trials", [])}
         for trial in trials:
             old = states.get(trial["name"], {})
@@ -1223,7 +1253,8 @@ def _main(p, args, shared):
                               args.threads, args.trials_per_gpu, cuda)
             where = (f"{plan.workers} worker(s) x {plan.threads} thread(s)"
                      + (f" on GPU(s) {', '.join(plan.devices)}" if plan.devices[0] else ""))
-        study.check_spec(spec, args.extend)
+        if not args.rebuild:
+            study.check_spec(spec, args.extend)
         # a trial without a run folder (new, or recorded finished but its folder is gone)
         trials = expand(spec)
         configs = check_trials(spec, trials, study.out)  # nothing written yet
@@ -1231,7 +1262,8 @@ def _main(p, args, shared):
         held = study.lock(reread=not args.rebuild)  # noqa: F841  (held until this ends)
         if args.rebuild:
             study.rebuild()
-        study.check_spec(spec, args.extend)  # again, as it is now that no one else changes it
+        else:
+            study.check_spec(spec, args.extend)  # again, now that no one else changes it
         study.adopt(spec)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)

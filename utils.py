@@ -103,14 +103,15 @@ def atomic_write_bytes(path, data):
         f.write(data)
 
 
-def atomic_torch_save(obj, path):
-    """torch.save through atomic_file: a kill mid-write leaves the previous file intact. The
-    checkpoint is serialised in memory first (a few MB) so that a full disk fails in a plain
-    write (DiskFull naming the file), not inside torch's zip writer (its RuntimeError says
-    only "unexpected pos")."""
+def atomic_torch_save(obj, *paths):
+    """torch.save through atomic_file, into each of ``paths``: a kill mid-write leaves the
+    previous file intact. The checkpoint is serialised in memory first (a few MB) so that a full
+    disk fails in a plain write (DiskFull naming the file), not inside torch's zip writer (its
+    RuntimeError says only "unexpected pos")."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    for path in paths:
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_json(path, obj):

@@ -310,7 +310,7 @@ def test_unknown_checkpoint_format_is_refused_with_a_clear_error(tmp_path, capsy
     assert main(["--resume", str(run_dir), "--steps", "8"]) == 2
     assert "checkpoint format 99" in capsys.readouterr().err
     assert evaluate.main([str(run_dir)]) == 2
-    assert "reads formats 1 to 5" in capsys.readouterr().err
+    assert "reads formats 1 to 6" in capsys.readouterr().err
     assert path.read_bytes() == before
 
 
@@ -455,3 +455,55 @@ def test_config_json_records_the_device_asked_for_and_used(tmp_path):
     assert main(["--resume", str(run_dir), "--steps", "8"]) == 0
     resume = json.loads((run_dir / "config.json").read_text())["resumes"][0]
     assert resume["device"]["used"] == "cpu"
+
+
+@pytest.mark.slow  # two runs and two evaluations
+def test_kept_checkpoints_are_scored_by_step_and_change_nothing_else(tmp_path, capsys):
+    """--keep-interval keeps checkpoints/step_N.pt beside the latest without touching the
+    training; evaluate.py --step N scores one and files it under its step, while the run's own
+    numbers stay those of its last step; a step not kept is one line naming the kept ones."""
+    import evaluate
+    from runfolder import RunFolder
+    assert run_cli(tmp_path, "plain")[0] == 0
+    code, run_dir = run_cli(tmp_path, "kept", "--keep-interval", "2")
+    assert code == 0
+    folder = RunFolder(run_dir)
+    assert folder.kept_steps() == [2, 4, 6]
+    plain = RunFolder(tmp_path / "plain").load_checkpoint()["model"]
+    last = folder.load_checkpoint()
+    assert all(torch.equal(plain[k], v) for k, v in last["model"].items())  # same training
+    kept = folder.load_checkpoint(4)
+    assert kept["step"] == 4 and not all(torch.equal(kept["model"][k], v)
+                                         for k, v in last["model"].items())
+    capsys.readouterr()
+    assert evaluate.main([str(run_dir), "--step", "4", "--eval-metrics", "mig", "--no-cuda"]) == 0
+    assert "step 4: mig " in capsys.readouterr().out
+    steps = [e["step"] for e in folder.evaluations()]
+    assert steps == [6, 4]
+    assert folder.last_evaluated("measures") == folder.evaluations()[0]["measures"]
+    assert folder.last_evaluated("measures", step=4) == folder.evaluations()[1]["measures"]
+    assert folder.last_evaluated("scores", step=4).keys() == {"mig"}
+    before = (run_dir / "metrics.json").read_bytes()
+    assert evaluate.main([str(run_dir), "--step", "5", "--no-cuda"]) == 2
+    assert "kept no checkpoint at step 5 (kept steps: 2, 4, 6)" in capsys.readouterr().err
+    assert (run_dir / "metrics.json").read_bytes() == before
+    assert evaluate.main([str(tmp_path / "plain"), "--step", "6", "--no-cuda"]) == 2
+    assert "--keep-interval N" in capsys.readouterr().err
+
+
+def test_the_runs_numbers_are_those_of_its_latest_step_whatever_the_order_evaluated(tmp_path):
+    """evaluate.py --step may append an earlier step's evaluation after the final one: the
+    summaries still take the latest step's (the last appended among equals)."""
+    from runfolder import RunFolder
+    folder = RunFolder(tmp_path)
+    entries = [dict(step=6, measures={"i_max": 1.0}), dict(step=6, measures={"i_max": 2.0}),
+               dict(step=4, measures={"i_max": 3.0}), dict(step=4, scores={"mig": 0.5})]
+    (tmp_path / "metrics.json").write_text(json.dumps({"evaluations": entries}))
+    assert folder.last_evaluated("measures") == {"i_max": 2.0}
+    assert folder.last_evaluated("measures", step=4) == {"i_max": 3.0}
+    assert folder.last_evaluated("scores") == {"mig": 0.5}
+    assert folder.last_evaluated("scores", step=6) == {}
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("step_10.pt", "step_2.pt", "step_x.pt", "last.pt"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"")
+    assert folder.kept_steps() == [2, 10]

@@ -804,3 +804,68 @@ def test_a_stopped_study_with_pending_trials_ends_and_resumes_them(tmp_path):
     states = {t["name"]: t["state"] for t in json.loads((out / "study.json").read_text())["trials"]}
     assert set(states.values()) == {"finished"}
     assert "Resuming" in (out / ".Test_gt_seed3.log").read_text()
+
+
+@pytest.mark.slow
+def test_rebuild_with_other_flags_adopts_only_the_folders_that_match_and_keeps_attempts(
+        finished, tmp_path, capsys):
+    """--rebuild adopts the spec given now: folders whose settings differ from their trial's
+    (here 6-step runs for 8-step trials) are refused by name with nothing changed; a setting a
+    resume may change adopts them as finished. The replaced study.json is kept beside, its
+    attempt counts carried over."""
+    out, argv = copy_of(finished, tmp_path)
+    argv = [str(a) for a in argv]
+    path = out / "study.json"
+    data = json.loads(path.read_text())
+    data["trials"][0]["attempts"] = 2
+    path.write_text(json.dumps(data))
+    before = digest(out)
+    cut = argv.index("--")
+    assert study.main([*argv[:cut], "--rebuild", *argv[cut:], "--steps", "8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds another run (steps 6 (the trial's: 8))" in err
+    assert digest(out) == before
+    assert study.main([*argv[:cut], "--rebuild", *argv[cut:], "--log-interval", "2"]) == 0
+    rebuilt = json.loads(path.read_text())
+    assert [t["state"] for t in rebuilt["trials"]] == ["finished"] * 4
+    assert rebuilt["trials"][0]["attempts"] == 2
+    assert rebuilt["spec"]["flags"][-2:] == ["--log-interval", "2"]
+    (kept,) = out.glob("study.json.replaced-*")
+    assert json.loads(kept.read_text()) == data
+    assert "set aside as study.json.replaced-" in capsys.readouterr().err
+
+
+def test_rebuild_carries_attempts_and_failure_reasons_of_a_readable_study_json(tmp_path, capsys):
+    old = {"metric": ["VAE"], "seed": [1, 2], "flags": ["--steps", "5"]}
+    trials = [dict(t, state=state, attempts=3, reason=f"why {t['seed']}", log_tail="tail")
+              for t, state in zip(study.expand(old), ["failed", "running"])]
+    (tmp_path / "study.json").write_text(json.dumps(dict(spec=old, trials=trials)))
+    s = study.Study(tmp_path)
+    s.rebuild()
+    new = dict(old, flags=["--steps", "7"])
+    s.adopt(new)
+    adopted = json.loads((tmp_path / "study.json").read_text())
+    assert adopted["spec"] == new
+    assert [(t["state"], t["attempts"], t["reason"]) for t in adopted["trials"]] == [
+        ("failed", 3, "why 1"), ("pending", 3, "why 2")]
+    assert len(list(tmp_path.glob("study.json.replaced-*"))) == 1
+
+
+def test_a_study_that_trained_nothing_takes_a_corrected_spec(tmp_path, capsys):
+    """Every trial failed at start-up (no run folder): the corrected command is accepted, the
+    old study.json kept beside; once a trial has a run folder, another spec is refused."""
+    old = {"metric": ["VAE"], "seed": [1], "flags": ["--steps", "5", "--lr_VAE", "1e9"]}
+    trials = [dict(t, state="failed", attempts=3, reason="exit 2", log_tail=None)
+              for t in study.expand(old)]
+    (tmp_path / "study.json").write_text(json.dumps(dict(spec=old, trials=trials)))
+    s = study.Study(tmp_path)
+    new = dict(old, flags=["--steps", "5"])
+    s.check_spec(new, extend=False)
+    s.adopt(new)
+    assert json.loads((tmp_path / "study.json").read_text())["spec"] == new
+    assert len(list(tmp_path.glob("study.json.replaced-*"))) == 1
+    assert "its spec is replaced" in capsys.readouterr().err
+    (tmp_path / "VAE_seed1").mkdir()
+    (tmp_path / "VAE_seed1" / "config.json").write_text("{}")
+    with pytest.raises(study.StudyError, match="holds a study with another spec"):
+        study.Study(tmp_path).check_spec(old, extend=False)
