@@ -719,7 +719,8 @@ def test_the_figures_preset_is_the_thesis_figures_runs(tmp_path):
 def test_the_evidence_preset_is_five_seeds_with_seed_1_to_the_thesis_length(tmp_path):
     """``--preset evidence``: the figures' three runs (bf16) over seeds 2-5 to 50,000 steps with
     the ground truth every 5,000, a traversal every 10,000 and a record every 100, and seed 1 to
-    110,000 with a traversal every 2,000 and 20-step records; Non-Syn and FactorVAE's seeds come
+    110,000 with a traversal every 2,000, 20-step records and its 50,000-step checkpoint kept
+    (scored there like the others' final ones); Non-Syn and FactorVAE's seeds come
     first, then the VAE's, then seed 1's. Flags after ``--`` win over both."""
     spec = study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--preset",
                                               "evidence"]))
@@ -733,8 +734,9 @@ def test_the_evidence_preset_is_five_seeds_with_seed_1_to_the_thesis_length(tmp_
     configs = study.check_trials(spec, study.expand(spec), tmp_path / "s")
     for name, config in configs.items():
         seed1 = name.endswith("_seed1")
-        assert (config["steps"], config["save_interval"], config["log_interval"]) == (
-            (110000, 2000, 20) if seed1 else (50000, 10000, 100)), name
+        assert (config["steps"], config["save_interval"], config["log_interval"],
+                config["keep_interval"]) == (
+            (110000, 2000, 20, 50000) if seed1 else (50000, 10000, 100, 0)), name
         assert config["gt_interval"] == 5000 and config["precision"] == "bf16"
         assert config["arch"] == ("2020" if name.startswith("VAE") else "2018")
         assert config["seed"] == int(name.rsplit("seed", 1)[1])
