@@ -20,13 +20,19 @@ log = logging.getLogger("run")
 
 
 _SIGNALLED = []  # the Ctrl-C or SIGTERM this main() got before its training loop took over
+_TRAINING = []  # the Solver whose loop ran, once it has: a signal after its end stops nothing
 
 
 def _interrupt(signum, frame):
     """Ctrl-C or SIGTERM while the run starts: a KeyboardInterrupt, and a note of it. Python
     runs the handler wherever the main thread is; inside a weakref callback or an at-fork hook
     (seen: an import lock's callback during CelebA preprocessing) it prints the exception and
-    drops it, and the run would go on to train as if never stopped; ``_train`` checks the note."""
+    drops it, and the run would go on to train as if never stopped; ``_train`` checks the note.
+    Once the run is finished (its final checkpoint written), the signal is only reported."""
+    if _TRAINING and _TRAINING[0].finished():
+        log.warning("%s after the run finished: nothing was left to stop",
+                    signal.Signals(signum).name)
+        return
     _SIGNALLED.append(signum)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -36,6 +42,7 @@ def _train(solver):
     Python dropped)."""
     if _SIGNALLED:
         raise KeyboardInterrupt(signal.Signals(_SIGNALLED[0]).name)
+    _TRAINING.append(solver)
     return solver.train()
 
 
@@ -53,12 +60,14 @@ def main(argv=None):
     previous = {}
     if threading.current_thread() is threading.main_thread():
         _SIGNALLED.clear()
+        _TRAINING.clear()
         previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(args, given)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _TRAINING.clear()
 
 
 def _given_settings(args, given):

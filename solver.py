@@ -169,6 +169,10 @@ class Solver:
                 self.folder.close_log(log_file)
             finally:
                 self._restore_signal_handlers(handlers)
+        if self._stop_signal is not None and self.finished():  # after the last write
+            log.warning("%s after the last step: nothing was left to stop; the run is finished",
+                        signal.Signals(self._stop_signal).name)
+            self._stop_signal = None
         if self._stop_signal is not None:
             self.save_checkpoint()
             name = signal.Signals(self._stop_signal).name
@@ -272,6 +276,12 @@ class Solver:
             signal.signal(s, handler)
 
     # --- checkpoints -------------------------------------------------------------------------
+
+    def finished(self):
+        """True once the final checkpoint is written (all steps trained, the final evaluation
+        done): a signal from then on has nothing left to stop."""
+        return (self.step >= self.config.steps and not self.eval_pending
+                and self.checkpoint_step == self.step)
 
     def keeps_step(self):
         return self.config.keep_interval > 0 and self.step % self.config.keep_interval == 0

@@ -1044,3 +1044,37 @@ def test_a_run_that_diverges_before_its_first_checkpoint_frees_its_name(tmp_path
         assert [r["step"] for r in records(kept[0])] == [2]
     monkeypatch.undo()  # no more poison
     assert run_cli(tmp_path, "early", "--steps", "2")[0] == 0  # the name is free again
+
+
+# --- a signal once the run has finished --------------------------------------------------------
+
+@pytest.mark.parametrize("when", ["during the final save", "after Finished"])
+def test_a_signal_after_the_last_write_leaves_a_finished_run_and_exit_0(
+        tmp_path, monkeypatch, caplog, when):
+    """A Ctrl-C during the final checkpoint save (after the final evaluation), or just after
+    "Finished N steps", has nothing left to stop: the run says so and exits 0 (it said
+    "interrupted, resume" and exit 130, and the resume was then refused)."""
+    import solver as solver_module
+    if when == "during the final save":
+        save = RunFolder.save_checkpoint
+
+        def save_and_signal(self, state, keep=False):
+            save(self, state, keep)
+            if state["step"] == 4:
+                os.kill(os.getpid(), signal.SIGINT)
+        monkeypatch.setattr(RunFolder, "save_checkpoint", save_and_signal)
+    else:
+        train = solver_module.Solver.train
+
+        def train_and_signal(self):
+            finished = train(self)
+            os.kill(os.getpid(), signal.SIGINT)
+            return finished
+        monkeypatch.setattr(solver_module.Solver, "train", train_and_signal)
+    with caplog.at_level("WARNING"):
+        code, run_dir = run_cli(tmp_path, "done", "--steps", "4")
+    assert code == 0
+    assert "nothing was left to stop" in caplog.text and "Resume with" not in caplog.text
+    folder = RunFolder(run_dir)
+    assert folder.is_complete() and folder.load_checkpoint()["step"] == 4
+    assert [e["step"] for e in folder.evaluations()] == [4]
