@@ -2,6 +2,7 @@
 against what this code writes), config.json, metrics.jsonl and metrics.json, stored runs and
 stored weights, and the two sequences run.py drives: start a run and resume a run. study.py,
 evaluate.py and figures.py read run folders only through this module."""
+import errno
 import fcntl
 import hashlib
 import json
@@ -127,6 +128,10 @@ class RunFolder:
             (path / ".write-test").touch()
             (path / ".write-test").unlink()
         except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no space left on device while creating the run folder {path}; "
+                               f"nothing was trained. Free some space, then start the run "
+                               f"again", path) from None
             raise ConfigError(f"cannot write the run folder {path}: {err.strerror or err}; "
                               f"choose a writable --output_dir") from err
         return cls(path)
@@ -350,10 +355,16 @@ class RunFolder:
                               f"trains or resumes it; two writers would mix their steps. Wait "
                               f"for it to end, or stop it first") from None
         try:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
+            try:
+                os.ftruncate(handle.fileno(), 0)  # unbuffered: nothing left for close()
+                os.pwrite(handle.fileno(), f"{os.getpid()}\n".encode(), 0)
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise DiskFull(f"no space left on device while writing {self.path / '.lock'} "
+                               f"(the run's lock, before anything else); nothing was changed. "
+                               f"Free some space, then run the same command again",
+                               self.path / ".lock") from None
             yield
         finally:
             handle.close()

@@ -956,6 +956,32 @@ def test_a_real_full_disk_at_the_checkpoint_is_one_line_and_exit_3(tmp_path, cap
         assert not list(small.rglob("*.tmp"))
 
 
+@pytest.mark.slow
+def test_a_completely_full_disk_at_the_start_is_one_line_and_exit_3(tmp_path):
+    """Not a byte left when the run starts: the lock's PID write failed with a raw OSError
+    (exit 1); now one line naming the lock, exit 3, and the same command works once there is
+    space."""
+    with mounted_tmpfs(tmp_path / "small", "32m") as small:  # room for the run once freed
+        filler = small / "filler"
+        with open(filler, "wb") as handle, pytest.raises(OSError):
+            while True:
+                handle.write(b"x" * 65536)
+                handle.flush()
+        command = [sys.executable, "run.py", *TINY, "--steps", "2", "--output_dir",
+                   str(small / "out"), "--run-name", "full", "--data-dir",
+                   str(no_data(tmp_path))]
+        (small / "out").mkdir()
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 3, result.stderr
+        line = one_error_line(result.stderr)
+        assert f"no space left on device while writing {small / 'out/full/.lock'}" in line
+        assert "run the same command again" in line
+        filler.unlink()
+        again = subprocess.run([*command, "--save-interval", "1000"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr  # the empty folder left is reused
+
+
 class FullDisk:
     """A metrics.jsonl whose buffered writes fail as on a full disk: flush() and close() raise
     ENOSPC while data is pending (as io.BufferedWriter does)."""
