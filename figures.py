@@ -40,11 +40,18 @@ Everything comes from what the runs saved (traversal PNGs, metrics.jsonl, metric
 ground-truth summaries); a run without a ground-truth summary is re-encoded from its checkpoint.
 """
 import argparse
+import errno
 import json
 import logging
+import os
 import re
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+
+import zipfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -95,6 +102,11 @@ def check_kind(folder, flag, metrics=None, dataset=None):
     if config is None:
         raise FigureError(f"{flag} {folder} has no {folder.CONFIG}: not a run folder of this "
                           f"project")
+    try:  # every setting known and in bounds (an edited file could name no objective)
+        Config.from_stored(folder.started_settings(), f"{folder}/{folder.CONFIG}")
+    except ConfigError as err:
+        raise FigureError(f"{flag} {err}; the file was damaged or edited, or written by "
+                          f"another version of this code") from None
     if metrics is not None and config.get("metric") not in metrics:
         raise FigureError(f"{flag} {folder} is a --metric {config.get('metric')} run; {flag} "
                           f"takes a --metric {' / '.join(metrics)} run")
@@ -149,11 +161,36 @@ def training_records(folder):
     return folder.records("train"), folder.records("eval")
 
 
+SUMMARY_KEYS = ("variance", "pos", "by_scale", "by_rotation", "scales", "orientations")
+
+
 def ground_truth_summary(folder):
     """(step, arrays) of the run's latest ground-truth summary; re-encodes when there is none."""
     summaries = folder.gt_summaries() or [_reencode(folder)]
     step, path = summaries[-1]
-    return step, dict(np.load(path))
+    try:
+        with np.load(path) as arrays:
+            summary = {k: arrays[k] for k in arrays.files}
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise KeyError(f"it lacks {', '.join(missing)}")
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise FigureError(f"{path} cannot be read ({type(err).__name__}: {err}); it was cut "
+                          f"short or damaged: 'python evaluate.py {folder} --eval-metrics none' "
+                          f"redraws the summary of the checkpoint's step") from None
+    return step, summary
+
+
+def read_image(path, mode):
+    """The image at ``path`` in ``mode`` ("RGB", "L"); FigureError (one line) when it cannot be
+    read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise FigureError(f"{path} cannot be read as an image ({type(err).__name__}); it was "
+                          f"cut short or damaged: move it out of the run folder and the figures "
+                          f"use the run's other traversals") from None
 
 
 def _reencode(folder):
@@ -176,7 +213,7 @@ def write_gif(folder, path, frame_ms=250):
     config = folder.read_config()["config"]
     frames = []
     for step, image_path in traversal_images(folder):
-        image = Image.open(image_path).convert("RGB")
+        image = read_image(image_path, "RGB")
         frame = Image.new("RGB", (image.width, image.height + GIF_HEADER), "white")
         frame.paste(image, (0, GIF_HEADER))
         draw = ImageDraw.Draw(frame)
@@ -197,7 +234,7 @@ def labelled_traversal(folder, path):
     step, summary = ground_truth_summary(folder)
     traversals = dict(traversal_images(folder))
     image_step = step if step in traversals else max(traversals)
-    pixels = np.asarray(Image.open(traversals[image_step]).convert("L"))
+    pixels = np.asarray(read_image(traversals[image_step], "L"))
     labels = traversal_labels(len(summary["variance"]), latent_labels(summary))
     Image.fromarray(label_rows(pixels, labels)).save(path)
     return image_step
@@ -215,7 +252,7 @@ def final_state(folder):
     step, summary = ground_truth_summary(folder)
     traversals = dict(traversal_images(folder))
     image_step = step if step in traversals else max(traversals)
-    pixels = np.asarray(Image.open(traversals[image_step]).convert("L"))
+    pixels = np.asarray(read_image(traversals[image_step], "L"))
     return image_step, pixels, summary, step
 
 
@@ -516,18 +553,23 @@ def export_records(runs, out_dir):
     absolute paths replaced by ``<path>``; config.json's data_dir unset: evaluate.py looks for
     the data where the copy is scored, as run.py does without --data-dir), so that every figure
     and number can be traced to the run that made it, and its final model weights alone
-    (model.pt, ~2 MB: ``python evaluate.py OUT/runs/<run>`` scores them)."""
+    (model.pt, ~2 MB: ``python evaluate.py OUT/runs/<run>`` scores them). metrics.jsonl is
+    copied a record at a time: a line that is not a record (``RunFolder.record_lines``) is
+    left out, as the figures leave it out."""
     for _, folder in runs:
         target = Path(out_dir) / "runs" / folder.name
         target.mkdir(parents=True, exist_ok=True)
-        for name in RunFolder.RECORDS:  # small text: kept in the repository
-            if (folder.path / name).is_file():
-                text = (folder.path / name).read_text()
-                if name == folder.CONFIG:  # the data is searched for where the copy is used
-                    record = json.loads(text)
-                    record["config"]["data_dir"] = None
-                    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-                (target / name).write_text(without_machine_paths(text))
+        record = folder.read_config()  # the data is searched for where the copy is used
+        record["config"]["data_dir"] = None
+        (target / folder.CONFIG).write_text(
+            without_machine_paths(json.dumps(record, indent=2, sort_keys=True) + "\n"))
+        with open(target / folder.LOG, "w") as log_copy:
+            for _, line in folder.record_lines():
+                log_copy.write(without_machine_paths(line))
+        if (folder.path / folder.REPORT).is_file():
+            evaluations = folder.evaluations()  # checked: a JSON object with its list
+            text = json.dumps(dict(evaluations=evaluations), indent=2, sort_keys=True) + "\n"
+            (target / folder.REPORT).write_text(without_machine_paths(text))
         if folder.checkpoint_path.is_file():
             export_weights(folder, target)
     return len(runs)
@@ -612,58 +654,90 @@ def main(argv=None):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        p.error(f"--out {out} is a file; give a folder for the figures")
-    if args.curves:
-        try:
-            folders = [RunFolder(r) for r in args.curves]
-            band = [RunFolder(r) for r in args.band or []]
-            for folder in folders + band:
-                check_kind(folder, "--curves", NONSYN)
-            check_out_outside(out, folders + band)
-            out.mkdir(parents=True, exist_ok=True)
-            points = curve_figures(folders, out, args.curve_steps)
-            if band:
-                inside, total = band_table(folders, band, out, args.curve_steps)
-        except FigureError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(f"wrote {out}/: curves_thesis.png ({points} points per run), curves_per_step.png, "
-              f"curves.md" + (f", curves_vs_band.md ({inside} of {total} anchors inside the "
-                              f"band)" if band else ""))
-        return 0
+    blocked = next((d for d in [out, *out.parents] if d.exists() and not d.is_dir()), None)
+    if blocked is not None:
+        p.error(f"--out {out}: {blocked} is a file; give a folder for the figures")
+    try:
+        wrote = _curves(args, out) if args.curves else _thesis(args, out)
+    except (FigureError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"error: out of memory while making the figures; nothing in {out} was changed. "
+              f"Free some memory (other jobs, a larger machine), then run figures.py again",
+              file=sys.stderr)
+        return 3
+    except OSError as err:
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        print(f"error: {'no space left on device' if full else err.strerror or err} while "
+              f"writing the figures{f' ({err.filename})' if err.filename else ''}; nothing in "
+              f"{out} was changed. " + ("Free some space, then run figures.py again" if full
+                                        else "Choose a writable --out"), file=sys.stderr)
+        return 3 if full else 2
+    print(f"wrote {out}/: {wrote}")
+    return 0
+
+
+@contextmanager
+def staged(out):
+    """A temporary folder inside ``out`` that receives one set of figures; its files move into
+    ``out`` only once all of them are written, so a failure partway leaves ``out`` as it was
+    (not two sets of figures mixed). The temporary folder is removed either way."""
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".figures-", suffix=".tmp", dir=out))
+    try:
+        yield work
+        for path in sorted(work.rglob("*")):
+            if path.is_file():
+                target = out / path.relative_to(work)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _curves(args, out):
+    folders = [RunFolder(r) for r in args.curves]
+    band = [RunFolder(r) for r in args.band or []]
+    for folder in folders + band:
+        check_kind(folder, "--curves", NONSYN)
+    check_out_outside(out, folders + band)
+    with staged(out) as work:
+        points = curve_figures(folders, work, args.curve_steps)
+        if band:
+            inside, total = band_table(folders, band, work, args.curve_steps)
+    return (f"curves_thesis.png ({points} points per run), curves_per_step.png, curves.md"
+            + (f", curves_vs_band.md ({inside} of {total} anchors inside the band)" if band
+               else ""))
+
+
+def _thesis(args, out):
     roles = [RunFolder(args.nonsyn), RunFolder(args.factor), RunFolder(args.vae)]
     compared = [RunFolder(run) for run in args.compare]
     celeba = [("CelebA", RunFolder(args.celeba))] if args.celeba else []
-    try:
-        for (flag, _), folder in zip(ROLES, roles, strict=True):
-            check_kind(folder, f"--{flag}", dataset="dsprites")
-        for folder in compared:
-            check_kind(folder, "--compare")
+    for (flag, _), folder in zip(ROLES, roles, strict=True):
+        check_kind(folder, f"--{flag}", dataset="dsprites")
+    for folder in compared:
+        check_kind(folder, "--compare")
+    if celeba:
+        check_kind(celeba[0][1], "--celeba", dataset="celeba")
+    check_out_outside(out, roles + compared + [folder for _, folder in celeba])
+    titled = run_titles(roles + compared)
+    runs, listed = titled[:3], titled[3:]
+    with staged(out) as work:
+        frames = write_gif(runs[0][1], work / "traversals.gif")
+        comparison_figure(runs[:2], work / "latents.png")
+        comparison_figure(runs[2:], work / "VAE_traversals.png")
+        labelled_traversal(runs[0][1], work / "traversal_labelled.png")
+        points = loss_plot(runs[0][1], work / "plots.png", args.loss_steps)
         if celeba:
-            check_kind(celeba[0][1], "--celeba", dataset="celeba")
-        check_out_outside(out, roles + compared + [folder for _, folder in celeba])
-        titled = run_titles(roles + compared)
-        runs, listed = titled[:3], titled[3:]
-        out.mkdir(parents=True, exist_ok=True)
-        frames = write_gif(runs[0][1], out / "traversals.gif")
-        comparison_figure(runs[:2], out / "latents.png")
-        comparison_figure(runs[2:], out / "VAE_traversals.png")
-        labelled_traversal(runs[0][1], out / "traversal_labelled.png")
-        points = loss_plot(runs[0][1], out / "plots.png", args.loss_steps)
-        if celeba:
-            faces_figure(celeba[0][1], out / "faces_celeba.png")
-        comparison_table(runs + listed + celeba, out)
-        export_records(runs + celeba, out)
-    except FigureError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}/: traversals.gif ({frames} frames), latents.png, VAE_traversals.png, "
-          f"traversal_labelled.png, "
-          f"plots.png ({points} points){', faces_celeba.png' if args.celeba else ''}, "
-          f"comparison.md, comparison.json, runs/ (each run's config.json, metrics.jsonl, "
-          f"metrics.json)")
-    return 0
+            faces_figure(celeba[0][1], work / "faces_celeba.png")
+        comparison_table(runs + listed + celeba, work)
+        export_records(runs + celeba, work)
+    return (f"traversals.gif ({frames} frames), latents.png, VAE_traversals.png, "
+            f"traversal_labelled.png, plots.png ({points} points)"
+            f"{', faces_celeba.png' if args.celeba else ''}, comparison.md, comparison.json, "
+            f"runs/ (each run's config.json, metrics.jsonl, metrics.json)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ evaluate.py and figures.py read run folders only through this module."""
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -456,9 +457,38 @@ class RunFolder:
         return 0
 
     def records(self, kind=None):
-        """metrics.jsonl records in order, all or only those of ``kind`` ("train" / "eval")."""
-        rows = [json.loads(line) for line in self._log_lines()]
-        return rows if kind is None else [r for r in rows if r["kind"] == kind]
+        """metrics.jsonl records in order, all or only those of ``kind`` ("train" / "eval"),
+        read as a stream (see ``record_lines``)."""
+        return [r for r, _ in self.record_lines() if kind is None or r["kind"] == kind]
+
+    def record_lines(self):
+        """(record, line) of each of metrics.jsonl's records, read a line at a time in bounded
+        memory. A line that is not a record (a JSON object with a known "kind" and a whole
+        "step", its numbers finite and below ``VALUE_LIMIT``; at most ``RECORD_LIMIT``
+        characters) is left out, with one warning per file naming the first such lines: a
+        torn last line (a write cut short), or a file damaged or edited."""
+        path = self.path / self.LOG
+        if not path.exists():
+            return []
+        found, bad = [], []
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for number in itertools.count(1):
+                line = handle.readline(RECORD_LIMIT + 1)
+                if not line:
+                    break
+                if len(line) > RECORD_LIMIT and not line.endswith("\n"):
+                    length = len(line) + _skip_line(handle)
+                    bad.append(f"line {number}: {length:,} characters, not a record")
+                    continue
+                record, problem = _record(line)
+                if problem:
+                    bad.append(f"line {number}: {problem}")
+                else:
+                    found.append((record, line if line.endswith("\n") else line + "\n"))
+        if bad:
+            log.warning("%s: %d line(s) are not records and are ignored (%s%s)", path,
+                        len(bad), "; ".join(bad[:3]), "; ..." if len(bad) > 3 else "")
+        return found
 
     def trim_log(self, step):
         """Keep the records up to ``step`` (the checkpoint's): the resumed run rewrites the rest,
@@ -503,6 +533,51 @@ class RunFolder:
     def append_evaluation(self, evaluation):
         write_json(self.path / self.REPORT,
                    {"evaluations": self.evaluations() + [evaluation]})
+
+
+RECORD_LIMIT = 1 << 20  # characters of a metrics.jsonl line; a record takes a few hundred
+VALUE_LIMIT = 1e100  # a logged loss or score beyond this is not one (a damaged or edited file)
+RECORD_KINDS = ("train", "eval")
+
+
+def _skip_line(handle):
+    """Read past the rest of an overlong line, a chunk at a time; returns its length."""
+    skipped = 0
+    while chunk := handle.readline(RECORD_LIMIT):
+        skipped += len(chunk)
+        if chunk.endswith("\n"):
+            break
+    return skipped
+
+
+def _record(line):
+    """(record, None) for a metrics.jsonl line this code writes, else (None, what is wrong)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None, "not JSON" + ("" if line.endswith("\n") else " (torn: a write cut short)")
+    if not isinstance(record, dict):
+        return None, f"a JSON {type(record).__name__}, not a record"
+    if record.get("kind") not in RECORD_KINDS:
+        return None, f"kind {record.get('kind')!r} is none of {', '.join(RECORD_KINDS)}"
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return None, f"step {step!r} is not a whole number of steps"
+    for name, value in _numbers(record):
+        if abs(value) > VALUE_LIMIT or not math.isfinite(value):
+            return None, f"{name} is {value!r}"
+    return record, None
+
+
+def _numbers(value, name="record"):
+    if isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)):
+        yield name, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, key)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item, name)
 
 
 def _step_of(evaluation):

@@ -103,8 +103,8 @@ def test_latent_labels_name_the_factor_with_most_explained_variance():
 def test_missing_pieces_are_named(runs, tmp_path, capsys):
     empty = tmp_path / "empty"  # a Non-Syn run folder that has written nothing yet
     empty.mkdir()
-    (empty / "config.json").write_text(json.dumps({"config": {"metric": "Test_gt",
-                                                              "dataset": "dsprites"}}))
+    from config import Config
+    (empty / "config.json").write_text(json.dumps({"config": Config(metric="Test_gt").to_dict()}))
     code = figures.main(["--nonsyn", str(empty), "--factor", str(runs["Factor"]),
                          "--vae", str(runs["VAE"]), "--out", str(tmp_path / "o")])
     assert code == 2
@@ -238,3 +238,117 @@ def test_rotation_is_measured_within_each_shape():
     factors = latent_factors(summary)
     assert factors[0] == ("rotation", pytest.approx(1.0))
     assert factors[1] == ("shape", pytest.approx(1.0)) and factors[2] == ("inactive", 0.0)
+
+
+# --- damaged inputs (issue: reliability round 4, section 4) ---------------------------------------
+
+def _copy_runs(runs, tmp_path):
+    import shutil
+    copies = {m: tmp_path / "src" / m for m in runs}
+    for metric, path in runs.items():
+        shutil.copytree(path, copies[metric])
+    return copies
+
+
+def _args(runs, out):
+    return ["--nonsyn", str(runs["Test_gt"]), "--factor", str(runs["Factor"]), "--vae",
+            str(runs["VAE"]), "--out", str(out)]
+
+
+def _digest(folder):
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_lines_of_metrics_jsonl_that_are_not_records_are_left_out_with_a_warning(
+        runs, tmp_path, caplog):
+    """A line that is a list, lacks "kind", is garbage, holds 1e308 or -Infinity, or is 3 MB
+    long, mid-file: the figures are made from the other records with one warning naming the
+    lines, and the exported copy holds the records alone (the 200 MB line went through)."""
+    runs = _copy_runs(runs, tmp_path)
+    log = runs["Test_gt"] / "metrics.jsonl"
+    good = log.read_text().splitlines(keepends=True)
+    train = json.loads(good[0])
+    bad = ["[1, 2, 3]\n", json.dumps({"step": 3, "recon": 1.0}) + "\n", "}}garbage{{\n",
+           json.dumps(dict(train, recon=1e308)) + "\n",
+           json.dumps(dict(train, kl=float("-inf"))) + "\n",
+           json.dumps(dict(train, pad="x" * 3_000_000)) + "\n"]
+    log.write_text("".join(good[:2] + bad + good[2:]))
+    with caplog.at_level("WARNING"):
+        assert figures.main(_args(runs, tmp_path / "out")) == 0
+    warning = " ".join(r.getMessage() for r in caplog.records if "not records" in r.getMessage())
+    assert "6 line(s) are not records" in warning and "line 3: a JSON list" in warning
+    exported = (tmp_path / "out/runs/Test_gt/metrics.jsonl").read_text()
+    assert exported == figures.without_machine_paths("".join(good))
+    assert "1e+308" not in exported and "Infinity" not in exported and "xxxx" not in exported
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["ground-truth npz", "traversal png", "unknown metric",
+                                    "memory"])
+def test_a_damaged_input_is_one_line_and_leaves_an_existing_out_as_it_was(
+        runs, tmp_path, capsys, monkeypatch, damage):
+    """Each failure is one line with its exit code, and the figures of an earlier call in --out
+    are neither replaced nor mixed with a partial new set (it is made in a temporary folder
+    and moved into place at the end)."""
+    runs = _copy_runs(runs, tmp_path)
+    out = tmp_path / "out"
+    assert figures.main(_args(runs, out)) == 0
+    before = _digest(out)
+    capsys.readouterr()
+    nonsyn = RunFolder(runs["Test_gt"])
+    if damage == "ground-truth npz":
+        path = nonsyn.gt_summaries()[-1][1]
+        path.write_bytes(path.read_bytes()[:100])
+        expected, code = f"{path} cannot be read", 2
+    elif damage == "traversal png":
+        path = nonsyn.traversals()[1][1]
+        path.write_bytes(b"\x89PNG not really")
+        expected, code = f"{path} cannot be read as an image", 2
+    elif damage == "unknown metric":
+        record = json.loads((runs["VAE"] / "config.json").read_text())
+        record["config"]["metric"] = "NoSuchVAE"
+        (runs["VAE"] / "config.json").write_text(json.dumps(record))
+        expected, code = "metric must be one of", 2
+    else:
+        def no_memory(*args):
+            raise MemoryError
+        monkeypatch.setattr(figures, "comparison_table", no_memory)
+        expected, code = "out of memory while making the figures", 3
+    assert figures.main(_args(runs, out)) == code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+    assert _digest(out) == before
+    assert not list(out.glob(".figures-*"))
+
+
+def test_an_out_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        figures.main(["--curves", str(tmp_path), "--out", str(tmp_path / "afile/sub")])
+    assert exit_.value.code == 2
+    assert f"{tmp_path / 'afile'} is a file" in capsys.readouterr().err
+
+
+def test_records_are_read_in_bounded_memory_and_bad_lines_named(tmp_path, caplog):
+    """An overlong line is skipped a chunk at a time, never held whole; a torn last line and
+    other non-records are named in one warning."""
+    import tracemalloc
+    from runfolder import RECORD_LIMIT
+    record = json.dumps(dict(kind="train", step=1, recon=1.0)) + "\n"
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write(record)
+        f.write('{"kind": "train", "step": 2, "pad": "' + "x" * (20 * RECORD_LIMIT) + '"}\n')
+        f.write(record.replace('"step": 1', '"step": 3'))
+        f.write('{"kind": "eval", "step": 4, "sco')
+    tracemalloc.start()
+    with caplog.at_level("WARNING"):
+        found = RunFolder(tmp_path).records()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [r["step"] for r in found] == [1, 3]
+    assert peak < 4 * RECORD_LIMIT * 4  # a few chunks, not the 20 MB line
+    assert "2 line(s) are not records" in caplog.text and "line 4: not JSON (torn" in caplog.text
