@@ -22,7 +22,7 @@ from dataset import DatasetError
 from metrics import METRIC_NAMES, metric_list
 from representation import Trained, evaluation_report, log_measures
 from runfolder import RunFolder, stored_model
-from utils import ArgumentParser, ConfigError, DiskFull
+from utils import ArgumentParser, ConfigError, DiskFull, OutOfMemory
 
 log = logging.getLogger("evaluate")
 
@@ -92,6 +92,9 @@ def _evaluate(args, folder):
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OutOfMemory as err:
+        print(f"error: {err}; nothing was written", file=sys.stderr)
+        return 3
     except DiskFull as err:
         print(f"error: no space left on device while writing {err.path or 'a file'}; the "
               f"previous version of the file is kept. Free some space, then run evaluate.py "

@@ -21,7 +21,8 @@ from plotting import mean_activations, save_ground_truth_plot
 from precision import autocast, pick_device
 from runfolder import stored_model
 from synergy import kl_per_latent, worst_set_kl
-from utils import atomic_file, package_versions, run_abandonable
+from utils import (OutOfMemory, atomic_file, memory_failure, out_of_memory, package_versions,
+                   run_abandonable)
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,14 @@ def evaluate_representation(model, data, config, folder, step, metric_names, plo
     score = lambda: evaluate(lookup(codes, sizes), sizes, metric_names)  # noqa: E731
     # Metrics can take minutes (DCI fits thousands of trees): during training they run in a
     # child process that a Ctrl-C or SIGTERM abandons at once.
-    results = score() if should_stop is None or not metric_names else run_abandonable(
-        score, should_stop)
+    try:
+        results = score() if should_stop is None or not metric_names else run_abandonable(
+            score, should_stop)
+    except Exception as err:
+        if not memory_failure(err) or isinstance(err, OutOfMemory):
+            raise
+        raise out_of_memory(f"the metrics ({', '.join(metric_names)}) at step {step:,}",
+                            err) from None
     if results is None:
         log.warning("evaluation at step %d stopped: interrupted", step)
         return None

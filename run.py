@@ -14,11 +14,12 @@ from dataset import CELEBA_SOURCE, CELEBA_ZIP, DatasetError, check_data, downloa
 from precision import pick_device
 from runfolder import RunFolder, resume_run, resumed_settings, start_run
 from solver import Solver
-from utils import ConfigError, DiskFull, Diverged
+from utils import ConfigError, DiskFull, Diverged, OutOfMemory, address_space_limit
 
 log = logging.getLogger("run")
 
 
+METRICS_ADDRESS_SPACE = 1.5 * 2**30  # measured: a run with its metrics under ulimit -v
 _SIGNALLED = []  # the Ctrl-C or SIGTERM this main() got before its training loop took over
 _TRAINING = []  # the Solver whose loop ran, once it has: a signal after its end stops nothing
 
@@ -43,6 +44,12 @@ def _train(solver):
     if _SIGNALLED:
         raise KeyboardInterrupt(signal.Signals(_SIGNALLED[0]).name)
     _TRAINING.append(solver)
+    limit = address_space_limit()
+    if limit is not None and limit < METRICS_ADDRESS_SPACE and solver.config.metric_names:
+        log.warning("warning: the address-space limit (ulimit -v) is %.2f GiB; the metrics' "
+                    "evaluations needed about %.1f GiB here and may stop the run for lack of "
+                    "memory: raise the limit, or train with --eval-metrics none and score the "
+                    "run later with evaluate.py", limit / 2**30, METRICS_ADDRESS_SPACE / 2**30)
     return solver.train()
 
 
@@ -118,6 +125,12 @@ def _run(args, given):
         return 130
     except (Diverged, DiskFull) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 3
+    except OutOfMemory as err:
+        hint = (f"; then resume from the last checkpoint: python run.py --resume {folder}"
+                if folder is not None and folder.checkpoint_path.exists() else
+                "; it had no checkpoint yet: start it again")
+        print(f"error: {err}{hint}", file=sys.stderr)
         return 3
     return 0 if finished else 130
 

@@ -96,7 +96,8 @@ MEASURE_OMEGA = Config.measure_omega  # the default; an i_max at another omega g
 CURVES = (("recon", "reconstruction loss"), ("kl", "KL divergence"),
           ("i_max", "I_max: KL of the worst set"))  # per-step training log, every objective
 RAY_INSTALL = "pip install -r requirements-ray.txt"
-EXIT_MEANINGS = {2: "bad settings or data", 3: "diverged or disk full", 130: "interrupted"}
+EXIT_MEANINGS = {2: "bad settings or data", 3: "diverged, disk full or out of memory",
+                 130: "interrupted"}
 
 
 class StudyError(ValueError):

@@ -11,6 +11,8 @@ import multiprocessing
 import os
 import pickle
 import platform
+import resource
+import signal
 import subprocess
 import tempfile
 import zipfile
@@ -164,9 +166,12 @@ def run_abandonable(work, should_stop, poll_seconds=0.2):
             if should_stop():
                 return None
             if not process.is_alive() and not receiver.poll():
-                raise RuntimeError(f"the evaluation process ended without a result (exit code "
-                                   f"{process.exitcode})")
-        ok, result = receiver.recv()
+                _ended_without_result(process)
+        try:
+            ok, result = receiver.recv()
+        except EOFError:  # the child died: its end of the pipe closed without a result
+            process.join()
+            _ended_without_result(process)
     finally:
         if process.is_alive():
             process.kill()
@@ -175,6 +180,13 @@ def run_abandonable(work, should_stop, poll_seconds=0.2):
     if not ok:
         raise result
     return result
+
+
+def _ended_without_result(process):
+    if process.exitcode == -signal.SIGKILL:  # the kernel's out-of-memory killer, most likely
+        raise out_of_memory("the metrics' worker process (killed by SIGKILL)", MemoryError())
+    raise RuntimeError(f"the evaluation process ended without a result (exit code "
+                       f"{process.exitcode})")
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -296,6 +308,38 @@ def _read_quota(folder, v2):
 
 class ConfigError(ValueError):
     """A setting, a run folder or a checkpoint is unusable; the message says what to do."""
+
+
+class OutOfMemory(RuntimeError):
+    """The metrics ran out of memory (an address-space limit, or the machine's); the message
+    names the limit and what to do."""
+
+
+def memory_failure(err):
+    """True when ``err`` is how a process out of memory fails: MemoryError, ENOMEM, or an
+    import or allocation that says so (a shared object that cannot be mapped under
+    ``ulimit -v``)."""
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or getattr(err, "errno", None) == errno.ENOMEM or (
+        isinstance(err, (ImportError, SystemError, OSError, RuntimeError))
+        and any(s in text for s in ("memory", "map segment", "mmap")))
+
+
+def address_space_limit():
+    """The process's address-space limit in bytes (``ulimit -v``), or None when unlimited."""
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def out_of_memory(what, err):
+    """OutOfMemory for ``what`` failing with ``err``, naming the limit and the ways out."""
+    limit = address_space_limit()
+    where = (f" under an address-space limit of {limit / 2**30:.2f} GiB (ulimit -v; the "
+             f"metrics need about 1.5 GiB)" if limit else "")
+    cause = f"{type(err).__name__}: {str(err)[:160]}" if str(err) else type(err).__name__
+    return OutOfMemory(f"{what} ran out of memory{where} ({cause}). Raise the limit or free "
+                       f"memory, or leave the metrics out (--eval-metrics none) and score the "
+                       f"run later with evaluate.py")
 
 
 class Diverged(RuntimeError):

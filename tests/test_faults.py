@@ -1104,3 +1104,33 @@ def test_a_signal_after_the_last_write_leaves_a_finished_run_and_exit_0(
     folder = RunFolder(run_dir)
     assert folder.is_complete() and folder.load_checkpoint()["step"] == 4
     assert [e["step"] for e in folder.evaluations()] == [4]
+
+
+# --- memory limits and the metrics' worker process ----------------------------------------------
+
+@pytest.mark.parametrize("failure", ["import", "killed"])
+def test_the_metrics_out_of_memory_is_one_line_exit_3_with_the_way_out(
+        tmp_path, monkeypatch, capsys, caplog, failure):
+    """Under ``ulimit -v`` ~1.2 GiB the metrics' worker failed to import scikit-learn
+    ("failed to map segment from shared object": ImportError, exit 1, a traceback); the
+    kernel's out-of-memory killer ends it with SIGKILL. Both are one line naming the memory and
+    what to do, exit 3; a limit below what the metrics need is warned about at the start."""
+    import representation
+    import run as run_module
+
+    def fail(*args):
+        if failure == "import":
+            raise ImportError("/venv/sklearn/_cyutility.so: failed to map segment from shared "
+                              "object")
+        os.kill(os.getpid(), signal.SIGKILL)
+    monkeypatch.setattr(representation, "evaluate", fail)
+    monkeypatch.setattr(run_module, "address_space_limit", lambda: 2**30)
+    with caplog.at_level("WARNING"):
+        code, run_dir = run_cli(tmp_path, "oom", "--steps", "4", "--gt-interval", "4",
+                                "--save-interval", "2", "--eval-metrics", "mig")
+    assert code == 3
+    line = one_error_line(capsys.readouterr().err)
+    assert "ran out of memory" in line and "--eval-metrics none" in line
+    assert ("failed to map segment" if failure == "import" else "killed by SIGKILL") in line
+    assert f"python run.py --resume {run_dir}" in line
+    assert "the address-space limit (ulimit -v) is 1.00 GiB" in caplog.text

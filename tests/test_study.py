@@ -364,7 +364,7 @@ def test_a_crashing_trial_is_marked_failed_with_its_reason_and_the_others_go_on(
     trials = {t["name"]: t for t in json.loads((out / "study.json").read_text())["trials"]}
     crashed = trials["Test_gt_alpha1e+300_seed1"]
     assert crashed["state"] == "failed" and crashed["attempts"] == 2
-    assert crashed["reason"].startswith("run.py exited with 3 (diverged or disk full): ")
+    assert crashed["reason"].startswith("run.py exited with 3 (diverged, disk full or out of memory): ")
     assert crashed["log_tail"] and trials["VAE_seed1"]["state"] == "finished"
     assert "failed Test_gt_alpha1e+300_seed1 (attempt 2): run.py exited with 3" in captured.out
     summary = (out / "summary.md").read_text()
