@@ -7,6 +7,9 @@
                       --nonsyn etc. override; every other configuration's first finished seed
                       in comparison.md)
     python figures.py --curves RUN [RUN ...] [--band RUN ...] [--out misc] [--curve-steps 1000]
+    python figures.py --evidence STUDY_DIR [--at 50000] [--out DIR]   (the thesis's claims
+                      counted over a study's seeds: claims.md, scores.md, seeds.png,
+                      scores_over_training.png; see evidence.py)
 
 The three roles are the thesis's (Non-Syn VAE, FactorVAE, plain VAE), but each takes a dSprites
 run of any objective (e.g. --factor a beta-TCVAE run: latents.png then sets Non-Syn VAE beside it).
@@ -48,10 +51,9 @@ import re
 import shutil
 import sys
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
-
-import zipfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -60,6 +62,7 @@ from plotting import (ACTIVE_VARIANCE, EXPLAINED, label_rows, latent_factors, la
                       traversal_labels)
 from metrics import METRIC_LABELS, METRIC_NAMES
 from config import NONSYN, OBJECTIVE_NAMES, Config, objective_label
+from evidence import EvidenceError, write_evidence
 from representation import SAMPLE_MEASURES, Trained
 from runfolder import RunFolder, export_weights
 from utils import ConfigError
@@ -634,11 +637,17 @@ def main(argv=None):
     p.add_argument("--band", nargs="+", metavar="RUN",
                    help="with --curves: also check the --curves runs' mean against these runs' "
                         "min-max band at the anchors (curves_vs_band.md)")
+    p.add_argument("--evidence", metavar="STUDY_DIR",
+                   help="instead: the thesis's claims counted over the seeds of a study of its "
+                        "three models (study.py --preset evidence): claims.md, scores.md, "
+                        "seeds.png, scores_over_training.png (evidence.py)")
+    p.add_argument("--at", type=int, default=50_000,
+                   help="with --evidence: the step every seed is judged at (default 50,000)")
     p.add_argument("--out", default="misc", help="folder for the figures")
     p.add_argument("--loss-steps", type=int, default=4000, help="steps shown in plots.png")
     p.add_argument("--curve-steps", type=int, default=1000, help="steps shown with --curves")
     args = p.parse_args(argv)
-    if args.study and not args.curves:
+    if args.study and not (args.curves or args.evidence):
         try:
             picks, others = study_runs(args.study, [f for f, _ in ROLES if getattr(args, f)])
         except FigureError as err:
@@ -648,9 +657,9 @@ def main(argv=None):
             setattr(args, flag, run)
         listed = args.compare + [getattr(args, flag) for flag, _ in ROLES]
         args.compare = args.compare + [run for run in others if run not in listed]
-    if not args.curves and not (args.nonsyn and args.factor and args.vae):
+    if not (args.curves or args.evidence) and not (args.nonsyn and args.factor and args.vae):
         p.error("give --nonsyn, --factor and --vae (the thesis figures), or --study DIR, or "
-                "--curves RUN ...")
+                "--curves RUN ..., or --evidence STUDY_DIR")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
@@ -658,8 +667,9 @@ def main(argv=None):
     if blocked is not None:
         p.error(f"--out {out}: {blocked} is a file; give a folder for the figures")
     try:
-        wrote = _curves(args, out) if args.curves else _thesis(args, out)
-    except (FigureError, ConfigError) as err:
+        wrote = (_curves(args, out) if args.curves else _evidence(args, out) if args.evidence
+                 else _thesis(args, out))
+    except (FigureError, ConfigError, EvidenceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except MemoryError:
@@ -709,6 +719,15 @@ def _curves(args, out):
     return (f"curves_thesis.png ({points} points per run), curves_per_step.png, curves.md"
             + (f", curves_vs_band.md ({inside} of {total} anchors inside the band)" if band
                else ""))
+
+
+def _evidence(args, out):
+    study = Path(args.evidence)
+    if not (study / "study.json").is_file():
+        raise FigureError(f"--evidence {study} has no study.json: not a study.py folder")
+    check_out_outside(out, [RunFolder(p) for p in study.iterdir() if p.is_dir()])
+    with staged(out) as work:
+        return write_evidence(study, work, args.at)
 
 
 def _thesis(args, out):

@@ -520,15 +520,21 @@ class RunFolder:
         return report["evaluations"]
 
     def last_evaluated(self, part, step=None):
-        """``part`` ("scores" or "measures") of the evaluation in metrics.json that has it at
-        ``step``, or by default at the latest step evaluated (the last appended among those:
-        evaluate.py may score a kept earlier step after the final one), or {}: runs evaluated
-        before the sample measures existed have scores only."""
+        """``part`` ("scores" or "measures") of the evaluations in metrics.json at ``step``, or
+        by default at the latest step evaluated (evaluate.py may score a kept earlier step after
+        the final one), or {}: runs evaluated before the sample measures existed have scores
+        only. Measures: the last appended at that step; scores: each metric's last appended at
+        that step (``evaluate.py --eval-metrics dci`` adds DCI beside the final FactorVAE
+        score and MIG)."""
         found = [e for e in self.evaluations() if e.get(part)
                  and (step is None or e.get("step") == step)]
         if not found:
             return {}
-        return max(reversed(found), key=lambda e: _step_of(e))[part]
+        step = max(_step_of(e) for e in found)
+        at_step = [e[part] for e in found if _step_of(e) == step]
+        if part != "scores":
+            return at_step[-1]
+        return {name: score for scores in at_step for name, score in scores.items()}
 
     def append_evaluation(self, evaluation):
         write_json(self.path / self.REPORT,

@@ -30,7 +30,6 @@ import io
 import itertools
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -44,6 +43,7 @@ from tqdm import tqdm
 
 from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, OBJECTIVES, RESUMABLE, Config,
                     build_parser, explicit_flags, new_run_config, objective_label)
+from evidence import mean_std, mean_std_text
 from metrics import METRIC_LABELS
 from precision import PRECISIONS
 from representation import MEASURE_LABELS, SAMPLE_MEASURES
@@ -989,23 +989,6 @@ def measure_label(key):
     if key.startswith("i_max"):
         return f"I_max (omega {key.partition('@')[2] or f'{MEASURE_OMEGA:g}'})"
     return MEASURE_LABELS.get(key) or METRIC_LABELS.get(key, key)
-
-
-def mean_std(samples):
-    """Mean and sample standard deviation (n - 1; 0 for one sample)."""
-    mean = sum(samples) / len(samples)
-    if len(samples) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in samples) / (len(samples) - 1))
-
-
-def mean_std_text(mean, std):
-    """``427 ± 102``, ``14.9 ± 1.4``, ``0.59 ± 0.12``: the std to two significant digits (three
-    from 100 up, no decimals), the mean to the same decimal place; a lone value to 4 digits."""
-    if not std or not math.isfinite(std):
-        return f"{mean:.4g}"
-    decimals = max(0, 1 - math.floor(math.log10(abs(std))))
-    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
 
 
 def configuration_label(study, config, trials):

@@ -501,8 +501,11 @@ def test_the_runs_numbers_are_those_of_its_latest_step_whatever_the_order_evalua
     (tmp_path / "metrics.json").write_text(json.dumps({"evaluations": entries}))
     assert folder.last_evaluated("measures") == {"i_max": 2.0}
     assert folder.last_evaluated("measures", step=4) == {"i_max": 3.0}
-    assert folder.last_evaluated("scores") == {"mig": 0.5}
+    assert folder.last_evaluated("scores") == {"mig": 0.5}  # the latest step that has scores
     assert folder.last_evaluated("scores", step=6) == {}
+    entries += [dict(step=6, scores={"mig": 0.1, "dci": 0.2}), dict(step=6, scores={"dci": 0.3})]
+    (tmp_path / "metrics.json").write_text(json.dumps({"evaluations": entries}))
+    assert folder.last_evaluated("scores") == {"mig": 0.1, "dci": 0.3}  # merged, latest wins
     (tmp_path / "checkpoints").mkdir()
     for name in ("step_10.pt", "step_2.pt", "step_x.pt", "last.pt"):
         (tmp_path / "checkpoints" / name).write_bytes(b"")

@@ -352,3 +352,32 @@ def test_records_are_read_in_bounded_memory_and_bad_lines_named(tmp_path, caplog
     assert [r["step"] for r in found] == [1, 3]
     assert peak < 4 * RECORD_LIMIT * 4  # a few chunks, not the 20 MB line
     assert "2 line(s) are not records" in caplog.text and "line 4: not JSON (torn" in caplog.text
+
+
+@pytest.mark.slow
+def test_evidence_tables_and_figures_from_a_study_folder(runs, tmp_path, capsys):
+    """figures.py --evidence reads each trial's ground-truth summary and evaluation at --at:
+    the tables' numbers are the runs' own."""
+    import shutil
+    study = tmp_path / "study"
+    trials = []
+    for metric, path in runs.items():
+        shutil.copytree(path, study / path.name)
+        trials.append(dict(name=path.name, metric=metric, seed=1, state="finished"))
+    (study / "study.json").write_text(json.dumps(dict(spec=None, trials=trials)))
+    out = tmp_path / "evidence"
+    assert figures.main(["--evidence", str(study), "--at", "8", "--out", str(out)]) == 0
+    claims = json.loads((out / "claims.json").read_text())
+    assert [r["run"] for r in claims["runs"]] == ["Test_gt", "Factor", "VAE"]
+    for record in claims["runs"]:
+        final = json.loads((study / record["run"] / "metrics.json").read_text())["evaluations"][-1]
+        assert record["values"]["mig"] == final["scores"]["mig"]["score"]
+        assert record["values"]["i_max"] == final["measures"]["i_max"]
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["rows"][0]["objective"].startswith("Non-Syn VAE")
+    assert "1 of 1" in (out / "claims.md").read_text() or "0 of 1" in (out / "claims.md").read_text()
+    for name in ("seeds.png", "scores_over_training.png"):
+        assert Image.open(out / name).size[0] > 300
+    capsys.readouterr()
+    assert figures.main(["--evidence", str(study), "--at", "4", "--out", str(tmp_path / "x")]) == 2
+    assert "no run has reached step 4 yet" in capsys.readouterr().err
