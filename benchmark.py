@@ -54,7 +54,7 @@ from representation import Trained, encode_all, grid_summary
 from runfolder import RunFolder
 from solver import Solver
 from synergy import greedy_best_set
-from utils import usable_cpus
+from utils import ArgumentParser, usable_cpus
 
 
 def _sync(device):
@@ -100,7 +100,7 @@ def _answer(worker):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per variant per round (default 30; --device-check: 500 "

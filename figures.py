@@ -65,7 +65,7 @@ from config import NONSYN, OBJECTIVE_NAMES, Config, objective_label
 from evidence import EvidenceError, write_evidence
 from representation import SAMPLE_MEASURES, Trained
 from runfolder import RunFolder, export_weights
-from utils import ConfigError
+from utils import ArgumentParser, ConfigError
 
 
 class FigureError(RuntimeError):
@@ -616,7 +616,7 @@ def comparison_table(runs, out_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
+    p = ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nonsyn", help="the run of traversals.gif, plots.png and latents.png's "
                                     "left half: the thesis's Non-Syn VAE (--metric Test_gt), "

@@ -815,8 +815,8 @@ def resumed_settings(folder, given):
     fixed = {k: v for k, v in changes.items() if k not in RESUMABLE and v != stored[k]}
     if fixed:
         raise ConfigError(f"--resume keeps the run's settings; cannot change "
-                          f"{', '.join('--' + k for k in sorted(fixed))} (only "
-                          f"{', '.join('--' + k for k in RESUMABLE)} may change)")
+                          f"{', '.join(flag_of(k) for k in sorted(fixed))} (only "
+                          f"{', '.join(flag_of(k) for k in RESUMABLE)} may change)")
     config = Config(**{**stored, **changes})
     if config.steps <= checkpoint["step"] and not checkpoint.get("eval_pending"):
         raise ConfigError(f"the run in {folder} is already at step {checkpoint['step']}; pass "

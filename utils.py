@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import pickle
 import platform
+import re
 import resource
 import signal
 import subprocess
@@ -247,8 +248,21 @@ def did_you_mean(value, choices):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose invalid-choice error suggests the closest valid value:
-    ``argument --metric: invalid choice: 'test_gt'; did you mean 'Test_gt'? (choose from ...)``."""
+    """argparse whose errors are one line without the usage, pointing to --help: an invalid
+    choice suggests the closest valid value (``argument --metric: invalid choice: 'test_gt';
+    did you mean 'Test_gt'? (choose from ...)``), an unknown flag the closest flag
+    (``unrecognized argument --alpah=5.0; did you mean --alpha?``)."""
+
+    def error(self, message):
+        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message, re.S)
+        if unknown:
+            first = unknown.group(1).split()[0]
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hint = did_you_mean(first.split("=")[0], flags) if first.startswith("-") else ""
+            message = f"unrecognized arguments: {unknown.group(1)}{hint}"
+        stop = "" if message.endswith(("?", ".")) else "."
+        self.exit(2, f"{self.prog}: error: {message}{stop} '{self.prog} --help' lists every "
+                     f"flag\n")
 
     def _check_value(self, action, value):
         if action.choices is not None and value not in action.choices:

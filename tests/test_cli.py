@@ -116,6 +116,10 @@ def test_resume_can_extend_but_not_change_the_run(tmp_path, capsys):
     assert "already at step 6" in capsys.readouterr().err
     assert main(["--resume", str(run_dir), "--steps", "8", "--alpha", "2"]) == 2
     assert "cannot change --alpha" in capsys.readouterr().err
+    assert main(["--resume", str(run_dir), "--steps", "8", "--z-dim", "4"]) == 2
+    err = capsys.readouterr().err  # flags as a user types them: --no-cuda, not --cuda
+    assert "cannot change --z_dim" in err and "--no-cuda" in err and "--cuda," not in err
+    assert "--log-interval" in err and "--log_interval" not in err
     assert main(["--resume", str(run_dir), "--steps", "8"]) == 0
     assert records(run_dir)[-1]["step"] == 8
     metadata = json.loads((run_dir / "config.json").read_text())
@@ -510,3 +514,19 @@ def test_the_runs_numbers_are_those_of_its_latest_step_whatever_the_order_evalua
     for name in ("step_10.pt", "step_2.pt", "step_x.pt", "last.pt"):
         (tmp_path / "checkpoints" / name).write_bytes(b"")
     assert folder.kept_steps() == [2, 10]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--alpah=5.0"], "unrecognized arguments: --alpah=5.0; did you mean '--alpha'?"),
+    (["--stpes", "10"], "unrecognized arguments: --stpes 10; did you mean '--steps'?"),
+    (["--alpha", "five"], "argument --alpha: 'five' is not a number"),
+])
+def test_a_mistyped_flag_or_value_is_one_line_with_the_closest_flag(capsys, argv, expected):
+    """One line, no 22-line usage: the closest flag for an unknown one, and --help for the rest
+    (run.py, study.py, evaluate.py and figures.py share the parser)."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert expected in err and "--help' lists every flag" in err and "usage:" not in err
