@@ -68,6 +68,9 @@ from runfolder import RunFolder, export_weights
 from utils import ArgumentParser, ConfigError
 
 
+log = logging.getLogger("figures")
+
+
 class FigureError(RuntimeError):
     """A run folder lacks what a figure needs; the message names the folder and the file."""
 
@@ -168,8 +171,16 @@ SUMMARY_KEYS = ("variance", "pos", "by_scale", "by_rotation", "scales", "orienta
 
 
 def ground_truth_summary(folder):
-    """(step, arrays) of the run's latest ground-truth summary; re-encodes when there is none."""
-    summaries = folder.gt_summaries() or [_reencode(folder)]
+    """(step, arrays) of the run's latest ground-truth summary; a folder that has none but
+    holds the model (final weights, as misc/runs/<run>, or a checkpoint) gets it computed from
+    the model in memory: nothing is written into a source run folder."""
+    summaries = folder.gt_summaries()
+    if not summaries:
+        trained = _from_weights(folder)
+        if trained is None:
+            raise FigureError(f"{folder} has no ground-truth summary (alpha_*_gt_<step>.npz) "
+                              f"and no model weights to compute one from")
+        return trained.step, trained.ground_truth_summary()
     step, path = summaries[-1]
     try:
         with np.load(path) as arrays:
@@ -184,6 +195,44 @@ def ground_truth_summary(folder):
     return step, summary
 
 
+def has_model(folder):
+    return folder.checkpoint_path.is_file() or folder.weights_path.is_file()
+
+
+_TRAINED = {}  # folder path -> Trained: the data is built once per run and command
+
+
+def _from_weights(folder):
+    """The run's model at its checkpoint or final weights (Trained), or None without them."""
+    if not has_model(folder):
+        return None
+    key = folder.path.resolve()
+    if key not in _TRAINED:
+        try:
+            _TRAINED[key] = Trained.load(folder, cuda=False)
+        except ConfigError as err:
+            raise FigureError(f"{folder}: {err}") from None
+        log.info("%s: drawing from its model weights (step %d): it has no saved images",
+                 folder, _TRAINED[key].step)
+    return _TRAINED[key]
+
+
+def final_traversal(folder, step=None):
+    """(step, grayscale pixels) of the run's traversal at ``step`` (default: its latest); a
+    folder without traversal images but with the model gets the traversal drawn from it, as
+    the run draws it (the same test images and noise)."""
+    images = folder.traversals()
+    if not images:
+        trained = _from_weights(folder)
+        if trained is None:
+            traversal_images(folder)  # the error naming what is missing
+        pixels = trained.traversal()
+        return trained.step, np.asarray(Image.fromarray(pixels).convert("L"))
+    traversals = dict(images)
+    image_step = step if step in traversals else max(traversals)
+    return image_step, np.asarray(read_image(traversals[image_step], "L"))
+
+
 def read_image(path, mode):
     """The image at ``path`` in ``mode`` ("RGB", "L"); FigureError (one line) when it cannot be
     read."""
@@ -194,16 +243,6 @@ def read_image(path, mode):
         raise FigureError(f"{path} cannot be read as an image ({type(err).__name__}); it was "
                           f"cut short or damaged: move it out of the run folder and the figures "
                           f"use the run's other traversals") from None
-
-
-def _reencode(folder):
-    try:
-        trained = Trained.load(folder)
-    except ConfigError as err:
-        raise FigureError(f"{folder} has no ground-truth summary (alpha_*_gt_<step>.npz) and "
-                          f"no checkpoint to compute one from") from err
-    trained.evaluate(folder, metric_names=())
-    return folder.gt_summaries()[-1]
 
 
 GIF_HEADER = 26  # pixels above each frame for its caption
@@ -235,9 +274,7 @@ def write_gif(folder, path, frame_ms=250):
 def labelled_traversal(folder, path):
     """The run's final traversal PNG with its rows named (``plotting.label_rows``)."""
     step, summary = ground_truth_summary(folder)
-    traversals = dict(traversal_images(folder))
-    image_step = step if step in traversals else max(traversals)
-    pixels = np.asarray(read_image(traversals[image_step], "L"))
+    image_step, pixels = final_traversal(folder, step)
     labels = traversal_labels(len(summary["variance"]), latent_labels(summary))
     Image.fromarray(label_rows(pixels, labels)).save(path)
     return image_step
@@ -253,9 +290,7 @@ def final_state(folder):
     """(step of its images, traversal pixels, ground-truth summary, step of the summary) of a
     run's latest evaluation (the traversal saved at that step, else its latest)."""
     step, summary = ground_truth_summary(folder)
-    traversals = dict(traversal_images(folder))
-    image_step = step if step in traversals else max(traversals)
-    pixels = np.asarray(read_image(traversals[image_step], "L"))
+    image_step, pixels = final_traversal(folder, step)
     return image_step, pixels, summary, step
 
 
@@ -575,6 +610,8 @@ def export_records(runs, out_dir):
             (target / folder.REPORT).write_text(without_machine_paths(text))
         if folder.checkpoint_path.is_file():
             export_weights(folder, target)
+        elif folder.weights_path.is_file():  # already bound to its run (export_weights)
+            shutil.copyfile(folder.weights_path, target / folder.WEIGHTS)
     return len(runs)
 
 
@@ -743,19 +780,28 @@ def _thesis(args, out):
     check_out_outside(out, roles + compared + [folder for _, folder in celeba])
     titled = run_titles(roles + compared)
     runs, listed = titled[:3], titled[3:]
+    nonsyn = runs[0][1]
+    history = bool(nonsyn.traversals()) or not has_model(nonsyn)  # else: final weights only
+    logged = (nonsyn.path / nonsyn.LOG).is_file() or not has_model(nonsyn)
     with staged(out) as work:
-        frames = write_gif(runs[0][1], work / "traversals.gif")
+        frames = write_gif(nonsyn, work / "traversals.gif") if history else 0
         comparison_figure(runs[:2], work / "latents.png")
         comparison_figure(runs[2:], work / "VAE_traversals.png")
-        labelled_traversal(runs[0][1], work / "traversal_labelled.png")
-        points = loss_plot(runs[0][1], work / "plots.png", args.loss_steps)
+        labelled_traversal(nonsyn, work / "traversal_labelled.png")
+        points = loss_plot(nonsyn, work / "plots.png", args.loss_steps) if logged else 0
         if celeba:
             faces_figure(celeba[0][1], work / "faces_celeba.png")
         comparison_table(runs + listed + celeba, work)
         export_records(runs + celeba, work)
-    return (f"traversals.gif ({frames} frames), latents.png, VAE_traversals.png, "
-            f"traversal_labelled.png, plots.png ({points} points)"
-            f"{', faces_celeba.png' if args.celeba else ''}, comparison.md, comparison.json, "
+    for missing, what in ((not history, "traversals.gif needs the traversal images saved over "
+                           "training"), (not logged, f"plots.png needs its {nonsyn.LOG}")):
+        if missing:
+            log.warning("warning: %s; %s holds the final weights without them: not drawn (the "
+                        "other figures come from the weights)", what, nonsyn)
+    return (("" if not history else f"traversals.gif ({frames} frames), ")
+            + "latents.png, VAE_traversals.png, traversal_labelled.png"
+            + ("" if not logged else f", plots.png ({points} points)")
+            + f"{', faces_celeba.png' if args.celeba else ''}, comparison.md, comparison.json, "
             f"runs/ (each run's config.json, metrics.jsonl, metrics.json)")
 
 

@@ -17,12 +17,12 @@ from config import Config, objective_label
 from dataset import (FACTOR_NAMES, ORIENTATION_VALUES, SCALE_VALUES, grid_axes, load_dataset)
 from metrics import EVAL_SEED, evaluate, lookup
 from model import MODEL_SPECS, build_model, evaluating, reparameterise
-from plotting import mean_activations, save_ground_truth_plot
+from plotting import image_grid, mean_activations, save_ground_truth_plot
 from precision import autocast, pick_device
 from runfolder import stored_model
 from synergy import kl_per_latent, worst_set_kl
-from utils import (OutOfMemory, atomic_file, memory_failure, out_of_memory, package_versions,
-                   run_abandonable)
+from utils import (OutOfMemory, atomic_file, derived_seed, memory_failure, out_of_memory,
+                   package_versions, run_abandonable)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,59 @@ class Trained:
         """The evaluation sample's measures (``sample_measures``) at the run's precision."""
         return sample_measures(self.model, self.data, self.config)
 
+    def traversal(self):
+        """The traversal image at the model's step, as the run draws it (uint8 pixels)."""
+        return traversal_pixels(self.model, self.data, self.config, self.step)
+
+    def ground_truth_summary(self):
+        """The ground-truth plot's numbers of the whole grid (``grid_summary``), in memory."""
+        codes = encode_all(self.model, self.data, self.config.precision)
+        return grid_summary(codes, self.data, self.config.z_dim)
+
+
+# --- the traversal figure ---------------------------------------------------------------------
+
+TRAVERSAL_STREAM = 2  # the traversal's noise: its own generator, not the training RNG
+
+
+def test_index(config, n_images):
+    """The traversal's test images: image 0 and ``nb_test - 1`` drawn with the run's seed."""
+    picker = torch.Generator().manual_seed(config.seed)
+    return torch.cat([torch.zeros(1, dtype=torch.long),
+                      torch.randint(n_images, (config.nb_test - 1,), generator=picker)])
+
+
+def traversal_pixels(model, data, config, step, index=None):
+    """The traversal image of ``model`` at ``step`` (``traversal_rows`` as a uint8 grid), what
+    a run saves as alpha_<alpha>_traversal_<step>.png. The reconstructions' noise comes from a
+    generator seeded with (seed, step): the same image from the run and from its weights."""
+    device = next(model.parameters()).device
+    index = test_index(config, len(data)) if index is None else index
+    x = data.images(index.to(device))  # T, ch, 64, 64
+    generator = torch.Generator(device).manual_seed(
+        derived_seed(config.seed, TRAVERSAL_STREAM, step))
+    rows = traversal_rows(model, x, lambda mu: torch.randn(mu.shape, generator=generator,
+                                                          device=mu.device))
+    return image_grid(rows.cpu())
+
+
+def traversal_rows(model, x, noise):
+    """The original's traversal grid as images in [0, 1], (2 + z_dim, T, ch, 64, 64): row 1 the
+    T test images ``x``, row 2 their reconstructions decoded from a sampled z (``noise(mu)``, as
+    the original), then one row per latent j: test image 0's mean with z_j set to each of
+    linspace(-3, 3, T)."""
+    n = len(x)
+    with evaluating(model):
+        mu, logvar = model.encoder(x)  # T, z
+        z_dim = mu.shape[1]
+        recon = torch.sigmoid(model.decoder(reparameterise(mu, logvar, noise(mu))))
+        z = mu[:1].repeat(z_dim * n, 1).view(z_dim, n, z_dim)
+        z[torch.arange(z_dim), :, torch.arange(z_dim)] = torch.linspace(-3, 3, n, device=x.device)
+        traversal = torch.sigmoid(model.decoder(z.view(-1, z_dim)))
+    return torch.cat([x, recon, traversal]).view(z_dim + 2, n, *x.shape[1:])
+
+
+# --- the encoding pass and the evaluation ------------------------------------------------------
 
 def encode_all(model, data, precision, should_stop=None, batch_size=None):
     """Posterior means of every image in dataset order: float32 array (N, z_dim), or None when

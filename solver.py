@@ -22,17 +22,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config import NONSYN, OBJECTIVE_SETTINGS, flag_of
 from dataset import Batches, load_dataset
-from model import (MEMORY_FORMAT, MODEL_SPECS, Discriminator, build_model, evaluating,
-                   init_as_pytorch_041, kl_loss, reparameterise)
+from model import (MEMORY_FORMAT, MODEL_SPECS, Discriminator, build_model, init_as_pytorch_041,
+                   kl_loss)
 from monitor import VisdomMonitor
 from objectives import OBJECTIVES, discriminator_optimiser, vae_optimiser
-from plotting import image_grid
 from precision import autocast, pick_device
 from representation import (evaluate_representation, evaluation_report, log_measures,
-                            sample_measures)
+                            sample_measures, test_index, traversal_pixels)
 from runfolder import RunFolder
 from synergy import kl_per_latent, synergy_penalty, worst_set_kl
-from utils import Diverged, atomic_file, derived_seed, rng_state, set_rng_state
+from utils import Diverged, atomic_file, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +66,7 @@ class Solver:
             self.optim_D = discriminator_optimiser(self.D, c)
         self.batches = batches or Batches(self.data, c.batch_size, c.seed, self.device)
         self.noise = noise
-        picker = torch.Generator().manual_seed(c.seed)
-        self.test_index = torch.cat([torch.zeros(1, dtype=torch.long),
-                                     torch.randint(len(self.data), (c.nb_test - 1,), generator=picker)])
+        self.test_index = test_index(c, len(self.data))
 
         self.step = 0
         self.elapsed = 0.0
@@ -320,36 +317,11 @@ class Solver:
 
     # --- figures -----------------------------------------------------------------------------
 
-    TRAVERSAL_STREAM = 2  # the traversal's noise: its own generator, not the training RNG
-
     def save_traversal(self):
-        """alpha_<alpha>_traversal_<step>.png (see ``traversal_rows``). The reconstructions'
-        noise comes from a generator seeded with (seed, step), so drawing a traversal leaves the
-        training stream, and with it resume, untouched."""
-        c = self.config
-        x = self.data.images(self.test_index.to(self.device))  # T, ch, 64, 64
-        generator = torch.Generator(self.device).manual_seed(
-            derived_seed(c.seed, self.TRAVERSAL_STREAM, self.step))
-        rows = traversal_rows(self.model, x, lambda mu: torch.randn(
-            mu.shape, generator=generator, device=mu.device))
-        pixels = image_grid(rows.cpu())
-        with atomic_file(self.folder.traversal_path(c.alpha, self.step)) as f:
+        """alpha_<alpha>_traversal_<step>.png (``representation.traversal_pixels``): drawing
+        it leaves the training stream, and with it resume, untouched."""
+        pixels = traversal_pixels(self.model, self.data, self.config, self.step, self.test_index)
+        with atomic_file(self.folder.traversal_path(self.config.alpha, self.step)) as f:
             Image.fromarray(pixels).save(f, format="PNG")
         if self.viz is not None:
             self.viz.image(pixels, self.step)
-
-
-def traversal_rows(model, x, noise):
-    """The original's traversal grid as images in [0, 1], (2 + z_dim, T, ch, 64, 64): row 1 the
-    T test images ``x``, row 2 their reconstructions decoded from a sampled z (``noise(mu)``, as
-    the original), then one row per latent j: test image 0's mean with z_j set to each of
-    linspace(-3, 3, T)."""
-    n = len(x)
-    with evaluating(model):
-        mu, logvar = model.encoder(x)  # T, z
-        z_dim = mu.shape[1]
-        recon = torch.sigmoid(model.decoder(reparameterise(mu, logvar, noise(mu))))
-        z = mu[:1].repeat(z_dim * n, 1).view(z_dim, n, z_dim)
-        z[torch.arange(z_dim), :, torch.arange(z_dim)] = torch.linspace(-3, 3, n, device=x.device)
-        traversal = torch.sigmoid(model.decoder(z.view(-1, z_dim)))
-    return torch.cat([x, recon, traversal]).view(z_dim + 2, n, *x.shape[1:])

@@ -118,11 +118,16 @@ def test_missing_pieces_are_named(runs, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_run_without_summary_is_reencoded_from_its_checkpoint(runs):
-    for path in runs["VAE"].glob("alpha_*_gt_*.npz"):
+def test_a_run_without_summary_is_reencoded_from_its_checkpoint(runs, tmp_path):
+    """In memory: nothing is written into the source run folder."""
+    import shutil
+    copy = shutil.copytree(runs["VAE"], tmp_path / "VAE")
+    for path in copy.glob("alpha_*_gt_*.npz"):
         path.unlink()
-    step, summary = figures.ground_truth_summary(RunFolder(runs["VAE"]))
+    before = _digest(copy)
+    step, summary = figures.ground_truth_summary(RunFolder(copy))
     assert step == 8 and summary["pos"].shape == (8, 8, 10)
+    assert _digest(copy) == before
 
 
 @pytest.mark.slow
@@ -381,3 +386,36 @@ def test_evidence_tables_and_figures_from_a_study_folder(runs, tmp_path, capsys)
     capsys.readouterr()
     assert figures.main(["--evidence", str(study), "--at", "4", "--out", str(tmp_path / "x")]) == 2
     assert "no run has reached step 4 yet" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_figures_of_a_folder_of_final_weights_are_drawn_from_the_weights(runs, tmp_path,
+                                                                            caplog):
+    """A folder with config.json, metrics.jsonl and the final weights alone (misc/runs/<run>):
+    the traversal and the ground-truth summary come from the weights, as the run drew them
+    (the same pixels), latents.png and VAE_traversals.png are drawn, the GIF, which needs the
+    traversals saved over training, says so in one line; nothing is written into the sources."""
+    from representation import Trained
+    nonsyn = RunFolder(runs["Test_gt"])
+    step, saved = nonsyn.traversals()[-1]
+    trained = Trained.load(nonsyn, cuda=False)
+    assert trained.step == step == 8
+    assert np.array_equal(trained.traversal(), np.asarray(Image.open(saved)))
+    with np.load(nonsyn.gt_summaries()[-1][1]) as stored:
+        summary = trained.ground_truth_summary()
+        assert all(np.allclose(summary[k], stored[k], atol=1e-6) for k in stored.files)
+    shipped = tmp_path / "shipped"
+    assert figures.main(_args(runs, shipped)) == 0
+    sources = {m: shipped / "runs" / m for m in runs}
+    before = _digest(shipped / "runs")
+    with caplog.at_level("WARNING"):
+        assert figures.main(_args(sources, tmp_path / "again")) == 0
+    assert "traversals.gif needs the traversal images" in caplog.text
+    for name in ("latents.png", "VAE_traversals.png", "traversal_labelled.png", "plots.png",
+                 "comparison.md"):
+        assert (tmp_path / "again" / name).is_file(), name
+    assert not (tmp_path / "again" / "traversals.gif").exists()
+    assert _digest(shipped / "runs") == before
+    assert (tmp_path / "again" / "comparison.md").read_text() == \
+        (shipped / "comparison.md").read_text().replace(str(runs["Test_gt"].parent),
+                                                       str(shipped / "runs"))

@@ -10,7 +10,8 @@ from torch import nn
 from model import VAE, Discriminator, init_as_pytorch_041, reparameterise
 from plotting import image_grid, save_ground_truth_plot
 from config import Config
-from solver import Solver, traversal_rows
+from representation import traversal_rows
+from solver import Solver
 
 
 def layers(module):
