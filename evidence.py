@@ -28,6 +28,7 @@ from config import NONSYN, OBJECTIVE_NAMES, objective_label
 from dataset import FACTOR_NAMES
 from metrics import METRIC_LABELS
 from plotting import CLAIMS, FACTOR_LABELS, claims_met, factor_shares
+from representation import read_summary
 from runfolder import RunFolder
 
 SCORES = ("factor_vae", "mig", "dci", "i_max")  # the scores table's columns, in order
@@ -65,11 +66,10 @@ def load_run(folder, step):
         raise EvidenceError(f"{folder} has no ground-truth summary at step {step:,} (it has: "
                             f"{have})")
     try:
-        with np.load(summaries[step]) as arrays:
-            summary = {k: arrays[k] for k in arrays.files}
+        summary = read_summary(summaries[step])
         shares, active = factor_shares(summary)
-    except (OSError, ValueError, KeyError, EOFError) as err:
-        raise EvidenceError(f"{summaries[step]} cannot be read ({type(err).__name__}); "
+    except (ValueError, KeyError) as err:
+        raise EvidenceError(f"{summaries[step]} cannot be read ({err}); "
                             f"'python evaluate.py {folder} --step {step} --eval-metrics none' "
                             f"redraws it from a kept checkpoint") from None
     values = {k: v["score"] for k, v in folder.last_evaluated("scores", step=step).items()

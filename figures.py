@@ -51,7 +51,6 @@ import re
 import shutil
 import sys
 import tempfile
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,7 +62,7 @@ from plotting import (ACTIVE_VARIANCE, EXPLAINED, label_rows, latent_factors, la
 from metrics import METRIC_LABELS, METRIC_NAMES
 from config import NONSYN, OBJECTIVE_NAMES, Config, objective_label
 from evidence import EvidenceError, write_evidence
-from representation import SAMPLE_MEASURES, Trained
+from representation import SAMPLE_MEASURES, Trained, read_summary
 from runfolder import RunFolder, export_weights
 from utils import ArgumentParser, ConfigError
 
@@ -167,9 +166,6 @@ def training_records(folder):
     return folder.records("train"), folder.records("eval")
 
 
-SUMMARY_KEYS = ("variance", "pos", "by_scale", "by_rotation", "scales", "orientations")
-
-
 def ground_truth_summary(folder):
     """(step, arrays) of the run's latest ground-truth summary; a folder that has none but
     holds the model (final weights, as misc/runs/<run>, or a checkpoint) gets it computed from
@@ -183,13 +179,9 @@ def ground_truth_summary(folder):
         return trained.step, trained.ground_truth_summary()
     step, path = summaries[-1]
     try:
-        with np.load(path) as arrays:
-            summary = {k: arrays[k] for k in arrays.files}
-        missing = [k for k in SUMMARY_KEYS if k not in summary]
-        if missing:
-            raise KeyError(f"it lacks {', '.join(missing)}")
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        raise FigureError(f"{path} cannot be read ({type(err).__name__}: {err}); it was cut "
+        summary = read_summary(path)
+    except ValueError as err:
+        raise FigureError(f"{path} cannot be read ({err}); it was cut "
                           f"short or damaged: 'python evaluate.py {folder} --eval-metrics none' "
                           f"redraws the summary of the checkpoint's step") from None
     return step, summary

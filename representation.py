@@ -249,6 +249,23 @@ def readable_png(path):
         return False
 
 
+SUMMARY_KEYS = ("variance", "pos", "by_scale", "by_rotation", "scales", "orientations")
+
+
+def read_summary(path):
+    """The arrays of the ground-truth summary at ``path`` (``grid_summary``, as saved);
+    ValueError naming the cause where it cannot be read or lacks what the figures read."""
+    try:
+        with np.load(path) as arrays:
+            summary = {k: arrays[k] for k in arrays.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{type(err).__name__}: {err}") from None
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise ValueError(f"KeyError: it lacks {', '.join(missing)}")
+    return summary
+
+
 def readable_npz(path):
     try:
         with np.load(path) as arrays:

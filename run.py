@@ -14,12 +14,12 @@ from dataset import CELEBA_SOURCE, CELEBA_ZIP, DatasetError, check_data, downloa
 from precision import pick_device
 from runfolder import RunFolder, resume_run, resumed_settings, start_run
 from solver import Solver
-from utils import ConfigError, DiskFull, Diverged, OutOfMemory, address_space_limit
+from utils import (METRICS_ADDRESS_SPACE, ConfigError, DiskFull, Diverged, OutOfMemory,
+                   address_space_limit)
 
 log = logging.getLogger("run")
 
 
-METRICS_ADDRESS_SPACE = 1.5 * 2**30  # measured: a run with its metrics under ulimit -v
 _SIGNALLED = []  # the Ctrl-C or SIGTERM this main() got before its training loop took over
 _TRAINING = []  # the Solver whose loop ran, once it has: a signal after its end stops nothing
 

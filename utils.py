@@ -339,6 +339,9 @@ def memory_failure(err):
         and any(s in text for s in ("memory", "map segment", "mmap")))
 
 
+METRICS_ADDRESS_SPACE = 1.5 * 2**30  # measured: a run with its metrics under ulimit -v
+
+
 def address_space_limit():
     """The process's address-space limit in bytes (``ulimit -v``), or None when unlimited."""
     soft = resource.getrlimit(resource.RLIMIT_AS)[0]
@@ -349,7 +352,7 @@ def out_of_memory(what, err):
     """OutOfMemory for ``what`` failing with ``err``, naming the limit and the ways out."""
     limit = address_space_limit()
     where = (f" under an address-space limit of {limit / 2**30:.2f} GiB (ulimit -v; the "
-             f"metrics need about 1.5 GiB)" if limit else "")
+             f"metrics need about {METRICS_ADDRESS_SPACE / 2**30:.1f} GiB)" if limit else "")
     cause = f"{type(err).__name__}: {str(err)[:160]}" if str(err) else type(err).__name__
     return OutOfMemory(f"{what} ran out of memory{where} ({cause}). Raise the limit or free "
                        f"memory, or leave the metrics out (--eval-metrics none) and score the "
