@@ -1108,6 +1108,7 @@ def test_a_signal_after_the_last_write_leaves_a_finished_run_and_exit_0(
 
 # --- memory limits and the metrics' worker process ----------------------------------------------
 
+@pytest.mark.slow  # the metrics run in a child process
 @pytest.mark.parametrize("failure", ["import", "killed"])
 def test_the_metrics_out_of_memory_is_one_line_exit_3_with_the_way_out(
         tmp_path, monkeypatch, capsys, caplog, failure):
