@@ -291,6 +291,17 @@ def objective_label(settings):
     return OBJECTIVE_NAMES[metric] + (f" ({', '.join(parts)})" if parts else "")
 
 
+def file_stem(config):
+    """The prefix of a run's files named by step: the original's ``alpha_<alpha>`` for Non-Syn
+    VAE (``alpha_5.0_traversal_2000.png``), for every other objective its name and its own
+    settings as in run names (``Factor_gamma6.4_gt_5000.png``, ``VAE_gt_5000.png``): never a
+    setting the objective does not have."""
+    if config.metric in NONSYN:
+        return f"alpha_{config.alpha}"
+    return "_".join([config.metric, *(f"{name}{getattr(config, name)}"
+                                      for name in OBJECTIVE_SETTINGS[config.metric])])
+
+
 def default_run_name(config):
     """<metric>_<the settings that define its objective>_seed<s>_<timestamp>, e.g.
     Test_gt_alpha5.0_omega0.9_seed120_..., Factor_gamma6.4_seed1_..., VAE_seed1_..."""

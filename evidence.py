@@ -14,7 +14,7 @@ study of the thesis's three models (``study.py --preset evidence``), at one step
                       over the seeds with their min-max band
 
 Everything comes from the runs' own files: the ground-truth summary saved at --at
-(alpha_*_gt_<step>.npz), the evaluations in metrics.json at --at (the final one; seed 1's from
+(<stem>_gt_<step>.npz), the evaluations in metrics.json at --at (the final one; seed 1's from
 ``evaluate.py RUN --step 50000``), the eval records of metrics.jsonl.
 """
 import json

@@ -1,15 +1,18 @@
 """Reproduce the thesis figures from run folders.
 
     python figures.py --nonsyn RUN --factor RUN --vae RUN [--compare RUN ...] [--celeba RUN]
-                      [--out misc] [--loss-steps 4000]
-    python figures.py --study DIR [--celeba RUN] [--out misc]   (a study.py folder: its first
+                      [--out DIR] [--force] [--loss-steps 4000]
+    python figures.py --study DIR [--celeba RUN] [--out DIR]   (a study.py folder: its first
                       finished seed of Non-Syn VAE, FactorVAE and VAE in the three roles,
                       --nonsyn etc. override; every other configuration's first finished seed
                       in comparison.md)
-    python figures.py --curves RUN [RUN ...] [--band RUN ...] [--out misc] [--curve-steps 1000]
+    python figures.py --curves RUN [RUN ...] [--band RUN ...] [--out DIR] [--curve-steps 1000]
     python figures.py --evidence STUDY_DIR [--at 50000] [--out DIR]   (the thesis's claims
                       counted over a study's seeds: claims.md, scores.md, seeds.png,
                       scores_over_training.png; see evidence.py)
+
+--out defaults to a new folder figures/<date-time>; an --out that already holds figures needs
+--force (``--out misc --force`` regenerates the shipped ones). Nothing is written anywhere else.
 
 The three roles are the thesis's (Non-Syn VAE, FactorVAE, plain VAE), but each takes a dSprites
 run of any objective (e.g. --factor a beta-TCVAE run: latents.png then sets Non-Syn VAE beside it).
@@ -52,6 +55,7 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +160,7 @@ def study_runs(study_dir, given=()):
 def traversal_images(folder):
     images = folder.traversals()
     if not images:
-        raise FigureError(f"{folder} has no traversal images (alpha_*_traversal_<step>.png)")
+        raise FigureError(f"{folder} has no traversal images (<stem>_traversal_<step>.png)")
     return images
 
 
@@ -174,7 +178,7 @@ def ground_truth_summary(folder):
     if not summaries:
         trained = _from_weights(folder)
         if trained is None:
-            raise FigureError(f"{folder} has no ground-truth summary (alpha_*_gt_<step>.npz) "
+            raise FigureError(f"{folder} has no ground-truth summary (<stem>_gt_<step>.npz) "
                               f"and no model weights to compute one from")
         return trained.step, trained.ground_truth_summary()
     step, path = summaries[-1]
@@ -644,6 +648,13 @@ def comparison_table(runs, out_dir):
     return table
 
 
+FIGURE_NAMES = (  # what figures.py writes, in any of its modes: an --out holding one needs --force
+    "traversals.gif", "latents.png", "VAE_traversals.png", "traversal_labelled.png", "plots.png",
+    "faces_celeba.png", "comparison.md", "comparison.json", "runs", "curves_thesis.png",
+    "curves_per_step.png", "curves.md", "curves_vs_band.md", "claims.md", "claims.json",
+    "scores.md", "scores.json", "seeds.png", "scores_over_training.png")
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -672,7 +683,12 @@ def main(argv=None):
                         "seeds.png, scores_over_training.png (evidence.py)")
     p.add_argument("--at", type=int, default=50_000,
                    help="with --evidence: the step every seed is judged at (default 50,000)")
-    p.add_argument("--out", default="misc", help="folder for the figures")
+    p.add_argument("--out", default=None,
+                   help="folder for the figures (default: a new figures/<date-time>); one that "
+                        "already holds figures needs --force")
+    p.add_argument("--force", action="store_true",
+                   help="write into an --out that already holds figures, replacing those of "
+                        "the same name (e.g. --out misc to regenerate the shipped ones)")
     p.add_argument("--loss-steps", type=int, default=4000, help="steps shown in plots.png")
     p.add_argument("--curve-steps", type=int, default=1000, help="steps shown with --curves")
     args = p.parse_args(argv)
@@ -691,10 +707,16 @@ def main(argv=None):
                 "--curves RUN ..., or --evidence STUDY_DIR")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = Path(args.out)
+    out = Path(args.out or f"figures/{datetime.now():%Y%m%d-%H%M%S}")
     blocked = next((d for d in [out, *out.parents] if d.exists() and not d.is_dir()), None)
     if blocked is not None:
         p.error(f"--out {out}: {blocked} is a file; give a folder for the figures")
+    held = sorted(n for n in FIGURE_NAMES if (out / n).exists()) if out.is_dir() else []
+    if held and not args.force:
+        print(f"error: --out {out} already holds figures ({', '.join(held[:4])}"
+              f"{', ...' if len(held) > 4 else ''}); add --force to replace them, or leave out "
+              f"--out for a new folder", file=sys.stderr)
+        return 2
     try:
         wrote = (_curves(args, out) if args.curves else _evidence(args, out) if args.evidence
                  else _thesis(args, out))

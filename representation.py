@@ -89,7 +89,7 @@ def test_index(config, n_images):
 
 def traversal_pixels(model, data, config, step, index=None):
     """The traversal image of ``model`` at ``step`` (``traversal_rows`` as a uint8 grid), what
-    a run saves as alpha_<alpha>_traversal_<step>.png. The reconstructions' noise comes from a
+    a run saves as <stem>_traversal_<step>.png. The reconstructions' noise comes from a
     generator seeded with (seed, step): the same image from the run and from its weights."""
     device = next(model.parameters()).device
     index = test_index(config, len(data)) if index is None else index
@@ -197,8 +197,8 @@ def evaluate_representation(model, data, config, folder, step, metric_names, plo
     already has it) and compute the disentanglement metrics. Returns {metric: result}, or None
     when interrupted."""
     started = time.perf_counter()
-    plot_path = folder.gt_plot_path(config.alpha, step)
-    summary_path = folder.gt_summary_path(config.alpha, step)
+    plot_path = folder.gt_plot_path(config, step)
+    summary_path = folder.gt_summary_path(config, step)
     # A good plot is never redrawn over; a missing or unreadable one (a cut-short write) is.
     plot_ok, summary_ok = readable_png(plot_path), readable_npz(summary_path)
     plot = plot and not (plot_ok and summary_ok)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from config import (CHECKPOINT_FORMAT, IMPLIED_SETTINGS, RESUMABLE, Config, flag_of)
+from config import (CHECKPOINT_FORMAT, IMPLIED_SETTINGS, RESUMABLE, Config, file_stem, flag_of)
 from dataset import FACTOR_NAMES, DatasetError
 from model import MODEL_SPECS, Discriminator
 from objectives import OBJECTIVES, Adam041, discriminator_optimiser, vae_optimiser
@@ -69,7 +69,8 @@ class RunFolder:
     Files: ``config.json`` (settings, data source, versions, resumes), ``metrics.jsonl`` (one
     record per log interval, ``"kind": "train"``, and per evaluation, ``"kind": "eval"``),
     ``metrics.json`` (evaluations with their protocols, appended), ``checkpoints/last.pt``,
-    ``alpha_<alpha>_traversal_<step>.png`` and ``alpha_<alpha>_gt_<step>.png`` / ``.npz``.
+    ``<stem>_traversal_<step>.png`` and ``<stem>_gt_<step>.png`` / ``.npz`` (``config.file_stem``:
+    ``alpha_5.0`` for Non-Syn VAE as the original named them, ``Factor_gamma6.4``, ``VAE``, ...).
     """
 
     CONFIG = "config.json"
@@ -78,7 +79,7 @@ class RunFolder:
     CHECKPOINT = "checkpoints/last.pt"
     WEIGHTS = "model.pt"  # a run's final weights alone (figures.py writes misc/runs/<run>/)
     RECORDS = (CONFIG, LOG, REPORT)  # the run's small text records
-    _NUMBERED = re.compile(r"alpha_.+_(traversal|gt)_(\d+)\.(png|npz)")
+    _NUMBERED = re.compile(r".+_(traversal|gt)_(\d+)\.(png|npz)")
 
     def __init__(self, path):
         self.path = Path(path)
@@ -179,14 +180,14 @@ class RunFolder:
 
     # --- files named by step --------------------------------------------------------------------
 
-    def traversal_path(self, alpha, step):
-        return self.path / f"alpha_{alpha}_traversal_{step}.png"
+    def traversal_path(self, config, step):
+        return self.path / f"{file_stem(config)}_traversal_{step}.png"
 
-    def gt_plot_path(self, alpha, step):
-        return self.path / f"alpha_{alpha}_gt_{step}.png"
+    def gt_plot_path(self, config, step):
+        return self.path / f"{file_stem(config)}_gt_{step}.png"
 
-    def gt_summary_path(self, alpha, step):
-        return self.path / f"alpha_{alpha}_gt_{step}.npz"
+    def gt_summary_path(self, config, step):
+        return self.path / f"{file_stem(config)}_gt_{step}.npz"
 
     def _numbered(self, kind, suffix):
         found = []

@@ -318,10 +318,10 @@ class Solver:
     # --- figures -----------------------------------------------------------------------------
 
     def save_traversal(self):
-        """alpha_<alpha>_traversal_<step>.png (``representation.traversal_pixels``): drawing
+        """<stem>_traversal_<step>.png (``representation.traversal_pixels``): drawing
         it leaves the training stream, and with it resume, untouched."""
         pixels = traversal_pixels(self.model, self.data, self.config, self.step, self.test_index)
-        with atomic_file(self.folder.traversal_path(self.config.alpha, self.step)) as f:
+        with atomic_file(self.folder.traversal_path(self.config, self.step)) as f:
             Image.fromarray(pixels).save(f, format="PNG")
         if self.viz is not None:
             self.viz.image(pixels, self.step)

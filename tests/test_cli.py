@@ -219,6 +219,44 @@ def test_metrics_during_training_and_evaluate_command(tmp_path):
         assert again["scores"][name]["score"] == final["scores"][name]["score"]
 
 
+def test_evaluate_reads_a_folder_of_final_weights_and_writes_only_where_told(tmp_path, capsys):
+    """evaluate.py on misc/runs/<run> appended to its tracked metrics.json and added a
+    ground-truth plot into the repository: a folder of final weights is read-only now."""
+    import hashlib
+    import shutil
+
+    import evaluate
+    from runfolder import RunFolder, export_weights
+    code, run_dir = run_cli(tmp_path, "Factor", "--metric", "Factor", "--steps", "2",
+                            "--eval-metrics", "mig")
+    assert code == 0
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    shutil.copy(run_dir / "config.json", shipped)
+    export_weights(RunFolder(run_dir), shipped)
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                      for p in shipped.iterdir()}
+    before = digest()
+    capsys.readouterr()
+    assert evaluate.main([str(shipped), "--no-cuda"]) == 0
+    assert digest() == before
+    out = capsys.readouterr().out
+    assert "mig " in out and "not written" in out and "--json FILE or --out DIR" in out
+    assert evaluate.main([str(shipped), "--no-cuda", "--json", str(tmp_path / "s.json"),
+                          "--out", str(tmp_path / "e")]) == 0
+    assert digest() == before
+    assert json.loads((tmp_path / "s.json").read_text())["mig"] == json.loads(
+        (run_dir / "metrics.json").read_text())["evaluations"][-1]["scores"]["mig"]["score"]
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == [
+        "Factor_gamma6.4_gt_2.npz", "Factor_gamma6.4_gt_2.png", "metrics.json"]  # no alpha
+    assert evaluate.main([str(shipped), "--no-cuda", "--json", str(tmp_path / "s.json")]) == 2
+    assert "exists and is never overwritten" in capsys.readouterr().err
+    assert evaluate.main([str(shipped), "--no-cuda", "--out", str(run_dir)]) == 2
+    assert "is a run folder" in capsys.readouterr().err
+    assert evaluate.main([str(shipped), "--no-cuda", "--out", str(shipped)]) == 2
+    assert digest() == before
+
+
 def test_evaluate_scores_the_runs_own_metrics_and_the_sample_measures(tmp_path, capsys):
     import evaluate
     code, run_dir = run_cli(tmp_path, "own", "--eval-metrics", "mig")

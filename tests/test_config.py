@@ -114,3 +114,19 @@ def test_c_max_is_bounded_below_what_torch_full_overflows():
         config.Config(metric="AnnealedVAE", c_max=1e39)
     with pytest.raises(SystemExit):
         config.build_parser().parse_args(["--c_max", "1e39"])
+
+
+@pytest.mark.parametrize("settings, stem", [
+    (dict(metric="Test_gt", alpha=5.0), "alpha_5.0"),  # the original's names
+    (dict(metric="Factor", gamma=6.4), "Factor_gamma6.4"),
+    (dict(metric="VAE"), "VAE"),
+    (dict(metric="DIPVAE1"), "DIPVAE1_lambda_od10.0_lambda_d_factor10.0")])
+def test_files_named_by_step_carry_only_the_settings_of_their_objective(settings, stem):
+    from runfolder import RunFolder
+    cfg = config.Config(**settings)
+    assert config.file_stem(cfg) == stem
+    folder = RunFolder("r")
+    assert folder.gt_plot_path(cfg, 5000).name == f"{stem}_gt_5000.png"
+    assert folder.traversal_path(cfg, 2).name == f"{stem}_traversal_2.png"
+    if cfg.metric != "Test_gt":
+        assert "alpha" not in folder.gt_summary_path(cfg, 5).name

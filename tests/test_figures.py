@@ -1,5 +1,6 @@
 """The figure command on tiny runs made here: every file, with the expected size and frames."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -74,11 +75,19 @@ def test_figures_from_tiny_runs(runs, celeba_run, tmp_path):
     config = json.loads((out / "runs" / "Test_gt" / "config.json").read_text())
     assert config["config"]["output_dir"] == "<path>" and config["config"]["seed"] == 120
     exported = out / "runs" / "Test_gt"  # the weights alone score as the run itself did
-    assert evaluate.main([str(exported), "--no-cuda", "--eval-metrics", "mig"]) == 0
+    before = _digest(exported)
+    assert evaluate.main([str(exported), "--no-cuda", "--eval-metrics", "mig", "--json",
+                          str(tmp_path / "scores.json"), "--out", str(tmp_path / "e")]) == 0
+    assert _digest(exported) == before  # read-only: the scores went to --json and --out
     final = json.loads((runs["Test_gt"] / "metrics.json").read_text())["evaluations"][-1]
-    again = json.loads((exported / "metrics.json").read_text())["evaluations"][-1]
+    again = json.loads((tmp_path / "e" / "metrics.json").read_text())["evaluations"][-1]
     assert again["measures"] == final["measures"] and again["step"] == final["step"]
     assert again["scores"]["mig"] == final["scores"]["mig"]
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["mig"] == final["scores"]["mig"]["score"] and scores["step"] == final["step"]
+    assert scores["results"]["mig"]["protocol"] == final["scores"]["mig"]["protocol"]
+    assert {"torch", "numpy"} <= set(scores["versions"])
+    assert (tmp_path / "e" / f"alpha_5.0_gt_{final['step']}.png").is_file()
     learned = [line for line in (out / "comparison.md").read_text().splitlines()
                if line.startswith("| z")]
     assert len(learned) == 10  # a row per latent, a column per dSprites run (not CelebA)
@@ -122,7 +131,7 @@ def test_a_run_without_summary_is_reencoded_from_its_checkpoint(runs, tmp_path):
     """In memory: nothing is written into the source run folder."""
     import shutil
     copy = shutil.copytree(runs["VAE"], tmp_path / "VAE")
-    for path in copy.glob("alpha_*_gt_*.npz"):
+    for path in copy.glob("*_gt_*.npz"):
         path.unlink()
     before = _digest(copy)
     step, summary = figures.ground_truth_summary(RunFolder(copy))
@@ -322,12 +331,24 @@ def test_a_damaged_input_is_one_line_and_leaves_an_existing_out_as_it_was(
             raise MemoryError
         monkeypatch.setattr(figures, "comparison_table", no_memory)
         expected, code = "out of memory while making the figures", 3
-    assert figures.main(_args(runs, out)) == code
+    assert figures.main(_args(runs, out) + ["--force"]) == code
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
     assert _digest(out) == before
     assert not list(out.glob(".figures-*"))
+
+
+def test_an_out_that_holds_figures_needs_force(tmp_path, capsys):
+    """figures.py wrote into misc/ by default, over the shipped figures and runs."""
+    (tmp_path / "latents.png").write_bytes(b"shipped")
+    args = ["--nonsyn", "a", "--factor", "b", "--vae", "c", "--out", str(tmp_path)]
+    assert figures.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds figures (latents.png)" in err and "--force" in err
+    assert figures.main(args + ["--force"]) == 2  # past the check: the runs are missing
+    assert "--force" not in capsys.readouterr().err
+    assert (tmp_path / "latents.png").read_bytes() == b"shipped"
 
 
 def test_an_out_under_a_file_is_refused(tmp_path, capsys):
@@ -390,7 +411,7 @@ def test_evidence_tables_and_figures_from_a_study_folder(runs, tmp_path, capsys)
 
 @pytest.mark.slow
 def test_the_figures_of_a_folder_of_final_weights_are_drawn_from_the_weights(runs, tmp_path,
-                                                                            caplog):
+                                                                            caplog, monkeypatch):
     """A folder with config.json, metrics.jsonl and the final weights alone (misc/runs/<run>):
     the traversal and the ground-truth summary come from the weights, as the run drew them
     (the same pixels), latents.png and VAE_traversals.png are drawn, the GIF, which needs the
@@ -408,6 +429,12 @@ def test_the_figures_of_a_folder_of_final_weights_are_drawn_from_the_weights(run
     assert figures.main(_args(runs, shipped)) == 0
     sources = {m: shipped / "runs" / m for m in runs}
     before = _digest(shipped / "runs")
+    monkeypatch.chdir(tmp_path / "shipped")  # the defaults: a new folder, not misc/ or a source
+    with caplog.at_level("WARNING"):
+        assert figures.main(_args(sources, "")[:-2]) == 0
+    (default,) = (tmp_path / "shipped" / "figures").iterdir()
+    assert re.fullmatch(r"\d{8}-\d{6}", default.name) and (default / "latents.png").is_file()
+    (tmp_path / "again").mkdir()
     with caplog.at_level("WARNING"):
         assert figures.main(_args(sources, tmp_path / "again")) == 0
     assert "traversals.gif needs the traversal images" in caplog.text
