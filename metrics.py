@@ -297,6 +297,29 @@ def evaluate(represent, factor_sizes, names=DEFAULT_METRICS, seed=EVAL_SEED, ove
     return results
 
 
+def score_note(name, result):
+    """Why a score is exactly 0 or not finite, in words for a summary (None for any other
+    score): a table that prints a bare 0 or inf reads as a measurement of disentanglement."""
+    score = result.get("score")
+    if score is None:
+        return None
+    if name == "factor_vae" and result.get("num_active") == 0:
+        return (f"0 by definition: no latent's standard deviation reaches prune_std "
+                f"{result.get('protocol', {}).get('prune_std', PROTOCOLS[name]['prune_std'])} "
+                f"over the variance sample (every latent collapsed to the prior)")
+    if np.isnan(score):
+        return "undefined (NaN): the codes gave no finite statistic"
+    if np.isinf(score):
+        return ("infinite: the codes' covariance is singular (a latent is an exact linear "
+                "function of others)" if name == "gaussian_total_correlation" else
+                "infinite: the codes gave no finite statistic")
+    if score == 0:
+        return ("exactly 0: for every factor the two most informative latents tie (e.g. "
+                "constant codes, every latent in one histogram bin)" if name == "mig" else
+                "exactly 0 (e.g. codes that do not vary: nothing to measure)")
+    return None
+
+
 def lookup(codes, factor_sizes):
     """``represent`` for codes of a complete factor grid stored in dataset (C) order."""
     codes = np.asarray(codes)

@@ -30,12 +30,14 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +46,7 @@ from tqdm import tqdm
 from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, OBJECTIVES, RESUMABLE, Config,
                     build_parser, explicit_flags, new_run_config, objective_label)
 from evidence import mean_std, mean_std_text
-from metrics import METRIC_LABELS
+from metrics import METRIC_LABELS, score_note
 from precision import PRECISIONS
 from representation import MEASURE_LABELS, SAMPLE_MEASURES
 from runfolder import RunFolder
@@ -412,6 +414,40 @@ def check_trials(spec, trials, out):
             raise StudyError(f"trial {trial['name']} would be refused by run.py: {err}") from None
         settings[trial["name"]] = json.loads(json.dumps(config.to_dict()))  # as stored
     return settings
+
+
+MIN_RECORDS = 10  # training records per run below which curves.png shows next to nothing
+
+
+def scale_records(spec, study, preset):
+    """(spec, {trial: resolved settings}): a study whose runs would log fewer than MIN_RECORDS
+    training records at the default --log-interval logs more often, said in one line (the
+    interval joins the spec's flags, so the same command resumes the same study); an explicit
+    --log-interval is kept, with a warning naming the flag. A study recorded before this rule
+    keeps its spec."""
+    trials = expand(spec)
+    configs = check_trials(spec, trials, study.out)
+    few = [c for c in configs.values() if c["steps"] // c["log_interval"] < MIN_RECORDS]
+    if not few:
+        return spec, configs
+    steps = min(c["steps"] for c in few)
+    interval = max(1, steps // MIN_RECORDS)
+    given = sorted({c["log_interval"] for c in few})
+    logged = steps // max(given)
+    command = f"--preset {preset} " if preset else ""
+    if any(g != Config.log_interval for g in given) or (
+            study.data is not None and study.data.get("spec") == spec):
+        print(f"warning: {len(few)} of {len(configs)} trials will log {logged} training "
+              f"record(s) (--steps {steps}, --log-interval {max(given)}): curves.png will show "
+              f"next to nothing; add -- --log-interval {interval} for {steps // interval}",
+              file=sys.stderr)
+        return spec, configs
+    spec = dict(spec, flags=list(spec["flags"]) + ["--log-interval", str(interval)])
+    print(f"study.py: {command}--steps {steps} at the default --log-interval "
+          f"{Config.log_interval} would log {logged} training record(s) per run; logging every "
+          f"{interval} steps instead ({steps // interval} records; -- --log-interval N sets it)",
+          file=sys.stderr)
+    return spec, check_trials(spec, trials, study.out)
 
 
 @dataclass
@@ -1014,26 +1050,28 @@ def summarise(study):
     groups = {}
     for trial in study.data["trials"]:
         groups.setdefault(configuration(trial), []).append(trial)
-    rows, samples, labels = [], {}, {}
+    rows, samples, labels, why, notes = [], {}, {}, {}, []
     for config, trials in groups.items():
         finished = [t for t in trials if t["state"] == "finished"]
         values = samples[config] = {}
         for trial in finished:
             for name, value in final_values(study.out / trial["name"]).items():
                 values.setdefault(name, []).append(value)
+            for name, note in score_notes(study.out / trial["name"]).items():
+                why.setdefault((config, name), []).append(note)
         labels[config] = configuration_label(study, config, finished or trials)
         row = dict(label=labels[config], metric=config[0], **dict(config[1]), n=len(finished),
-                   missing=len(trials) - len(finished))
+                   missing=len(trials) - len(finished), config=config)
         for name, xs in values.items():
             row[f"{name}_mean"], row[f"{name}_std"] = mean_std(xs)
             row[f"{name}_n"] = len(xs)
         rows.append(row)
-    columns = sorted({k for r in rows for k in r}, key=_column_order)
+    columns = sorted({k for r in rows for k in r} - {"config"}, key=_column_order)
     measures = sorted({k[:-5] for k in columns if k.endswith("_mean")}, key=_column_order)
     tests = welch_tests(samples, measures, labels)
     write_if_changed(study.out / "summary.csv", _csv(columns, rows))
     write_if_changed(study.out / "ttests.csv",
-                     _csv(["a", "b", "measure", "n_a", "n_b", "p_value"], tests))
+                     _csv(["a", "b", "measure", "n_a", "n_b", "p_value", "meaningful"], tests))
     lines = ["| objective | n | " + " | ".join(measure_label(m) for m in measures) + " |",
              "|" + " --- |" * (2 + len(measures))]
     partial = False
@@ -1046,6 +1084,11 @@ def summarise(study):
             text = mean_std_text(r[m + "_mean"], r[m + "_std"])
             if r[m + "_n"] != r["n"]:
                 text, partial = f"{text} (n={r[m + '_n']})", True
+            if said := why.get((r["config"], m)):
+                counted = Counter(said)
+                notes.append(f"{measure_label(m)} of {r['label']}: " + "; ".join(
+                    f"{note} ({k} of {r[m + '_n']} seeds)" for note, k in counted.items()))
+                text = f"{text} [{len(notes)}]"
             cells.append(text)
         lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
     omegas = sorted({m.partition("@")[2] or f"{MEASURE_OMEGA:g}" for m in measures
@@ -1061,20 +1104,53 @@ def summarise(study):
     missing = sum(r["missing"] for r in rows)
     if missing:
         lines.append(f"\n{missing} trial(s) have not finished; the table summarises the rest.")
+    if notes:
+        lines += [""] + [f"[{i}] {note}" for i, note in enumerate(notes, 1)]
     if tests:
-        lines += ["", f"Welch's t-test p-values, {tested_pairs(list(samples))[1]} (ttests.csv):",
+        lines += ["", f"Welch's t-test p-values, {tested_pairs(list(samples))[1]} (ttests.csv); "
+                      f"n: the seeds of a and of b:",
                   "",
-                  "| a | b | " + " | ".join(measure_label(m) for m in measures) + " |",
-                  "|" + " --- |" * (2 + len(measures))]
+                  "| a | b | n | " + " | ".join(measure_label(m) for m in measures) + " |",
+                  "|" + " --- |" * (3 + len(measures))]
         pairs = {}
         for t in tests:
-            pairs.setdefault((t["a"], t["b"]), {})[t["measure"]] = t["p_value"]
-        for (a, b), ps in pairs.items():
-            lines.append(f"| {a} | {b} | " + " | ".join(
-                f"{ps[m]:.2g}" if m in ps else "" for m in measures) + " |")
+            pairs.setdefault((t["a"], t["b"]), {})[t["measure"]] = t
+        weak = False
+        for (a, b), ts in pairs.items():
+            ns = {(t["n_a"], t["n_b"]) for t in ts.values()}
+            cells = []
+            for m in measures:
+                t = ts.get(m)
+                if t is None:
+                    cells.append("")
+                    continue
+                text = (f"{t['p_value']:.2g}" if math.isfinite(t["p_value"]) else
+                        "undefined (no spread)") + ("" if len(ns) == 1 else
+                                                f" (n {t['n_a']}/{t['n_b']})")
+                if not t["meaningful"] and math.isfinite(t["p_value"]):
+                    text, weak = f"{text} †", True
+                cells.append(text)
+            n_text = "/".join(map(str, next(iter(ns)))) if len(ns) == 1 else "varies"
+            lines.append(f"| {a} | {b} | {n_text} | " + " | ".join(cells) + " |")
+        if weak:
+            lines.append(f"\n† fewer than {MEANINGFUL_N} seeds in a group: Welch's test then "
+                         f"rests on one or two degrees of freedom and its p-value is not "
+                         f"meaningful (it is printed, not to be read as evidence); run "
+                         f"--seeds {MEANINGFUL_N} or more.")
     write_if_changed(study.out / "summary.md", ("\n".join(lines) + "\n").encode())
     curves_figure(study, groups, labels, study.out / "curves.png")
     return rows
+
+
+MEANINGFUL_N = 3  # seeds per group below which a Welch p-value is printed as not meaningful
+
+
+def score_notes(folder):
+    """{metric: why its last score is what it is} for the scores of a finished run that are
+    exactly 0 or not finite (``metrics.score_note``), from its own metrics.json."""
+    run = RunFolder(folder)
+    return {name: note for name, result in run.last_evaluated("scores").items()
+            if (note := score_note(name, result))}
 
 
 def tested_pairs(configurations):
@@ -1100,7 +1176,8 @@ def welch_tests(samples, measures, labels):
             if len(xs) >= 2 and len(ys) >= 2:
                 p = float(ttest_ind(xs, ys, equal_var=False).pvalue)
                 tests.append(dict(a=labels[a], b=labels[b], measure=measure, n_a=len(xs),
-                                  n_b=len(ys), p_value=p))
+                                  n_b=len(ys), p_value=p,
+                                  meaningful=min(len(xs), len(ys)) >= MEANINGFUL_N))
     return tests
 
 
@@ -1141,7 +1218,7 @@ def curves_figure(study, groups, labels, path):
 
 def _csv(columns, rows):
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, columns)
+    writer = csv.DictWriter(table, columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return table.getvalue().encode()
@@ -1238,11 +1315,11 @@ def _main(p, args, shared):
                               args.threads, args.trials_per_gpu, cuda)
             where = (f"{plan.workers} worker(s) x {plan.threads} thread(s)"
                      + (f" on GPU(s) {', '.join(plan.devices)}" if plan.devices[0] else ""))
+        spec, configs = scale_records(spec, study, args.preset)  # nothing written yet
         if not args.rebuild:
             study.check_spec(spec, args.extend)
         # a trial without a run folder (new, or recorded finished but its folder is gone)
         trials = expand(spec)
-        configs = check_trials(spec, trials, study.out)  # nothing written yet
         check_trial_folders(study.out, trials, configs)
         held = study.lock(reread=not args.rebuild)  # noqa: F841  (held until this ends)
         if args.rebuild:

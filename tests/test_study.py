@@ -870,3 +870,62 @@ def test_a_study_that_trained_nothing_takes_a_corrected_spec(tmp_path, capsys):
     (tmp_path / "VAE_seed1" / "config.json").write_text("{}")
     with pytest.raises(study.StudyError, match="holds a study with another spec"):
         study.Study(tmp_path).check_spec(old, extend=False)
+
+
+def test_a_study_with_few_records_per_run_logs_more_often_or_names_the_flag(tmp_path, capsys):
+    """--steps 300 at the default --log-interval 500 drew an empty curves.png without a word."""
+    def spec_of(*flags):
+        return study.make_spec(*study.parse_args(["--out", str(tmp_path / "s"), "--metric",
+                                                  "VAE", "--", "--grid", "reduced", *flags]))
+    folder = study.Study(tmp_path / "s")
+    spec, configs = study.scale_records(spec_of("--steps", "300"), folder, None)
+    assert spec["flags"][-2:] == ["--log-interval", "30"]
+    assert {c["log_interval"] for c in configs.values()} == {30}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "would log 0 training record(s) per run; logging every 30 " \
+        "steps instead (10 records" in err
+    assert study.scale_records(spec_of("--steps", "300"), folder, None)[0] == spec  # resumable
+    capsys.readouterr()
+    explicit = spec_of("--steps", "300", "--log-interval", "100")
+    assert study.scale_records(explicit, folder, None)[0] == explicit
+    err = capsys.readouterr().err
+    assert err.startswith("warning: 1 of 1 trials will log 3 training record(s)") and \
+        "add -- --log-interval 30" in err
+    enough = spec_of("--steps", "5000")
+    assert study.scale_records(enough, folder, None)[0] == enough
+    assert capsys.readouterr().err == ""
+
+
+def _fake_trial(out, metric, seed, scores, i_max):
+    name = f"{metric}_seed{seed}"
+    (out / name).mkdir(parents=True)
+    (out / name / "metrics.json").write_text(json.dumps({"evaluations": [{
+        "step": 10, "scores": scores,
+        "measures": {"recon": 1.0, "kl": 2.0, "elbo": -3.0, "i_max": i_max,
+                     "measure_omega": 0.9}}]}))
+    return dict(name=name, metric=metric, seed=seed, settings={}, state="finished")
+
+
+def test_the_summary_marks_welch_tests_of_few_seeds_and_says_why_a_score_is_zero(tmp_path):
+    """p = 0.0013 from n = 2 seeds was printed without a caveat, and AnnealedVAE's FactorVAE
+    score as a bare 0."""
+    out = tmp_path / "s"
+    collapsed = {"score": 0.0, "num_active": 0, "protocol": {"prune_std": 0.05}}
+    trials = [_fake_trial(out, "Test_gt", s, {"mig": {"score": 0.1 * s}}, 1.0 + 0.1 * s)
+              for s in (1, 2)]
+    trials += [_fake_trial(out, "AnnealedVAE", s, {"mig": {"score": 0.05 * s},
+                                                   "factor_vae": collapsed}, 3.0 + 0.2 * s)
+               for s in (1, 2)]
+    folder = study.Study(out, read=False)
+    folder.data = dict(spec=None, trials=trials)
+    study.summarise(folder)
+    summary = (out / "summary.md").read_text()
+    assert "| a | b | n |" in summary
+    assert re.search(r"\| Non-Syn VAE \(alpha 1.5, omega 0.8\) \| AnnealedVAE \(c_max 25\) \| "
+                     r"2/2 \| undefined \(no spread\) \| [^|]+ \| [^|]+ \| [^|]+ † \|", summary), summary
+    assert "† fewer than 3 seeds in a group" in summary and "not meaningful" in summary
+    assert "| 0 [1] |" in summary
+    assert "[1] FactorVAE score of AnnealedVAE (c_max 25): 0 by definition: no latent's " \
+        "standard deviation reaches prune_std 0.05" in summary and "(2 of 2 seeds)" in summary
+    with open(out / "ttests.csv") as f:
+        assert {r["meaningful"] for r in csv.DictReader(f)} == {"False"}
