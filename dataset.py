@@ -261,6 +261,17 @@ def _corrupt(path, why):
         f"a fresh copy, or move it away to train on the procedural dSprites.")
 
 
+def is_html_page(path):
+    """True when ``path`` starts as an HTML page: what a failed download (a login, quota or
+    error page) saves under the name of the file it was meant to fetch."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512).lstrip().lower()
+    except OSError:
+        return False
+    return head.startswith((b"<!doctype html", b"<html"))
+
+
 def read_official_npz(path, rows=None, chunk=16384):
     """Read the official npz into packed bits, streaming the 2.8 GB image array.
 
@@ -269,6 +280,11 @@ def read_official_npz(path, rows=None, chunk=16384):
     truncated or inconsistent file.
     """
     n_full = int(np.prod(FULL_SIZES))
+    if is_html_page(path):
+        raise DatasetError(f"{path} is an HTML page, not the dSprites npz (a failed download "
+                           f"saves a login or error page under that name). Delete it and run "
+                           f"with --download to fetch the file, or move it away to train on "
+                           f"the procedural dSprites.")
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
@@ -509,9 +525,7 @@ def _celeba_members(path):
         if not names:
             raise DatasetError(f"{path} holds no .jpg files")
         return names
-    with open(path, "rb") as f:
-        head = f.read(512).lstrip().lower()
-    if head.startswith((b"<!doctype html", b"<html")):
+    if is_html_page(path):
         raise DatasetError(f"{path} is an HTML page, not a zip (a failed Google Drive download "
                            f"saves the quota page under that name). Delete it and fetch "
                            f"{CELEBA_ZIP} again from {CELEBA_SOURCE}")

@@ -105,6 +105,7 @@ def test_official_npz_is_used_when_present(tmp_path, small_grid):
 
 @pytest.mark.parametrize("damage, message", [
     ("garbage", "BadZipFile"),
+    ("html", "is an HTML page, not the dSprites npz"),
     ("truncated", "not a valid dSprites file"),
     ("missing", "missing arrays"),
     ("values", "other than 0 and 1"),
@@ -116,7 +117,9 @@ def test_corrupt_npz_gives_a_clear_error(tmp_path, small_grid, damage, message):
     classes = grid_classes("full")
     imgs = render_dsprites(classes)
     if damage == "garbage":
-        path.write_bytes(b"<html>quota exceeded</html>")
+        path.write_bytes(b"PK\x03\x04 not a zip at all")
+    elif damage == "html":  # what a failed download saves under the npz's name
+        path.write_bytes(b"\n  <!DOCTYPE html><html><body>Sign in</body></html>")
     elif damage == "missing":
         np.savez_compressed(path, imgs=imgs)
     else:
