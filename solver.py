@@ -17,7 +17,6 @@ import time
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config import NONSYN, OBJECTIVE_SETTINGS, flag_of
@@ -31,7 +30,7 @@ from representation import (evaluate_representation, evaluation_report, log_meas
                             sample_measures, test_index, traversal_pixels)
 from runfolder import RunFolder
 from synergy import kl_per_latent, synergy_penalty, worst_set_kl
-from utils import Diverged, atomic_file, rng_state, set_rng_state
+from utils import Diverged, atomic_file, progress, rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +143,21 @@ class Solver:
                 self._evaluate(log_file)
                 if not self.eval_pending:
                     self.save_checkpoint()
-            with logging_redirect_tqdm(), tqdm(total=c.steps, initial=self.step, unit="step",
-                                               dynamic_ncols=True, desc="training") as bar:
+            forecast = Forecast(self)
+            with logging_redirect_tqdm(), progress(c.steps, self.step, "training") as bar:
                 while self.step < c.steps and self._stop_signal is None:
                     values, best = self.advance()
                     bar.update(1)
+                    forecast.step()
                     self.elapsed = time.perf_counter() - started
                     self.eval_pending = self.data.has_factors and (
                         self.step % c.gt_interval == 0 or self.step == c.steps)
                     if self.step % c.log_interval == 0 or self.step == c.steps:
                         self._log(log_file, values, best)
                     if self.eval_pending:
+                        evaluated = time.perf_counter()
                         self._evaluate(log_file)
+                        forecast.evaluated(time.perf_counter() - evaluated)
                     if self.step % c.save_interval == 0 or self.step == c.steps:
                         self.save_checkpoint()  # after the evaluation: it records whether it ran
                         self.save_traversal()
@@ -325,3 +327,60 @@ class Solver:
             Image.fromarray(pixels).save(f, format="PNG")
         if self.viz is not None:
             self.viz.image(pixels, self.step)
+
+
+class Forecast:
+    """The expected wall-clock of a session, logged once from the first steps' rate (steps 2 on:
+    the first is warm-up) and once more after the first ground-truth evaluation, with how to
+    shorten it: a bare ``python run.py`` trains 300,000 steps for hours."""
+
+    MEASURE_S, MEASURE_STEPS = 10.0, 200  # measure over this long, or this many steps
+
+    def __init__(self, solver):
+        self.solver, self.first = solver, solver.step
+        self.since, self.told, self.evaluations_told = None, False, False
+        self.rate = None
+
+    def _evaluations_left(self):
+        c, step = self.solver.config, self.solver.step
+        if not self.solver.data.has_factors:
+            return 0
+        return c.steps // c.gt_interval - step // c.gt_interval + (c.steps % c.gt_interval != 0)
+
+    def step(self):
+        if self.told:
+            return
+        now, done = time.perf_counter(), self.solver.step - self.first
+        if done == 1:
+            self.since = now
+            return
+        left = self.solver.config.steps - self.solver.step
+        if self.since is None or left <= 0 or (now - self.since < self.MEASURE_S
+                                               and done - 1 < self.MEASURE_STEPS):
+            return
+        self.told, self.rate = True, (done - 1) / (now - self.since)
+        c = self.solver.config
+        evaluations = self._evaluations_left()
+        log.info("expected: %s steps more at %.3g step/s ≈ %s of training%s; shorten with "
+                 "--steps N%s", f"{left:,}", self.rate, _duration(left / self.rate),
+                 f", plus {evaluations} ground-truth evaluation(s) (every {c.gt_interval:,} "
+                 f"steps; their time is logged after the first)" if evaluations else "",
+                 ", a larger --gt-interval or --eval-metrics none" if evaluations else "")
+
+    def evaluated(self, seconds):
+        if self.evaluations_told or self.rate is None:
+            return
+        self.evaluations_told = True
+        left, evaluations = self.solver.config.steps - self.solver.step, self._evaluations_left()
+        if evaluations:
+            log.info("expected: an evaluation takes %s; with %d more, ≈ %s left in all",
+                     _duration(seconds), evaluations,
+                     _duration(left / self.rate + evaluations * seconds))
+
+
+def _duration(seconds):
+    """'45 s', '12 min', '3 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"

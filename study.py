@@ -41,7 +41,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
 
 from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, OBJECTIVES, RESUMABLE, Config,
                     build_parser, explicit_flags, new_run_config, objective_label)
@@ -51,7 +50,7 @@ from precision import PRECISIONS
 from representation import MEASURE_LABELS, SAMPLE_MEASURES
 from runfolder import RunFolder
 from utils import (ArgumentParser, ConfigError, DiskFull, atomic_write_bytes, check_writable,
-                   usable_cpus, write_json)
+                   progress, usable_cpus, write_json)
 
 ROOT = Path(__file__).resolve().parent
 OBJECTIVE_AXES = OBJECTIVE_SETTINGS  # the value axes that multiply each objective's trials
@@ -788,10 +787,8 @@ class Progress:
         self.done = {t["name"]: (steps[t["name"]] if t["state"] == "finished"
                                  else current_step(study.out / t["name"]))
                      for t in study.data["trials"]}
-        tty = sys.stderr.isatty()
-        self.bar = tqdm(total=sum(steps.values()), initial=sum(self.done.values()), unit="step",
-                        desc=self._trials(), file=sys.stderr, dynamic_ncols=True,
-                        mininterval=0.5 if tty else 60, smoothing=0.1)
+        self.bar = progress(sum(steps.values()), sum(self.done.values()), self._trials(),
+                            every_s=600)
         self.polled = 0.0
 
     def _trials(self):

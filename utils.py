@@ -15,7 +15,9 @@ import re
 import resource
 import signal
 import subprocess
+import sys
 import tempfile
+import time
 import zipfile
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -361,3 +364,67 @@ def out_of_memory(what, err):
 
 class Diverged(RuntimeError):
     """Training produced a non-finite loss or weight; the message names the step and the term."""
+
+
+# --- progress ----------------------------------------------------------------------------------------
+
+PROGRESS_PERCENT = 5  # a redirected log gets a progress line each time this share of the total passes
+
+
+def progress(total, initial=0, desc="", unit="step", file=None, every_s=None):
+    """A progress display: tqdm's bar on a terminal; in a redirected log (stderr a file or a
+    pipe) ``LineProgress``, a plain line every PROGRESS_PERCENT % (and every ``every_s``
+    seconds when given), instead of thousands of carriage-return redraws."""
+    stream = file or sys.stderr
+    if stream.isatty():
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=stream,
+                    dynamic_ncols=True, smoothing=0.1)
+    return LineProgress(total, initial, desc, unit, stream, every_s)
+
+
+class LineProgress:
+    """The calls of tqdm that this project makes (update, write, set_description, close, as a
+    context manager), printing one self-contained line per PROGRESS_PERCENT % of the total:
+    ``training: 35% 1,050/3,000 steps, 16.2 step/s, 1:05 elapsed, ~2:00 left``."""
+
+    def __init__(self, total, initial=0, desc="", unit="step", file=None, every_s=None):
+        self.total, self.n, self.desc, self.unit = total, initial, desc, unit
+        self.file, self.every_s = file or sys.stderr, every_s
+        self.first, self.started = initial, time.monotonic()
+        self.printed, self.printed_at = initial, self.started
+        self.step_size = max(1, total * PROGRESS_PERCENT // 100)
+
+    def update(self, n=1):
+        self.n += n
+        now = time.monotonic()
+        if (self.n // self.step_size > self.printed // self.step_size or self.n >= self.total
+                and self.printed < self.total) or (
+                self.every_s is not None and now - self.printed_at >= self.every_s):
+            self._line(now)
+
+    def _line(self, now):
+        elapsed = now - self.started
+        rate = (self.n - self.first) / elapsed if elapsed > 0 else 0.0
+        left = (f", ~{tqdm.format_interval((self.total - self.n) / rate)} left"
+                if rate > 0 and self.n < self.total else "")
+        share = 100 * self.n / self.total if self.total else 100.0
+        print(f"{self.desc}: {share:3.0f}% {self.n:,}/{self.total:,} {self.unit}s, "
+              f"{rate:.3g} {self.unit}/s, {tqdm.format_interval(elapsed)} elapsed{left}",
+              file=self.file, flush=True)
+        self.printed, self.printed_at = self.n, now
+
+    def set_description(self, desc, refresh=True):
+        self.desc = desc
+
+    def write(self, line, file=None):
+        print(line, file=file or self.file, flush=True)
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

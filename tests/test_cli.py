@@ -2,6 +2,7 @@
 resume after an interruption, and bad input."""
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -568,3 +569,44 @@ def test_a_mistyped_flag_or_value_is_one_line_with_the_closest_flag(capsys, argv
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert expected in err and "--help' lists every flag" in err and "usage:" not in err
+
+
+def test_a_run_says_its_expected_wall_clock_and_how_to_shorten_it(tmp_path, caplog, monkeypatch):
+    """A bare ``python run.py`` trained 300,000 steps for many hours without a word."""
+    import solver
+    monkeypatch.setattr(solver.Forecast, "MEASURE_STEPS", 3)
+    with caplog.at_level("INFO"):
+        code, _ = run_cli(tmp_path, "forecast", "--steps", "12", "--gt-interval", "5",
+                          "--eval-metrics", "mig")
+    assert code == 0
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("expected:")]
+    assert len(told) == 2, told
+    assert re.fullmatch(r"expected: 8 steps more at [\d.e+]+ step/s ≈ \d+ s of training, plus 3 "
+                        r"ground-truth evaluation\(s\) \(every 5 steps; their time is logged "
+                        r"after the first\); shorten with --steps N, a larger --gt-interval or "
+                        r"--eval-metrics none", told[0]), told[0]
+    assert re.fullmatch(r"expected: an evaluation takes \d+ s; with 2 more, ≈ \d+ s left in all",
+                        told[1]), told[1]
+
+
+def test_a_redirected_log_gets_a_progress_line_every_few_percent(capfd):
+    """tqdm wrote 248 KB of carriage-return redraws into the demo's redirected log."""
+    from utils import LineProgress, progress
+    import io
+    out = io.StringIO()
+    bar = progress(3000, desc="training", file=out)
+    assert isinstance(bar, LineProgress)  # a StringIO is not a terminal
+    with bar:
+        for _ in range(3000):
+            bar.update(1)
+        bar.write("a log line")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 21 and "\r" not in out.getvalue()
+    assert re.fullmatch(r"training:   5% 150/3,000 steps, [\d.e+]+ step/s, 00:00 elapsed, "
+                        r"~\S+ left", lines[0]), lines[0]
+    assert lines[-2].startswith("training: 100% 3,000/3,000 steps") and lines[-1] == "a log line"
+    resumed = LineProgress(100, initial=40, desc="training", file=io.StringIO())
+    resumed.update(3)
+    assert resumed.file.getvalue() == ""  # 43 %: no 5 % mark passed since 40
+    resumed.update(2)
+    assert resumed.file.getvalue().startswith("training:  45% 45/100 steps")
