@@ -711,6 +711,13 @@ def main(argv=None):
     blocked = next((d for d in [out, *out.parents] if d.exists() and not d.is_dir()), None)
     if blocked is not None:
         p.error(f"--out {out}: {blocked} is a file; give a folder for the figures")
+    sources = [getattr(args, flag) for flag, _ in ROLES] + args.compare + (args.curves or []) \
+        + (args.band or []) + [args.celeba]
+    try:  # the run folders' own files first: --force does not lift that
+        check_out_outside(out, [RunFolder(Path(run)) for run in sources if run])
+    except FigureError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     held = sorted(n for n in FIGURE_NAMES if (out / n).exists()) if out.is_dir() else []
     if held and not args.force:
         print(f"error: --out {out} already holds figures ({', '.join(held[:4])}"

@@ -11,6 +11,7 @@ import torch
 
 import dataset
 from conftest import QUICK, no_data, records, run_cli
+from config import Config, file_stem
 from run import main
 
 
@@ -46,13 +47,15 @@ def test_every_experiment_writes_a_complete_run_folder(tmp_path, metric):
             assert r["total"] == pytest.approx(r["recon"] + regulariser(r), rel=1e-5), r
     if metric == "AnnealedVAE":  # C = c_max * min(1, t / c_steps) after t = step - 1 steps
         assert [r["capacity"] for r in rows] == pytest.approx([25 * 1 / 4, 25 * 3 / 4, 25])
+    stem = "alpha_5.0" if metric in ("Test_gt", "test") else file_stem(Config(**settings))
+    assert stem.startswith(("alpha_5.0", metric)) and "alpha" not in stem[len(metric):]
     for step in (3, 6):
-        assert (run_dir / f"alpha_5.0_traversal_{step}.png").is_file()
-    assert (run_dir / "alpha_5.0_gt_6.png").is_file()
-    summary = np.load(run_dir / "alpha_5.0_gt_6.npz")
+        assert (run_dir / f"{stem}_traversal_{step}.png").is_file()
+    assert (run_dir / f"{stem}_gt_6.png").is_file()
+    summary = np.load(run_dir / f"{stem}_gt_6.npz")
     assert summary["pos"].shape == (8, 8, 10) and summary["marginal_orientation"].shape == (10, 10)
     from PIL import Image
-    width, height = Image.open(run_dir / "alpha_5.0_traversal_6.png").size
+    width, height = Image.open(run_dir / f"{stem}_traversal_6.png").size
     assert (width, height) == (4 * 66 + 2, 12 * 66 + 2)  # nb-test columns, 2 + z_dim rows
     config = json.loads((run_dir / "config.json").read_text())
     assert config["config"]["metric"] == metric and "procedural" in config["data_source"]
@@ -179,7 +182,7 @@ def test_corrupt_npz_stops_the_run_with_advice(tmp_path, capsys):
     (tmp_path / dataset.DSPRITES_FILE).write_bytes(b"<html>Google Drive quota exceeded</html>")
     assert main([*QUICK, "--output_dir", str(tmp_path / "runs"), "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "not a valid dSprites file" in err and "--download" in err
+    assert "is an HTML page, not the dSprites npz" in err and "--download" in err
 
 
 @pytest.mark.parametrize("command, viz", [

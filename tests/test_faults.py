@@ -514,7 +514,7 @@ def test_a_failed_start_leaves_no_folder_and_its_name_stays_free(tmp_path, capsy
     (bad / DSPRITES_FILE).write_bytes(b"<html>quota</html>")
     assert main([*TINY, "--output_dir", str(tmp_path / "runs"), "--run-name", "r",
                  "--data-dir", str(bad)]) == 2
-    assert "not a valid dSprites file" in capsys.readouterr().err
+    assert "is an HTML page, not the dSprites npz" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "r").exists()
     assert main([*TINY, "--steps", "2", "--output_dir", str(tmp_path / "runs"), "--run-name",
                  "r", "--data-dir", str(no_data(tmp_path))]) == 0

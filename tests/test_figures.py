@@ -165,14 +165,14 @@ def test_curves_sample_every_20_steps_from_a_zero_point(tmp_path, runs, capsys):
     assert f"{syn[:, 2].mean():.4g}" in row
     # --band: seed 1's mean against the band of seeds 1 and 2 lies inside it at every anchor
     assert figures.main(["--curves", str(folders[0]), "--band", *map(str, folders),
-                         "--curve-steps", "40", "--out", str(out)]) == 0
+                         "--curve-steps", "40", "--out", str(out), "--force"]) == 0
     table = (out / "curves_vs_band.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| syn | 40 |"))
     assert f"[{syn[:, 2].min():.4g}, {syn[:, 2].max():.4g}] | {syn[0, 2]:.4g} | yes" in row
     assert "anchors inside the band." in table and "| no |" not in table
     # runs logged every 2 steps cannot be sampled at every step
     assert figures.main(["--curves", str(runs["Test_gt"]), "--curve-steps", "8",
-                         "--out", str(out)]) == 2
+                         "--out", str(out), "--force"]) == 2
     assert "--log-interval 1" in capsys.readouterr().err
 
 
