@@ -31,7 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from utils import atomic_file, derived_seed, disk_full_named, usable_cpus
+from utils import atomic_file, derived_seed, disk_full_named, progress, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,8 @@ def load_dsprites(grid="full", data_dir=None):
         packed = np.empty((len(classes), PACKED_BYTES), dtype=np.uint8)
         step = 16384
         for start in tqdm(range(0, len(classes), step), desc=f"rendering dSprites ({grid} grid)",
-                          unit="chunk", leave=False, disable=len(classes) <= step):
+                          unit="chunk", leave=False,
+                          disable=len(classes) <= step or not sys.stderr.isatty()):
             packed[start:start + step] = pack_images(render_dsprites(classes[start:start + step]))
         source = (f"procedural renderer (no {DSPRITES_FILE} in {searched}; use --download or "
                   f"--data-dir for the official file)")
@@ -368,7 +369,8 @@ def download_dsprites(dest_dir, url=DSPRITES_URL, md5=DSPRITES_MD5, timeout=10):
         with atomic_file(dest) as out, urllib.request.urlopen(url, timeout=timeout) as response:
             digest = hashlib.md5()
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="dSprites") as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc="dSprites",
+                      disable=not sys.stderr.isatty()) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     digest.update(chunk)
@@ -652,7 +654,7 @@ def preprocess_celeba(source, cache, crop, workers=None, chunk=512):
             # (SIGBUS) instead of raising.
             with open(tmp, "r+b") as f:
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
-        with tqdm(total=len(names), unit="img", desc="CelebA preprocessing") as bar:
+        with progress(len(names), desc="CelebA preprocessing", unit="img") as bar:
             if workers:
                 pool = None
                 try:
@@ -720,6 +722,9 @@ def load_celeba(data_dir=None, crop="original"):
     source_text = f"CelebA {source.resolve()} ({len(array)} images, crop {crop}, cache {cache.name})"
     log.info("CelebA source: %s; ready in %.1f s", source_text, time.perf_counter() - started)
     return ImageArray(array, source_text)
+
+
+FACTOR_DATASETS = ("dsprites",)  # the datasets with ground-truth factors: scored, plotted
 
 
 def load_dataset(name, data_dir=None, grid="full", celeba_crop="original"):

@@ -1,6 +1,8 @@
 """Evaluate a finished or interrupted run without retraining.
 
     python evaluate.py RUN_DIR [--eval-metrics all] [--step N] [--json FILE] [--out DIR]
+    python evaluate.py --encoder FILE.py:FUNCTION [--dataset dsprites] [--grid full] [--json FILE]
+    python evaluate.py --encoder MODEL.pt ...     (a TorchScript module)
 
 Loads the run's checkpoint with its stored config, encodes the whole dSprites grid once,
 draws the ground-truth plot for the checkpoint's step (unless the run already has it), measures
@@ -15,18 +17,26 @@ model.pt) nor into a run that is still training (scored at its latest checkpoint
 warning naming its step): the scores are printed, ``--json FILE`` writes them with their
 protocols and library versions, ``--out DIR`` writes the report (metrics.json) and the
 ground-truth plot into DIR instead of the run folder.
+
+``--encoder`` scores an encoder from any codebase with the same data, protocols and seeds as a
+run (``representation.score``, docs/metrics.md): FUNCTION takes a float32 tensor (N, C, 64, 64)
+in [0, 1] on the CPU and returns (N, d) codes; nothing is written but ``--json``.
 """
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from dataset import DatasetError
-from metrics import METRIC_NAMES, metric_list
-from representation import Trained, evaluation_report, log_measures
+import torch
+
+from dataset import FACTOR_DATASETS, GRIDS, DatasetError, load_dataset
+from metrics import DEFAULT_METRICS, METRIC_NAMES, metric_list
+from representation import (Trained, last_line, evaluation_report, log_measures,
+                            score_data)
 from runfolder import RunFolder, stored_model
 from utils import ArgumentParser, ConfigError, DiskFull, OutOfMemory, write_json
 
@@ -35,8 +45,16 @@ log = logging.getLogger("evaluate")
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help=f"a run folder with {RunFolder.CHECKPOINT} (or "
-                                        f"{RunFolder.CONFIG} and {RunFolder.WEIGHTS})")
+    p.add_argument("run_dir", nargs="?", help=f"a run folder with {RunFolder.CHECKPOINT} (or "
+                                                   f"{RunFolder.CONFIG} and {RunFolder.WEIGHTS})")
+    p.add_argument("--encoder", metavar="FILE.py:FUNCTION | MODEL.pt",
+                   help="instead of a run: score any encoder, a Python function (float32 "
+                        "images (N, C, 64, 64) in [0, 1] on the CPU -> (N, d) codes) or a "
+                        "TorchScript module, with a run's data, protocols and seeds")
+    p.add_argument("--dataset", default="dsprites", choices=FACTOR_DATASETS,
+                   help="with --encoder: the data to score on (default dsprites)")
+    p.add_argument("--grid", default="full", choices=GRIDS,
+                   help="with --encoder: the factor grid (default full)")
     p.add_argument("--eval-metrics", type=metric_list, default=None,
                    help=f"comma-separated from {', '.join(METRIC_NAMES)}; all; none (only the "
                         f"evaluation sample's measures). Default: the run's own --eval-metrics")
@@ -54,6 +72,17 @@ def main(argv=None):
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    if (args.run_dir is None) == (args.encoder is None):
+        p.error("give a run folder or --encoder FILE.py:FUNCTION (or MODEL.pt), one of them")
+    if args.encoder is not None:
+        if args.step is not None or args.out is not None:
+            p.error(f"--{'step' if args.step is not None else 'out'} is for a run folder; "
+                    f"--encoder writes only --json")
+        return _scored_encoder(args)
+    given = [f for f, default in (("--dataset", "dsprites"), ("--grid", "full"))
+             if getattr(args, f[2:]) != default]
+    if given:
+        p.error(f"{given[0]} is for --encoder; a run is scored on its own data")
     folder = RunFolder(args.run_dir)
     previous = {}
     if threading.current_thread() is threading.main_thread():  # SIGTERM stops it like Ctrl-C
@@ -69,6 +98,93 @@ def main(argv=None):
             signal.signal(s, handler)
 
 
+def _scored_encoder(args):
+    """evaluate.py --encoder: the scores printed, and written to --json only."""
+    json_path = Path(args.json) if args.json else None
+    try:
+        _check_json(json_path)
+        encode, described = load_encoder(args.encoder)
+        names = tuple(n for n in (args.eval_metrics if args.eval_metrics is not None
+                                  else ",".join(DEFAULT_METRICS)).split(",") if n)
+        data = load_dataset(args.dataset, args.data_dir, args.grid)
+        results = score_data(encode, data, names)
+        if json_path is not None:
+            report = evaluation_report(None, data, results, "evaluate.py --encoder")
+            write_json(json_path, dict(
+                encoder=described, **{n: r["score"] for n, r in results.items()},
+                **{k: v for k, v in report.items() if k not in ("scores", "step", "measures")},
+                results=results))
+    except (ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except DiskFull as err:
+        print(f"error: no space left on device while writing {err.path or 'a file'}",
+              file=sys.stderr)
+        return 3
+    print(f"{described} on {args.dataset} ({args.grid} grid): " + ", ".join(
+        f"{n} {r['score']:.4f}" for n, r in results.items())
+        + (f" -> {json_path}" if json_path else ""))
+    return 0
+
+
+def load_encoder(text):
+    """(callable, description) of --encoder: FILE.py:FUNCTION (the module is run as a script
+    would import it, its folder first on sys.path) or a TorchScript MODEL.pt; ConfigError,
+    one line, for a missing file or name or a module that fails to import."""
+    if text.endswith(".pt"):
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"--encoder {text}: no such file")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except (RuntimeError, ValueError, OSError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise ConfigError(f"--encoder {text} is not a TorchScript module (torch.jit.load: "
+                              f"{first}); save one with torch.jit.save(torch.jit.script(m)), "
+                              f"or give FILE.py:FUNCTION") from None
+        module.eval()
+        return module, f"TorchScript {path.name}"
+    path_text, _, name = text.rpartition(":")
+    if not name or not path_text.endswith(".py"):
+        raise ConfigError(f"--encoder {text}: give FILE.py:FUNCTION (a Python file and the "
+                          f"function in it) or MODEL.pt (a TorchScript module)")
+    path = Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"--encoder {text}: no such file {path}")
+    spec = importlib.util.spec_from_file_location(f"_encoder_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # the user's module, whatever it raises: one line
+        raise ConfigError(f"--encoder {text}: importing {path} raised "
+                          f"{last_line(err)}") from None
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    encode = getattr(module, name, None)
+    if not callable(encode):
+        defined = sorted(n for n, v in vars(module).items()
+                         if callable(v) and not n.startswith("_")
+                         and getattr(v, "__module__", None) == module.__name__)
+        raise ConfigError(f"--encoder {text}: {path} has no function {name}"
+                          + (f" (it defines {', '.join(defined)})" if defined else ""))
+    return encode, f"{path.name}:{name}"
+
+
+def _check_json(json_path):
+    if json_path is None:
+        return
+    if json_path.exists() or json_path.is_symlink():
+        raise ConfigError(f"--json {json_path} exists and is never overwritten; remove it or "
+                          f"choose another file")
+    if not json_path.parent.is_dir():
+        raise ConfigError(f"--json {json_path}: the folder {json_path.parent} does not exist; "
+                          f"create it or choose another file")
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -80,12 +196,7 @@ def _evaluate(args, folder):
             raise ConfigError(f"{folder} was trained on {stored.dataset}, which has no "
                               f"ground-truth factors to score against")
         json_path = Path(args.json) if args.json else None
-        if json_path is not None and (json_path.exists() or json_path.is_symlink()):
-            raise ConfigError(f"--json {json_path} exists and is never overwritten; remove it "
-                              f"or choose another file")
-        if json_path is not None and not json_path.parent.is_dir():
-            raise ConfigError(f"--json {json_path}: the folder {json_path.parent} does not "
-                              f"exist; create it or choose another file")
+        _check_json(json_path)
         holder = folder.lock_holder()
         weights_only = not folder.checkpoint_path.is_file()  # config.json and model.pt alone
         target = _target(args, folder, holder, weights_only)  # before the encoding pass

@@ -3,26 +3,30 @@
 ELBO, i_max), the ground-truth summary and plot, the disentanglement scores and the report
 metrics.json keeps. The precision of every pass is passed explicitly (a run's own, from its
 Config)."""
+import argparse
 import dataclasses
 import logging
 import time
+import traceback
 import zipfile
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from config import Config, objective_label
-from dataset import (FACTOR_NAMES, ORIENTATION_VALUES, SCALE_VALUES, grid_axes, load_dataset)
-from metrics import EVAL_SEED, evaluate, lookup
+from dataset import (FACTOR_DATASETS, FACTOR_NAMES, ORIENTATION_VALUES, SCALE_VALUES,
+                     DatasetError, grid_axes, load_dataset)
+from metrics import EVAL_SEED, evaluate, lookup, metric_list
 from model import MODEL_SPECS, build_model, evaluating, reparameterise
 from plotting import image_grid, mean_activations, save_ground_truth_plot
 from precision import autocast, pick_device
-from runfolder import stored_model
+from runfolder import RunFolder, stored_model
 from synergy import kl_per_latent, worst_set_kl
-from utils import (OutOfMemory, atomic_file, derived_seed, memory_failure, out_of_memory,
-                   package_versions, run_abandonable)
+from utils import (ConfigError, OutOfMemory, atomic_file, derived_seed, memory_failure,
+                   out_of_memory, package_versions, run_abandonable)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,11 @@ class Trained:
 
     @classmethod
     def load(cls, folder, **changes):
-        """The run in ``folder`` at its checkpoint, visdom off; ``changes`` override stored
-        settings."""
+        """The run in ``folder`` (a RunFolder or a path) at its checkpoint, or a folder of final
+        weights (misc/runs/<run>), visdom off; ``changes`` override stored settings
+        (``cuda=False``)."""
+        if not isinstance(folder, RunFolder):
+            folder = RunFolder(Path(folder))
         checkpoint, config = stored_model(folder)
         return cls.build(dataclasses.replace(config, viz_on=False, **changes), checkpoint)
 
@@ -140,6 +147,121 @@ def encode_all(model, data, precision, should_stop=None, batch_size=None):
             index = torch.arange(start, min(start + batch_size, len(data)), device=device)
             codes[start:start + len(index)] = model.encoder(data.images(index))[0]
     return codes.cpu().numpy()
+
+
+# --- any encoder: the same data, protocols and seeds as a run's evaluation ---------------------
+
+SCORE_BATCH = 256  # images per call of an encoder; fp32 means do not depend on it, bf16's on AMX
+#                    do, and a run's bf16 evaluation uses 256 on the CPU (``encode_all``)
+
+
+class EncoderError(ConfigError):
+    """An encoder given to ``score`` (or ``evaluate.py --encoder``) that cannot be scored; the
+    message, one line, names the problem."""
+
+
+def score(encode, dataset="dsprites", metrics=("factor_vae", "mig"), grid="full",
+          data_dir=None, batch_size=SCORE_BATCH):
+    """Disentanglement scores of any encoder, with a run's data, protocols and seeds.
+
+    ``encode`` takes a float32 tensor (N, C, 64, 64) in [0, 1] on the CPU (C: the dataset's
+    channels) and returns its codes, (N, d), as a tensor or an array (a tuple's first element:
+    an encoder returning (mean, log-variance)); score its mean representation. ``dataset`` and
+    ``grid`` choose the data (the official npz in ``data_dir`` when there, else the procedural
+    renderer), ``metrics`` the scores (names of ``metrics.METRIC_NAMES``, or "all"). Returns
+    {metric: {"score": ..., "protocol": {...}, ...}}, as a run's metrics.json holds them.
+    Raises EncoderError (bad codes, an exception inside ``encode``) or ConfigError."""
+    names = _metric_names(metrics)
+    return score_data(encode, _scored_data(dataset, data_dir, grid), names, batch_size)
+
+
+def _metric_names(metrics):
+    text = metrics if isinstance(metrics, str) else ",".join(metrics)
+    try:
+        return tuple(n for n in metric_list(text).split(",") if n)
+    except argparse.ArgumentTypeError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _scored_data(dataset, data_dir, grid):
+    if dataset not in FACTOR_DATASETS:
+        raise ConfigError(f"dataset {dataset!r} has no ground-truth factors to score against; "
+                          f"choose from {', '.join(FACTOR_DATASETS)}")
+    try:
+        return load_dataset(dataset, data_dir, grid)
+    except DatasetError as err:
+        raise ConfigError(str(err)) from None
+
+
+def score_data(encode, data, names, batch_size=SCORE_BATCH):
+    """``score`` on loaded data (``dataset.load_dataset``): {metric: result}."""
+    codes = encode_with(encode, data, batch_size)
+    return evaluate(lookup(codes, data.factor_sizes), data.factor_sizes, names)
+
+
+def encode_with(encode, data, batch_size=SCORE_BATCH):
+    """The codes (N, d) float32 that ``encode`` (see ``score``) gives every image of ``data``,
+    in dataset order, ``batch_size`` images a call, checked batch by batch: EncoderError for
+    an exception inside it (its last line quoted), a shape that is not one row per image, a
+    code count that changes, or a code that is not finite."""
+    codes = None
+    for start in range(0, len(data), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(data)), device=data_device(data))
+        x = data.images(index).float().cpu()
+        try:
+            with torch.no_grad():
+                out = encode(x)
+        except Exception as err:  # the encoder's own failure, whatever it is, is one line
+            raise EncoderError(f"the encoder raised {last_line(err)}") from None
+        array = _codes_array(out, len(x))
+        if codes is None:
+            codes = np.empty((len(data), array.shape[1]), dtype=np.float32)
+        elif array.shape[1] != codes.shape[1]:
+            raise EncoderError(f"the encoder returned {array.shape[1]} codes per image for "
+                               f"images {start:,} on, {codes.shape[1]} before; give each "
+                               f"image the same number")
+        bad = np.argwhere(~np.isfinite(array))
+        if len(bad):
+            i, j = bad[0]
+            raise EncoderError(f"the encoder returned a non-finite code ({array[i, j]}) for "
+                               f"image {start + i:,}, dimension {j} ({len(bad)} in that batch "
+                               f"of {len(x)}); codes must be finite")
+        codes[start:start + len(x)] = array
+    return codes
+
+
+def _codes_array(out, n):
+    if isinstance(out, (tuple, list)) and out and (torch.is_tensor(out[0])
+                                                    or isinstance(out[0], np.ndarray)):
+        out = out[0]  # (mean, log-variance)
+    try:
+        if not (torch.is_tensor(out) or isinstance(out, (np.ndarray, list, tuple))):
+            raise TypeError
+        array = (out.detach().float().cpu().numpy() if torch.is_tensor(out)
+                 else np.asarray(out, dtype=np.float32))
+    except (TypeError, ValueError, RuntimeError):
+        raise EncoderError(f"the encoder returned a {type(out).__name__}, not codes: give a "
+                           f"tensor or array of shape ({n}, d)") from None
+    if array.ndim != 2 or array.shape[0] != n or array.shape[1] == 0:
+        raise EncoderError(f"the encoder returned shape {tuple(array.shape)} for a batch of {n} "
+                           f"images; expected ({n}, d), one row of d >= 1 codes per image")
+    return array.astype(np.float32, copy=False)
+
+
+def last_line(err):
+    """'ValueError: bad input (encoder.py:12)': the exception's last line and the innermost
+    frame it was raised in."""
+    text = (str(err).strip().splitlines() or [""])[-1]
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(err).__name__}{': ' + text if text else ''}{where}"
+
+
+def data_device(data):
+    tensor = getattr(data, "packed", None)
+    if tensor is None:
+        tensor = getattr(data, "array", None)
+    return tensor.device if torch.is_tensor(tensor) else torch.device("cpu")
 
 
 def grid_summary(codes, data, z_dim):
