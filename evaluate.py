@@ -18,6 +18,10 @@ warning naming its step): the scores are printed, ``--json FILE`` writes them wi
 protocols and library versions, ``--out DIR`` writes the report (metrics.json) and the
 ground-truth plot into DIR instead of the run folder.
 
+``--precision fp32`` scores a bf16 run in fp32 (on a machine without native bf16, where
+emulated bf16 would take hours); those scores are printed, or written with --json / --out, never
+into the run's own metrics.json.
+
 ``--encoder`` scores an encoder from any codebase with the same data, protocols and seeds as a
 run (``representation.score``, docs/metrics.md): FUNCTION takes a float32 tensor (N, C, 64, 64)
 in [0, 1] on the CPU and returns (N, d) codes; nothing is written but ``--json``.
@@ -35,6 +39,7 @@ import torch
 
 from dataset import FACTOR_DATASETS, GRIDS, DatasetError, load_dataset
 from metrics import DEFAULT_METRICS, METRIC_NAMES, metric_list
+from precision import PRECISIONS, stored_run_precision
 from representation import (Trained, last_line, evaluation_report, log_measures,
                             score_data)
 from runfolder import RunFolder, stored_model
@@ -67,6 +72,11 @@ def main(argv=None):
     p.add_argument("--out", metavar="DIR", help="write metrics.json and the ground-truth plot "
                    "into DIR (created if missing; not a run folder) instead of the run folder")
     p.add_argument("--data-dir", help="where the official dSprites npz is (default: the run's)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="score at this precision instead of the run's own (fp32 for a bf16 run "
+                        "on a machine without native bf16; scores may then differ from its "
+                        "recorded ones in the last digits, and nothing is written into the run "
+                        "folder)")
     p.add_argument("--no-cuda", dest="cuda", action="store_false", help="evaluate on the CPU")
     args = p.parse_args(argv)
     if not logging.getLogger().handlers:
@@ -75,8 +85,9 @@ def main(argv=None):
     if (args.run_dir is None) == (args.encoder is None):
         p.error("give a run folder or --encoder FILE.py:FUNCTION (or MODEL.pt), one of them")
     if args.encoder is not None:
-        if args.step is not None or args.out is not None:
-            p.error(f"--{'step' if args.step is not None else 'out'} is for a run folder; "
+        given = [f for f in ("step", "out", "precision") if getattr(args, f) is not None]
+        if given:
+            p.error(f"--{given[0]} is for a run folder; an encoder is called as it is, and "
                     f"--encoder writes only --json")
         return _scored_encoder(args)
     given = [f for f, default in (("--dataset", "dsprites"), ("--grid", "full"))
@@ -198,8 +209,12 @@ def _evaluate(args, folder):
         json_path = Path(args.json) if args.json else None
         _check_json(json_path)
         holder = folder.lock_holder()
+        stored = dataclasses.replace(stored, viz_on=False, cuda=args.cuda and stored.cuda,
+                                     data_dir=args.data_dir or stored.data_dir)
+        precision = stored_run_precision(stored, args.precision, "evaluate.py")
+        own = precision == stored.precision  # else never into the run's own metrics.json
         weights_only = not folder.checkpoint_path.is_file()  # config.json and model.pt alone
-        target = _target(args, folder, holder, weights_only)  # before the encoding pass
+        target = _target(args, folder, holder, weights_only or not own)  # before encoding
         if holder is not None:
             log.warning("warning: %s is still training (PID %s): scoring its %s checkpoint, "
                         "step %d of %d, and writing nothing into the run folder (the run "
@@ -207,14 +222,13 @@ def _evaluate(args, folder):
                         "latest" if args.step is None else "kept", checkpoint["step"],
                         stored.steps)
         names = stored.eval_metrics if args.eval_metrics is None else args.eval_metrics
-        trained = Trained.build(dataclasses.replace(
-            stored, viz_on=False, cuda=args.cuda and stored.cuda,
-            data_dir=args.data_dir or stored.data_dir), checkpoint)
+        trained = Trained.build(dataclasses.replace(stored, precision=precision), checkpoint)
         results = trained.evaluate(target or folder, tuple(n for n in names.split(",") if n),
                                    plot=target is not None)
         measures = trained.measures()
         log_measures(trained.step, measures)
-        report = evaluation_report(trained.step, trained.data, results, "evaluate.py", measures)
+        report = evaluation_report(trained.step, trained.data, results, "evaluate.py" if own
+                                   else f"evaluate.py --precision {precision}", measures)
         if target is not None:
             target.append_evaluation(report)
         if json_path is not None:
@@ -236,6 +250,8 @@ def _evaluate(args, folder):
                if p is not None]
     where = (f" -> {', '.join(written)}" if written else
              " (not written: the run is in training)" if holder is not None else
+             f" (not written: scored in {precision}, not the run's own {stored.precision}; "
+             f"--json FILE or --out DIR keeps the scores)" if not own else
              f" (not written: {folder} holds final weights alone and evaluate.py only reads it;"
              f" --json FILE or --out DIR keeps the scores)")
     print(f"step {trained.step}: " + ", ".join(
@@ -244,11 +260,13 @@ def _evaluate(args, folder):
     return 0
 
 
-def _target(args, folder, holder, weights_only):
+def _target(args, folder, holder, read_only):
     """The RunFolder that receives metrics.json and the ground-truth plot (--out, or the run
-    folder of a run that no process trains), checked writable; None: nothing is written."""
+    folder of a run that no process trains), checked writable; None: nothing is written.
+    ``read_only``: a folder of final weights alone, or scores at another precision than the
+    run's."""
     if args.out is None:
-        if holder is not None or weights_only:
+        if holder is not None or read_only:
             return None
         folder.check_writable("evaluate.py (metrics.json, the ground-truth plot)")
         folder.remove_orphans()  # what an interrupted write left; no run writes here now
@@ -257,7 +275,7 @@ def _target(args, folder, holder, weights_only):
     if out.path.exists() and not out.path.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for metrics.json and the "
                           f"ground-truth plot")
-    if out.path.resolve() != folder.path.resolve() or weights_only or holder is not None:
+    if out.path.resolve() != folder.path.resolve() or read_only or holder is not None:
         if out.has_config() or out.weights_path.exists() or out.checkpoint_path.exists():
             raise ConfigError(f"--out {out} is a run folder; evaluate.py writes only into the "
                               f"run it scores (a run no process trains). Choose another --out")

@@ -46,6 +46,7 @@ Everything comes from what the runs saved (traversal PNGs, metrics.jsonl, metric
 ground-truth summaries); a run without a ground-truth summary is re-encoded from its checkpoint.
 """
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -67,7 +68,8 @@ from metrics import METRIC_LABELS, METRIC_NAMES
 from config import NONSYN, OBJECTIVE_NAMES, Config, objective_label
 from evidence import EvidenceError, write_evidence
 from representation import SAMPLE_MEASURES, Trained, read_summary
-from runfolder import RunFolder, export_weights
+from precision import PRECISIONS, stored_run_precision
+from runfolder import RunFolder, export_weights, stored_model
 from utils import ArgumentParser, ConfigError
 
 
@@ -196,6 +198,7 @@ def has_model(folder):
 
 
 _TRAINED = {}  # folder path -> Trained: the data is built once per run and command
+DRAW_PRECISION = [None]  # --precision: None draws each run at its own
 
 
 def _from_weights(folder):
@@ -205,11 +208,16 @@ def _from_weights(folder):
     key = folder.path.resolve()
     if key not in _TRAINED:
         try:
-            _TRAINED[key] = Trained.load(folder, cuda=False)
+            checkpoint, config = stored_model(folder)
+            config = dataclasses.replace(config, viz_on=False, cuda=False)
+            precision = stored_run_precision(config, DRAW_PRECISION[0], "figures.py")
+            _TRAINED[key] = Trained.build(dataclasses.replace(config, precision=precision),
+                                          checkpoint)
         except ConfigError as err:
             raise FigureError(f"{folder}: {err}") from None
-        log.info("%s: drawing from its model weights (step %d): it has no saved images",
-                 folder, _TRAINED[key].step)
+        log.info("%s: drawing from its model weights (step %d, %s%s): it has no saved images",
+                 folder, _TRAINED[key].step, precision,
+                 "" if precision == config.precision else f", not the run's {config.precision}")
     return _TRAINED[key]
 
 
@@ -689,9 +697,14 @@ def main(argv=None):
     p.add_argument("--force", action="store_true",
                    help="write into an --out that already holds figures, replacing those of "
                         "the same name (e.g. --out misc to regenerate the shipped ones)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="draw a run that has no saved images from its weights at this "
+                        "precision instead of its own (fp32 for a bf16 run on a machine "
+                        "without native bf16)")
     p.add_argument("--loss-steps", type=int, default=4000, help="steps shown in plots.png")
     p.add_argument("--curve-steps", type=int, default=1000, help="steps shown with --curves")
     args = p.parse_args(argv)
+    DRAW_PRECISION[0] = args.precision
     if args.study and not (args.curves or args.evidence):
         try:
             picks, others = study_runs(args.study, [f for f, _ in ROLES if getattr(args, f)])

@@ -91,12 +91,35 @@ def _warn_bf16_without_amx():
                 "choice on this CPU")
 
 
+def config_device(config):
+    """The device ``config`` asks for: CUDA when it allows it and there is one, else the CPU."""
+    return torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
+
+
 def pick_device(config):
     """The device ``config`` trains on, chosen once per start; refuses a precision that device
     cannot run well."""
-    device = torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
+    device = config_device(config)
     check_precision(config.precision, device)
     return device
+
+
+def stored_run_precision(config, given, tool):
+    """The precision ``tool`` (evaluate.py, figures.py) scores or draws a stored run at:
+    ``given`` (its --precision), else the run's own. A bf16 run on a device without native bf16
+    is refused, one line, with the flag that scores it in fp32 here: emulated, bf16 would take
+    hours over the full grid."""
+    device = config_device(config)
+    if given is None and config.precision == "bf16" and not native_bf16(device):
+        where = ("this GPU has none" if device.type == "cuda" else
+                 "this CPU has no AVX512-BF16 or AMX (nor Arm BF16)")
+        raise ConfigError(f"the run was trained in bf16, and {where}: emulated, its pass over "
+                          f"the full grid would take hours. Add --precision fp32 to {tool} to "
+                          f"do it in fp32 here (scores may differ from its bf16 ones in the "
+                          f"last digits), or run on a CPU or GPU with bf16")
+    precision = given or config.precision
+    check_precision(precision, device)
+    return precision
 
 
 def autocast(device, precision):

@@ -12,6 +12,7 @@ import torch
 import dataset
 from conftest import QUICK, no_data, records, run_cli
 from config import Config, file_stem
+from runfolder import RunFolder
 from run import main
 
 
@@ -259,6 +260,40 @@ def test_evaluate_reads_a_folder_of_final_weights_and_writes_only_where_told(tmp
     assert "is a run folder" in capsys.readouterr().err
     assert evaluate.main([str(shipped), "--no-cuda", "--out", str(shipped)]) == 2
     assert digest() == before
+
+
+def test_a_bf16_run_on_a_cpu_without_bf16_is_scored_and_drawn_in_fp32_when_asked(
+        tmp_path, capsys, monkeypatch):
+    """misc/runs are bf16 runs: on a CPU without native bf16, evaluate.py refused them with
+    advice for run.py, and emulated bf16 would take hours. One line names --precision fp32; with
+    it the scores are printed and the run folder is left as it was."""
+    import hashlib
+
+    import evaluate
+    import figures
+    import precision
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    code, run_dir = run_cli(tmp_path, "b", "--precision", "bf16", "--steps", "2",
+                            "--eval-metrics", "mig")
+    assert code == 0
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset())  # no native bf16 now
+    digest = lambda: {p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                      for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    before = digest()
+    capsys.readouterr()
+    assert evaluate.main([str(run_dir), "--no-cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the run was trained in bf16" in err
+    assert "Add --precision fp32 to evaluate.py" in err
+    assert evaluate.main([str(run_dir), "--no-cuda", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "mig " in out and "not written: scored in fp32, not the run's own bf16" in out
+    assert digest() == before
+    monkeypatch.setattr(figures, "_TRAINED", {})
+    with pytest.raises(figures.FigureError, match="Add --precision fp32 to figures.py"):
+        figures._from_weights(RunFolder(run_dir))
+    monkeypatch.setattr(figures, "DRAW_PRECISION", ["fp32"])
+    assert figures._from_weights(RunFolder(run_dir)).config.precision == "fp32"
 
 
 def test_evaluate_scores_the_runs_own_metrics_and_the_sample_measures(tmp_path, capsys):
