@@ -11,7 +11,7 @@ import math
 from datetime import datetime
 from typing import NamedTuple
 
-from dataset import CELEBA_CROPS, GRIDS, DatasetError, check_data
+from dataset import CELEBA_CROPS, DATASETS, GRIDS, DatasetError, check_data
 from metrics import DEFAULT_METRICS, METRIC_NAMES, metric_list
 from objectives import OBJECTIVES
 from precision import PRECISIONS, pick_device
@@ -25,11 +25,10 @@ OBJECTIVE_SETTINGS = {metric: o.settings for metric, o in OBJECTIVES.items()}
 LAMBDA_D_FACTOR = 10.0  # lambda_d_factor left unset: the objective's own default, else this
 UPDATES = ("original", "two-step", "joint")
 SAMPLES = ("no_sample", "sample")
-DATASETS = ("dsprites", "celeba")
 ARCHS = ("2020", "2018")  # the final decoder; the thesis figures' decoder (no ReLU after Linear)
 INITS = ("original", "current")  # PyTorch 0.4.1's default initialisation, or today's
 MANY = 10**9  # the upper bound of steps and intervals
-CHECKPOINT_FORMAT = 6  # bumped whenever the checkpoint's layout changes (runfolder.py)
+CHECKPOINT_FORMAT = 7  # bumped whenever the checkpoint's layout changes (runfolder.py)
 GROUPS = ("objective", "optimiser", "data", "run folder", "monitoring")  # --help's sections
 
 
@@ -126,7 +125,13 @@ class Config:
         "and linear layers (fp32 weights, optimiser, losses and synergy), faster where the GPU "
         "or CPU has native bf16, not replay-exact", choices=PRECISIONS, since=3, before="fp32")
     # --- data ---
-    dataset: str = setting("dsprites", D, "dataset", choices=DATASETS)
+    dataset: str = setting("dsprites", D, "dataset: dsprites; its variants color_dsprites, "
+                           "noisy_dsprites, scream_dsprites (disentanglement_lib's, 3 channels); "
+                           "celeba", choices=DATASETS)
+    scream_image: str | None = setting(
+        None, D, "scream_dsprites: the Scream painting (not shipped; disentanglement_lib uses "
+        "Wikimedia's The_Scream.jpg)", flag="--scream-image", resumable=True, since=7,
+        before=None)
     grid: str = setting("full", D, "dSprites grid: full (737,280 images) or reduced (11,520: "
                         "every 4th orientation, 8 positions per axis) for quick runs",
                         choices=GRIDS)
@@ -457,7 +462,7 @@ def new_run_config(argv):
     try:
         config = make_config(args, explicit_flags(parser, argv))
         pick_device(config)
-        check_data(config.dataset, config.data_dir)
+        check_data(config.dataset, config.data_dir, config.scream_image)
     except (ConfigError, DatasetError) as err:
         raise ConfigError(f"error: {err}") from None
     return config

@@ -205,9 +205,153 @@ class DSprites:
         self.packed = self.packed.to(device)
         return self
 
-    def images(self, index):
-        """Float images (B, 1, 64, 64) for an index tensor on the data's device."""
+    channels = 1
+
+    def images(self, index, draw=None):
+        """Float images (B, 1, 64, 64) for an index tensor on the data's device (``draw``: see
+        DSpritesVariant; the plain images have no randomness)."""
         return unpack_images(self.packed[index])
+
+
+# --- disentanglement_lib's dSprites variants ------------------------------------------------------
+
+DSPRITES_VARIANTS = ("color_dsprites", "noisy_dsprites", "scream_dsprites")
+SCREAM_URL = "https://upload.wikimedia.org/wikipedia/commons/f/f4/The_Scream.jpg"
+SCREAM_THUMBNAIL = (350, 274)  # PIL's thumbnail: fits the picture within 350 x 274, aspect kept
+# The draws of an evaluation (scores, plots, traversals): one stream for every run, keyed by
+# the image's dataset index, so that every run is scored on the same coloured images.
+VARIANT_EVAL_STREAM = 0
+_MULTIPLIER = 0x45D9F3B  # of the 32-bit integer hash below (Thomas Mueller's constant)
+
+
+def _hash32(x):
+    """A 32-bit integer hash (xor-shift-multiply, two rounds) of int32 tensors, elementwise, in
+    two's-complement arithmetic: products wrap modulo 2**32, and each right shift is made
+    logical by a mask. ``tests/test_variants.py`` checks it against numpy's uint32."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MULTIPLIER
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MULTIPLIER
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _int32(value):
+    """A Python integer's low 32 bits as an int32 value (two's complement)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+@functools.lru_cache(maxsize=8)
+def _draw_hashes(count, device):
+    return _hash32(torch.arange(count, dtype=torch.int32, device=device) ^ 0x2545F491)
+
+
+def counter_uniform(stream, keys, count):
+    """float32 (len(keys), count) uniform in [0, 1) with 16-bit resolution: draw j of key k in
+    ``stream``, a pure function of (stream, k, j), computed on the keys' device with no
+    generator state, so that an image's randomness is the same whatever batch it is in, and a
+    resumed run redraws exactly what it would have drawn. Each 32-bit hash gives two draws."""
+    keys = keys.to(torch.int64)
+    stream_hash = _hash32(torch.tensor(_int32(int(stream)), dtype=torch.int32))
+    high = ((keys >> 32) & 0xFFFFFFFF).to(torch.int32)  # int64 -> int32 keeps the low bits
+    key_hash = _hash32((keys & 0xFFFFFFFF).to(torch.int32) ^ _hash32(high ^ stream_hash.to(
+        keys.device)))
+    pairs = _hash32(key_hash[:, None] ^ _draws(count, keys.device)[None, :])  # B, ceil(count/2)
+    halves = torch.stack([pairs & 0xFFFF, (pairs >> 16) & 0xFFFF], 2).flatten(1)[:, :count]
+    return halves.float() * 2.0 ** -16
+
+
+def _draws(count, device):
+    return _draw_hashes((count + 1) // 2, torch.device(device))
+
+
+@dataclass
+class DSpritesVariant(DSprites):
+    """A dSprites variant of disentanglement_lib (``data/ground_truth/dsprites.py``): the same
+    five factors and images, as 3 channels, with randomness drawn per image.
+
+    color: the sprite times one colour per image, each channel uniform in [0.5, 1]; the
+    background stays 0. noisy: min(sprite + noise, 1), the noise uniform in [0, 1] per pixel and
+    channel. scream: a random 64x64 crop of the Scream painting (thumbnailed to fit 350x274)
+    averaged with a random colour uniform in [0, 1]^3, the sprite's pixels inverted (1 - x).
+
+    The randomness of a draw is ``counter_uniform(stream, key)``: training batches use their
+    run's streams keyed by (step, position) (``Batches``); everything else (scores, plots,
+    traversals, ``score``) the evaluation stream keyed by the image's dataset index."""
+    variant: str = "color_dsprites"
+    scream: torch.Tensor | None = None  # float (3, H, W) in [0, 1], for scream_dsprites
+    channels = 3
+
+    def to(self, device):
+        super().to(device)
+        if self.scream is not None:
+            self.scream = self.scream.to(device)
+        return self
+
+    def images(self, index, draw=None):
+        """Float images (B, 3, 64, 64) in [0, 1] for an index tensor on the data's device.
+        ``draw``: (stream, step) of a training batch, its keys step * B + position; None: the
+        evaluation stream keyed by ``index``."""
+        sprite = unpack_images(self.packed[index]).expand(-1, 3, -1, -1)  # B, 3, 64, 64 of 0/1
+        if draw is None:
+            stream, keys = VARIANT_EVAL_STREAM, index
+        else:
+            stream, step = draw
+            keys = step * len(index) + torch.arange(len(index), device=index.device)
+        if self.variant == "color_dsprites":
+            colour = 0.5 + 0.5 * counter_uniform(stream, keys, 3)
+            return sprite * colour[:, :, None, None]
+        if self.variant == "noisy_dsprites":
+            noise = counter_uniform(stream, keys, 3 * IMAGE_SIZE * IMAGE_SIZE)
+            return torch.clamp_max(sprite + noise.view(-1, 3, IMAGE_SIZE, IMAGE_SIZE), 1.0)
+        u = counter_uniform(stream, keys, 5)
+        height, width = self.scream.shape[1:]
+        top = (u[:, 0] * (height - IMAGE_SIZE)).long()  # as randint(0, height - 64)
+        left = (u[:, 1] * (width - IMAGE_SIZE)).long()
+        offsets = torch.arange(IMAGE_SIZE, device=index.device)
+        pixels = ((top[:, None] + offsets)[:, :, None] * width
+                  + (left[:, None] + offsets)[:, None, :])  # B, 64, 64 into the flat painting
+        patch = self.scream.flatten(1).index_select(1, pixels.flatten())  # 3, B * 64 * 64
+        patch = patch.view(3, -1, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 1)
+        background = (patch + u[:, 2:5, None, None]) / 2
+        return torch.where(sprite == 1, 1 - background, background)
+
+
+def load_scream(path):
+    """The Scream painting as float (3, H, W) in [0, 1], thumbnailed to fit 350x274 as
+    disentanglement_lib does, and its description; DatasetError (one line) without it."""
+    if path is None:
+        raise DatasetError(f"--dataset scream_dsprites needs --scream-image PATH: the Scream "
+                           f"painting is not shipped; disentanglement_lib uses {SCREAM_URL} "
+                           f"(download it and give its path)")
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"--scream-image {path}: no such file; give the Scream painting "
+                           f"({SCREAM_URL})")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail(SCREAM_THUMBNAIL)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"--scream-image {path} cannot be read as an image "
+                           f"({type(err).__name__}: {err}); give the Scream painting "
+                           f"({SCREAM_URL})") from None
+    if min(image.size) <= IMAGE_SIZE:
+        raise DatasetError(f"--scream-image {path} is {image.size[0]}x{image.size[1]} after the "
+                           f"350x274 thumbnail; its crops need more than 64 pixels each way")
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return pixels.contiguous(), f"{path.name} (md5 {file_md5(path)}, {image.size[0]}x{image.size[1]})"
+
+
+def load_variant(name, grid="full", data_dir=None, scream_image=None):
+    """dSprites ``grid`` as the variant ``name`` (``DSpritesVariant``)."""
+    scream, scream_text = load_scream(scream_image) if name == "scream_dsprites" else (None, "")
+    base = load_dsprites(grid, data_dir)
+    return DSpritesVariant(packed=base.packed, classes=base.classes,
+                           factor_sizes=base.factor_sizes, grid=base.grid,
+                           source=f"{name} (disentanglement_lib's definition"
+                                  f"{', ' + scream_text if scream_text else ''}) of {base.source}",
+                           variant=name, scream=scream)
 
 
 def check_data_dir(data_dir):
@@ -454,12 +598,13 @@ class Batches:
         self.data = data
         self.sampler = EpochSampler(len(data), batch_size, seed, 0, device)
         self.partners = PartnerSampler(len(data), batch_size, seed, device)
+        self.streams = (derived_seed(seed, 11), derived_seed(seed, 12))  # a variant's draws
 
     def train(self, step):
-        return self.data.images(self.sampler.indices(step))
+        return self.data.images(self.sampler.indices(step), draw=(self.streams[0], step))
 
     def partner(self, step):
-        return self.data.images(self.partners.indices(step))
+        return self.data.images(self.partners.indices(step), draw=(self.streams[1], step))
 
 
 # --- CelebA -------------------------------------------------------------------------------------
@@ -514,7 +659,9 @@ class ImageArray:
             self.array = self.array.to(device)
         return self
 
-    def images(self, index):
+    channels = 3
+
+    def images(self, index, draw=None):
         """Float images (B, 3, 64, 64) in [0, 1] for an index tensor on the data's device."""
         batch = self.array[index.to(self.array.device)].to(index.device)
         return batch.permute(0, 3, 1, 2).float() / 255
@@ -694,13 +841,17 @@ def celeba_source(data_dir=None):
     return source
 
 
-def check_data(dataset, data_dir):
+def check_data(dataset, data_dir, scream_image=None):
     """What a run checks of its data before it writes anything (also ``--dry-run`` and
-    study.py's trial check): --data-dir is a folder, and CelebA is there. dSprites always is
-    (the official npz, else the procedural one)."""
+    study.py's trial check): --data-dir is a folder, CelebA is there, the Scream painting is
+    readable. dSprites always is (the official npz, else the procedural one)."""
     check_data_dir(data_dir)
     if dataset == "celeba":
         celeba_source(data_dir)
+    if dataset == "scream_dsprites":
+        load_scream(scream_image)
+    elif scream_image is not None:
+        raise DatasetError(f"--scream-image is for --dataset scream_dsprites, not {dataset}")
 
 
 def load_celeba(data_dir=None, crop="original"):
@@ -724,13 +875,17 @@ def load_celeba(data_dir=None, crop="original"):
     return ImageArray(array, source_text)
 
 
-FACTOR_DATASETS = ("dsprites",)  # the datasets with ground-truth factors: scored, plotted
+FACTOR_DATASETS = ("dsprites", *DSPRITES_VARIANTS)  # with ground-truth factors: scored, plotted
+DATASETS = (*FACTOR_DATASETS, "celeba")
 
 
-def load_dataset(name, data_dir=None, grid="full", celeba_crop="original"):
-    """The training data of ``--dataset``: DSprites or an ImageArray (CelebA)."""
+def load_dataset(name, data_dir=None, grid="full", celeba_crop="original", scream_image=None):
+    """The training data of ``--dataset``: DSprites, a DSpritesVariant, or an ImageArray
+    (CelebA)."""
     if name == "dsprites":
         return load_dsprites(grid, data_dir)
+    if name in DSPRITES_VARIANTS:
+        return load_variant(name, grid, data_dir, scream_image)
     if name == "celeba":
         return load_celeba(data_dir, celeba_crop)
     raise ValueError(f"unknown dataset {name!r}")

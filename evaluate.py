@@ -60,6 +60,8 @@ def main(argv=None):
                    help="with --encoder: the data to score on (default dsprites)")
     p.add_argument("--grid", default="full", choices=GRIDS,
                    help="with --encoder: the factor grid (default full)")
+    p.add_argument("--scream-image", default=None,
+                   help="with --encoder --dataset scream_dsprites: the Scream painting")
     p.add_argument("--eval-metrics", type=metric_list, default=None,
                    help=f"comma-separated from {', '.join(METRIC_NAMES)}; all; none (only the "
                         f"evaluation sample's measures). Default: the run's own --eval-metrics")
@@ -90,8 +92,9 @@ def main(argv=None):
             p.error(f"--{given[0]} is for a run folder; an encoder is called as it is, and "
                     f"--encoder writes only --json")
         return _scored_encoder(args)
-    given = [f for f, default in (("--dataset", "dsprites"), ("--grid", "full"))
-             if getattr(args, f[2:]) != default]
+    given = [f for f, default in (("--dataset", "dsprites"), ("--grid", "full"),
+                                  ("--scream-image", None))
+             if getattr(args, f[2:].replace("-", "_")) != default]
     if given:
         p.error(f"{given[0]} is for --encoder; a run is scored on its own data")
     folder = RunFolder(args.run_dir)
@@ -117,7 +120,8 @@ def _scored_encoder(args):
         encode, described = load_encoder(args.encoder)
         names = tuple(n for n in (args.eval_metrics if args.eval_metrics is not None
                                   else ",".join(DEFAULT_METRICS)).split(",") if n)
-        data = load_dataset(args.dataset, args.data_dir, args.grid)
+        data = load_dataset(args.dataset, args.data_dir, args.grid,
+                            scream_image=args.scream_image)
         results = score_data(encode, data, names)
         if json_path is not None:
             report = evaluation_report(None, data, results, "evaluate.py --encoder")
@@ -203,7 +207,7 @@ def _interrupt(signum, frame):
 def _evaluate(args, folder):
     try:
         checkpoint, stored = stored_model(folder, args.step)
-        if stored.dataset != "dsprites":
+        if stored.dataset not in FACTOR_DATASETS:
             raise ConfigError(f"{folder} was trained on {stored.dataset}, which has no "
                               f"ground-truth factors to score against")
         json_path = Path(args.json) if args.json else None

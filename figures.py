@@ -68,6 +68,7 @@ from metrics import METRIC_LABELS, METRIC_NAMES
 from config import NONSYN, OBJECTIVE_NAMES, Config, objective_label
 from evidence import EvidenceError, write_evidence
 from representation import SAMPLE_MEASURES, Trained, read_summary
+from dataset import FACTOR_DATASETS
 from precision import PRECISIONS, stored_run_precision
 from runfolder import RunFolder, export_weights, stored_model
 from utils import ArgumentParser, ConfigError
@@ -121,9 +122,10 @@ def check_kind(folder, flag, metrics=None, dataset=None):
     if metrics is not None and config.get("metric") not in metrics:
         raise FigureError(f"{flag} {folder} is a --metric {config.get('metric')} run; {flag} "
                           f"takes a --metric {' / '.join(metrics)} run")
-    if dataset is not None and config.get("dataset") != dataset:
+    datasets = (dataset,) if isinstance(dataset, str) else dataset
+    if datasets is not None and config.get("dataset") not in datasets:
         raise FigureError(f"{flag} {folder} was trained on {config.get('dataset')}; {flag} "
-                          f"takes a {dataset} run")
+                          f"takes a {' / '.join(datasets)} run")
 
 
 ROLES = (("nonsyn", NONSYN), ("factor", ("Factor",)), ("vae", ("VAE",)))  # flag, its default
@@ -556,7 +558,7 @@ def learned_table(runs):
     most of the latent's variance over the data, and that share (plotting.latent_factors), from
     the run's latest ground-truth summary."""
     runs = [(name, folder) for name, folder in runs
-            if folder.read_config()["config"].get("dataset", "dsprites") == "dsprites"]
+            if folder.read_config()["config"].get("dataset", "dsprites") in FACTOR_DATASETS]
     columns = []
     for _, folder in runs:
         step, summary = ground_truth_summary(folder)
@@ -806,7 +808,7 @@ def _thesis(args, out):
     compared = [RunFolder(run) for run in args.compare]
     celeba = [("CelebA", RunFolder(args.celeba))] if args.celeba else []
     for (flag, _), folder in zip(ROLES, roles, strict=True):
-        check_kind(folder, f"--{flag}", dataset="dsprites")
+        check_kind(folder, f"--{flag}", dataset=FACTOR_DATASETS)
     for folder in compared:
         check_kind(folder, "--compare")
     if celeba:

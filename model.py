@@ -157,6 +157,10 @@ MODEL_SPECS = {
     "dsprites": ModelSpec(nc=1, hidden=128, hidden_relu=False, reconstruction_loss=bernoulli_loss),
     "celeba": ModelSpec(nc=3, hidden=256, hidden_relu=True, reconstruction_loss=gaussian_loss),
 }
+# disentanglement_lib's dSprites variants: the dSprites network and Bernoulli loss, 3 channels
+MODEL_SPECS.update({name: ModelSpec(nc=3, hidden=128, hidden_relu=False,
+                                    reconstruction_loss=bernoulli_loss)
+                    for name in ("color_dsprites", "noisy_dsprites", "scream_dsprites")})
 
 
 def kl_loss(mu, logvar):

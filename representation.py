@@ -51,7 +51,7 @@ class Trained:
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
         data = load_dataset(config.dataset, config.data_dir, config.grid,
-                            config.celeba_crop).to(device)
+                            config.celeba_crop, config.scream_image).to(device)
         return cls(config, model, data, device, checkpoint["step"] if checkpoint else 0)
 
     @classmethod
@@ -161,18 +161,20 @@ class EncoderError(ConfigError):
 
 
 def score(encode, dataset="dsprites", metrics=("factor_vae", "mig"), grid="full",
-          data_dir=None, batch_size=SCORE_BATCH):
+          data_dir=None, batch_size=SCORE_BATCH, scream_image=None):
     """Disentanglement scores of any encoder, with a run's data, protocols and seeds.
 
     ``encode`` takes a float32 tensor (N, C, 64, 64) in [0, 1] on the CPU (C: the dataset's
     channels) and returns its codes, (N, d), as a tensor or an array (a tuple's first element:
     an encoder returning (mean, log-variance)); score its mean representation. ``dataset`` and
     ``grid`` choose the data (the official npz in ``data_dir`` when there, else the procedural
-    renderer), ``metrics`` the scores (names of ``metrics.METRIC_NAMES``, or "all"). Returns
+    renderer; a variant's images are those every run is scored on; ``scream_image``: the
+    painting of scream_dsprites), ``metrics`` the scores (names of ``metrics.METRIC_NAMES``, or "all"). Returns
     {metric: {"score": ..., "protocol": {...}, ...}}, as a run's metrics.json holds them.
     Raises EncoderError (bad codes, an exception inside ``encode``) or ConfigError."""
     names = _metric_names(metrics)
-    return score_data(encode, _scored_data(dataset, data_dir, grid), names, batch_size)
+    return score_data(encode, _scored_data(dataset, data_dir, grid, scream_image), names,
+                      batch_size)
 
 
 def _metric_names(metrics):
@@ -183,12 +185,12 @@ def _metric_names(metrics):
         raise ConfigError(str(err)) from None
 
 
-def _scored_data(dataset, data_dir, grid):
+def _scored_data(dataset, data_dir, grid, scream_image=None):
     if dataset not in FACTOR_DATASETS:
         raise ConfigError(f"dataset {dataset!r} has no ground-truth factors to score against; "
                           f"choose from {', '.join(FACTOR_DATASETS)}")
     try:
-        return load_dataset(dataset, data_dir, grid)
+        return load_dataset(dataset, data_dir, grid, scream_image=scream_image)
     except DatasetError as err:
         raise ConfigError(str(err)) from None
 

@@ -89,7 +89,7 @@ def _run(args, given):
             config = (resumed_settings(RunFolder(args.resume), _given_settings(args, given))[0]
                       if args.resume else make_config(args, given))
             pick_device(config)
-            check_data(config.dataset, config.data_dir)  # as the run would, before writing
+            check_data(config.dataset, config.data_dir, config.scream_image)  # as the run would, before writing
             print(f"ok: the settings are valid\n{json.dumps(config.to_dict())}")
             return 0
         if args.resume:
@@ -107,7 +107,7 @@ def _run(args, given):
                                   "and put it in --data-dir")
             if args.download:
                 download_dsprites(config.data_dir or "datasets")
-            check_data(config.dataset, config.data_dir)  # before the run folder exists
+            check_data(config.dataset, config.data_dir, config.scream_image)  # before the run folder exists
             folder = RunFolder.create(config.output_dir, config.run_name, default_run_name(config))
             log.info("Run folder: %s", folder)
             build = lambda config, device: Solver(config, folder, device=device)  # noqa: E731

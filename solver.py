@@ -48,7 +48,7 @@ class Solver:
         self.device = device or pick_device(c)
         torch.manual_seed(c.seed)
 
-        self.data = load_dataset(c.dataset, c.data_dir, c.grid, c.celeba_crop).to(self.device)
+        self.data = load_dataset(c.dataset, c.data_dir, c.grid, c.celeba_crop, c.scream_image).to(self.device)
         if not self.data.has_factors:
             log.info("%s has no ground-truth factors: ground-truth plots and disentanglement "
                      "metrics are skipped", c.dataset)

@@ -35,20 +35,20 @@ def test_the_parser_defaults_are_the_configs():
 
 def test_resumable_settings_and_implied_settings_are_as_the_checkpoint_formats_stored_them():
     """The derived tables against their history written out: what a resume may change, and the
-    values runs of formats 1-5 were trained with (a checkpoint of each must keep reading)."""
+    values runs of formats 1-6 were trained with (a checkpoint of each must keep reading)."""
     assert set(config.RESUMABLE) == {
         "steps", "log_interval", "save_interval", "gt_interval", "viz_on", "viz_port",
         "viz_il_iter", "viz_la_iter", "cuda", "data_dir", "eval_metrics", "eval_sample",
-        "keep_interval"}
+        "keep_interval", "scream_image"}
     field = dict(lambda_od=10.0, lambda_d_factor=10.0, c_max=25.0, c_steps=100_000,
                  c_gamma=1000.0)
-    field.update(keep_interval=0)  # format 6 added --keep-interval
+    field.update(keep_interval=0, scream_image=None)  # formats 6, 7: --keep-interval, the Scream
     i_max = dict(measure_omega=0.9, eval_sample=10_000)
     assert config.IMPLIED_SETTINGS == {
         1: dict(arch="2020", init="current", precision="fp32", **i_max, **field),
         2: dict(precision="fp32", **i_max, **field), 3: dict(i_max, **field), 4: field,
-        5: dict(keep_interval=0)}
-    assert config.CHECKPOINT_FORMAT == 6
+        5: dict(keep_interval=0, scream_image=None), 6: dict(scream_image=None)}
+    assert config.CHECKPOINT_FORMAT == 7
 
 
 def test_bounds_and_choices_come_from_the_table():
