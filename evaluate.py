@@ -9,7 +9,7 @@ draws the ground-truth plot for the checkpoint's step (unless the run already ha
 recon, KL, ELBO and i_max over the fixed evaluation sample, and appends all of it, with the
 protocols and library versions, to RUN_DIR/metrics.json. The metrics are the run's own
 (``--eval-metrics`` of its config, factor_vae,mig by default); ``--eval-metrics all`` for all
-five (DCI alone takes minutes). ``--step N`` scores the checkpoint the run kept at step N
+of metrics.METRIC_NAMES (DCI alone takes minutes). ``--step N`` scores the checkpoint the run kept at step N
 (``run.py --keep-interval``) instead of its latest.
 
 Nothing is written into a folder of final weights alone (misc/runs/<run>: config.json and

@@ -23,6 +23,13 @@ lower is more factorised, 0 for independent latents):
                                         distance between that Gaussian and its factorised one.
   gaussian_wasserstein_correlation_norm the same divided by tr(C).
   mutual_info_score                     mean discrete mutual information between two latents.
+
+Ridgeway & Mozer (2018), disentanglement_lib's ``modularity_explicitness``:
+
+  modularity    whether each latent carries information about one factor only: 1 - the rest of
+                its squared mutual information over the top factor's, per latent, averaged.
+  explicitness  how linearly decodable each factor is: ROC-AUC (one-vs-rest, on held-out
+                points) of a logistic regression on the standardised codes, averaged.
 """
 import argparse
 
@@ -33,7 +40,7 @@ from utils import did_you_mean
 # New metrics go at the end: each metric's generator is seeded by its place in this tuple.
 METRIC_NAMES = ("factor_vae", "mig", "beta_vae", "dci", "sap", "gaussian_total_correlation",
                 "gaussian_wasserstein_correlation", "gaussian_wasserstein_correlation_norm",
-                "mutual_info_score")
+                "mutual_info_score", "modularity", "explicitness")
 DEFAULT_METRICS = ("factor_vae", "mig")
 METRIC_LABELS = dict(factor_vae="FactorVAE score", mig="MIG", beta_vae="BetaVAE score",
                      dci="DCI disentanglement", sap="SAP score",
@@ -41,7 +48,8 @@ METRIC_LABELS = dict(factor_vae="FactorVAE score", mig="MIG", beta_vae="BetaVAE 
                      gaussian_wasserstein_correlation="Gaussian Wasserstein correlation",
                      gaussian_wasserstein_correlation_norm="Gaussian Wasserstein correlation "
                                                            "(normalised)",
-                     mutual_info_score="mutual information score")
+                     mutual_info_score="mutual information score", modularity="modularity",
+                     explicitness="explicitness")
 
 # Each protocol's parameters, disentanglement_lib's defaults: the one place they are written.
 # ``evaluate`` passes them (with any overrides) to the metric functions, which have no defaults.
@@ -56,6 +64,8 @@ PROTOCOLS = {
     "gaussian_wasserstein_correlation": dict(num_train=10000),
     "gaussian_wasserstein_correlation_norm": dict(num_train=10000),
     "mutual_info_score": dict(num_train=10000, num_bins=20),
+    "modularity": dict(num_train=10000, num_bins=20),
+    "explicitness": dict(num_train=10000, num_test=5000),
 }
 
 
@@ -111,13 +121,20 @@ def _discretize(codes, num_bins):
     return out
 
 
+def _code_factor_mi(discrete, factors):
+    """(K, F) discrete mutual information (nats) of each discretised latent with each factor."""
+    from sklearn.metrics import mutual_info_score
+
+    return np.array([[mutual_info_score(factors[:, f], discrete[:, k])
+                      for f in range(factors.shape[1])] for k in range(discrete.shape[1])])
+
+
 def mig(represent, factor_sizes, rng, num_train, num_bins):
     from sklearn.metrics import mutual_info_score
 
     factors, codes = _sample_points(represent, factor_sizes, num_train, rng)
     discrete = _discretize(codes, num_bins)
-    mi = np.array([[mutual_info_score(factors[:, f], discrete[:, k])
-                    for f in range(factors.shape[1])] for k in range(codes.shape[1])])  # K, F
+    mi = _code_factor_mi(discrete, factors)  # K, F
     entropy = np.array([mutual_info_score(factors[:, f], factors[:, f])
                         for f in range(factors.shape[1])])
     top = np.sort(mi, axis=0)[::-1]
@@ -270,11 +287,72 @@ def mutual_info_score(represent, factor_sizes, rng, num_train, num_bins):
     return dict(score=float(2 * sum(pairs) / (k * k - k)))
 
 
+def modularity_of(mi):
+    """Ridgeway & Mozer's modularity of a (K, F) mutual-information matrix: per latent,
+    1 - (sum of squared MI over factors - the largest) / (largest x (F - 1)); 0 for a latent
+    with no information; the mean over latents. NaN with a single factor (F - 1 = 0), as
+    disentanglement_lib's."""
+    squared = np.square(mi)
+    top = squared.max(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_latent = 1.0 - (squared.sum(axis=1) - top) / (top * (squared.shape[1] - 1.0))
+    per_latent[top == 0.0] = 0.0
+    return per_latent
+
+
+def modularity(represent, factor_sizes, rng, num_train, num_bins):
+    factors, codes = _sample_points(represent, factor_sizes, num_train, rng)
+    per_latent = modularity_of(_code_factor_mi(_discretize(codes, num_bins), factors))
+    return dict(score=float(per_latent.mean()), per_latent=per_latent.tolist())
+
+
+def standardise(codes, mean=None, std=None):
+    """(codes - mean) / std per latent (std with ddof 0), mean and std from ``codes`` unless
+    given. A latent of std 0 is divided by 1 instead: disentanglement_lib divides by 0 there and
+    its classifier then fails on the NaN; this is the one departure."""
+    mean = codes.mean(axis=0) if mean is None else mean
+    std = codes.std(axis=0) if std is None else std
+    return (codes - mean) / np.where(std > 0, std, 1.0), mean, std
+
+
+def explicitness_of(train_codes, train_factor, test_codes, test_factor):
+    """(train, test) ROC-AUC of a default LogisticRegression predicting one factor from the
+    (standardised) codes: predicted probabilities against the one-hot classes present,
+    macro-averaged over classes, as disentanglement_lib's ``explicitness_per_factor``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    classifier = LogisticRegression().fit(train_codes, train_factor)
+
+    def auc(codes, factor):
+        one_hot = (factor[:, None] == np.unique(factor)[None, :]).astype(np.int64)
+        return roc_auc_score(one_hot, classifier.predict_proba(codes))
+    return auc(train_codes, train_factor), auc(test_codes, test_factor)
+
+
+def explicitness(represent, factor_sizes, rng, num_train, num_test):
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    factors, codes = _sample_points(represent, factor_sizes, num_train, rng)
+    test_factors, test_codes = _sample_points(represent, factor_sizes, num_test, rng)
+    train_x, mean, std = standardise(codes)
+    test_x = standardise(test_codes, mean, std)[0]
+    with warnings.catch_warnings():  # lbfgs's default 100 iterations, as disentanglement_lib's
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        aucs = np.array([explicitness_of(train_x, factors[:, f], test_x, test_factors[:, f])
+                         for f in range(factors.shape[1])])  # F, 2
+    return dict(score=float(aucs[:, 1].mean()), explicitness_train=float(aucs[:, 0].mean()),
+                explicitness_test=float(aucs[:, 1].mean()), per_factor=aucs[:, 1].tolist())
+
+
 METRICS = {"factor_vae": factor_vae_score, "mig": mig, "beta_vae": beta_vae_score, "dci": dci,
            "sap": sap, "gaussian_total_correlation": gaussian_total_correlation,
            "gaussian_wasserstein_correlation": gaussian_wasserstein_correlation,
            "gaussian_wasserstein_correlation_norm": gaussian_wasserstein_correlation_norm,
-           "mutual_info_score": mutual_info_score}
+           "mutual_info_score": mutual_info_score, "modularity": modularity,
+           "explicitness": explicitness}
 
 
 EVAL_SEED = 0  # one fixed seed for every evaluation, so that runs are scored on the same samples

@@ -36,7 +36,8 @@ def identity_scores():
 
 @pytest.mark.parametrize("name, key", [("factor_vae", "score"), ("mig", "score"),
                                        ("beta_vae", "score"), ("dci", "disentanglement"),
-                                       ("dci", "completeness"), ("dci", "informativeness_test")])
+                                       ("dci", "completeness"), ("dci", "informativeness_test"),
+                                       ("modularity", "score"), ("explicitness", "score")])
 def test_identity_representation_scores_high(identity_scores, name, key):
     assert identity_scores[name][key] >= 0.9, identity_scores[name]
 
@@ -58,6 +59,8 @@ def test_zero_representation_scores_low():
     for name in ("mig", "beta_vae", "sap"):
         assert scores[name]["score"] <= 0.2, (name, scores[name])
     assert scores["dci"]["disentanglement"] <= 0.2 and scores["dci"]["completeness"] <= 0.2
+    assert scores["modularity"]["score"] == 0  # no latent carries information
+    assert scores["explicitness"]["score"] == 0.5  # constant probabilities: chance ROC-AUC
 
 
 def test_duplicated_latents():
