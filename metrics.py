@@ -30,6 +30,10 @@ Ridgeway & Mozer (2018), disentanglement_lib's ``modularity_explicitness``:
                 its squared mutual information over the top factor's, per latent, averaged.
   explicitness  how linearly decodable each factor is: ROC-AUC (one-vs-rest, on held-out
                 points) of a logistic regression on the standardised codes, averaged.
+
+  irs           Suter et al. (2019), disentanglement_lib's ``irs``: interventional robustness,
+                how little a latent moves when the other factors change with its own held
+                fixed, per latent at its best factor, weighted by the latent's range.
 """
 import argparse
 
@@ -40,7 +44,7 @@ from utils import did_you_mean
 # New metrics go at the end: each metric's generator is seeded by its place in this tuple.
 METRIC_NAMES = ("factor_vae", "mig", "beta_vae", "dci", "sap", "gaussian_total_correlation",
                 "gaussian_wasserstein_correlation", "gaussian_wasserstein_correlation_norm",
-                "mutual_info_score", "modularity", "explicitness")
+                "mutual_info_score", "modularity", "explicitness", "irs")
 DEFAULT_METRICS = ("factor_vae", "mig")
 METRIC_LABELS = dict(factor_vae="FactorVAE score", mig="MIG", beta_vae="BetaVAE score",
                      dci="DCI disentanglement", sap="SAP score",
@@ -49,7 +53,7 @@ METRIC_LABELS = dict(factor_vae="FactorVAE score", mig="MIG", beta_vae="BetaVAE 
                      gaussian_wasserstein_correlation_norm="Gaussian Wasserstein correlation "
                                                            "(normalised)",
                      mutual_info_score="mutual information score", modularity="modularity",
-                     explicitness="explicitness")
+                     explicitness="explicitness", irs="IRS")
 
 # Each protocol's parameters, disentanglement_lib's defaults: the one place they are written.
 # ``evaluate`` passes them (with any overrides) to the metric functions, which have no defaults.
@@ -66,6 +70,7 @@ PROTOCOLS = {
     "mutual_info_score": dict(num_train=10000, num_bins=20),
     "modularity": dict(num_train=10000, num_bins=20),
     "explicitness": dict(num_train=10000, num_test=5000),
+    "irs": dict(num_train=10000, num_bins=20, diff_quantile=0.99),
 }
 
 
@@ -347,12 +352,52 @@ def explicitness(represent, factor_sizes, rng, num_train, num_test):
                 explicitness_test=float(aucs[:, 1].mean()), per_factor=aucs[:, 1].tolist())
 
 
+def irs_of(factors, latents, diff_quantile):
+    """Suter et al.'s IRS of (N, F) discretised factors and (N, K) latents (none constant):
+    per factor value, the ``diff_quantile`` quantile of each latent's distance to its mean
+    given that value, averaged over the values, over the latent's largest deviation from its
+    mean; 1 - that, at the best factor per latent; the mean over latents weighted by their
+    largest deviation. Returns (score, per-latent scores, per-latent best factor). The latents
+    are laid out as disentanglement_lib's (a transposed (K, N) array: each latent's points
+    contiguous), so that numpy sums them in the same order, to the last bit."""
+    latents = np.asfortranarray(latents)
+    max_deviations = np.max(np.abs(latents - latents.mean(axis=0)), axis=0)  # K
+    deviations = np.zeros((latents.shape[1], factors.shape[1]))  # K, F
+    for f in range(factors.shape[1]):
+        values = np.unique(factors[:, f])
+        for value in values:
+            match = factors[:, f] == value
+            given = latents[match, :]
+            deviations[:, f] += np.quantile(np.abs(given - given.mean(axis=0)), q=diff_quantile,
+                                            axis=0)
+        deviations[:, f] /= len(values)
+    irs_matrix = 1.0 - deviations / max_deviations[:, None]
+    per_latent = irs_matrix.max(axis=1)
+    score = (np.average(per_latent, weights=max_deviations) if max_deviations.sum() > 0
+             else per_latent.mean())
+    return float(score), per_latent, irs_matrix.argmax(axis=1)
+
+
+def irs(represent, factor_sizes, rng, num_train, num_bins, diff_quantile):
+    """The factors binned as the codes are for MIG (20 equal-width bins: x and y's 32 values
+    share bins), constant latents dropped; 0 when every latent is constant. ``num_active`` is
+    the count of latents kept (disentanglement_lib's ``num_active_dims`` sums their values
+    instead, so it is not reported)."""
+    factors, codes = _sample_points(represent, factor_sizes, num_train, rng)
+    active = codes[:, codes.var(axis=0) > 0]
+    if not active.any():
+        return dict(score=0.0, num_active=int(active.shape[1]))
+    score, per_latent, parents = irs_of(_discretize(factors, num_bins), active, diff_quantile)
+    return dict(score=score, num_active=int(active.shape[1]), per_latent=per_latent.tolist(),
+                parents=parents.tolist())
+
+
 METRICS = {"factor_vae": factor_vae_score, "mig": mig, "beta_vae": beta_vae_score, "dci": dci,
            "sap": sap, "gaussian_total_correlation": gaussian_total_correlation,
            "gaussian_wasserstein_correlation": gaussian_wasserstein_correlation,
            "gaussian_wasserstein_correlation_norm": gaussian_wasserstein_correlation_norm,
            "mutual_info_score": mutual_info_score, "modularity": modularity,
-           "explicitness": explicitness}
+           "explicitness": explicitness, "irs": irs}
 
 
 EVAL_SEED = 0  # one fixed seed for every evaluation, so that runs are scored on the same samples

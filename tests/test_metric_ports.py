@@ -1,14 +1,15 @@
-"""Modularity and explicitness checked bit for bit against literal ports of disentanglement_lib's
-functions (``evaluation/metrics/modularity_explicitness.py`` and the helpers of ``utils.py`` it
-calls, in their own shapes: codes and factors as (num_codes, num_points)), on fixed arrays."""
+"""Modularity, explicitness and IRS checked bit for bit against literal ports of
+disentanglement_lib's functions (``evaluation/metrics/modularity_explicitness.py``, ``irs.py``
+and the helpers of ``utils.py`` they call, in their own shapes: codes and factors as
+(num_codes, num_points)), on fixed arrays."""
 import numpy as np
 import pytest
 import sklearn.metrics
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import MultiLabelBinarizer
 
-from metrics import (_code_factor_mi, _discretize, explicitness_of, modularity_of,
-                     standardise)
+from metrics import (_code_factor_mi, _discretize, explicitness_of, irs, irs_of, lookup,
+                     modularity_of, standardise)
 
 
 # --- the ports: disentanglement_lib's code paths, transcribed ---------------------------------
@@ -59,6 +60,42 @@ def dl_explicitness_per_factor(mus_train, y_train, mus_test, y_test):
     return roc_train, roc_test
 
 
+def dl_drop_constant_dims(ys):
+    return ys[ys.var(axis=1) > 0., :]
+
+
+def dl_scalable_disentanglement_score(gen_factors, latents, diff_quantile=0.99):
+    num_gen, num_lat = gen_factors.shape[1], latents.shape[1]
+    max_deviations = np.max(np.abs(latents - latents.mean(axis=0)), axis=0)
+    cum_deviations = np.zeros([num_lat, num_gen])
+    for i in range(num_gen):
+        unique_factors = np.unique(gen_factors[:, i], axis=0)
+        num_distinct_factors = unique_factors.shape[0]
+        for k in range(num_distinct_factors):
+            match = gen_factors[:, i] == unique_factors[k]
+            e_loc = np.mean(latents[match, :], axis=0)
+            diffs = np.abs(latents[match, :] - e_loc)
+            cum_deviations[:, i] += np.quantile(diffs, q=diff_quantile, axis=0)
+        cum_deviations[:, i] /= num_distinct_factors
+    irs_matrix = 1.0 - cum_deviations / max_deviations[:, np.newaxis]
+    disentanglement_scores = irs_matrix.max(axis=1)
+    if np.sum(max_deviations) > 0.0:
+        avg_score = np.average(disentanglement_scores, weights=max_deviations)
+    else:
+        avg_score = np.mean(disentanglement_scores)
+    return dict(disentanglement_scores=disentanglement_scores, avg_score=avg_score,
+                parents=irs_matrix.argmax(axis=1))
+
+
+def dl_compute_irs(mus, ys, diff_quantile, num_bins):
+    ys_discrete = dl_histogram_discretize(ys, num_bins)
+    active_mus = dl_drop_constant_dims(mus)
+    if not active_mus.any():
+        return 0.0
+    return dl_scalable_disentanglement_score(ys_discrete.T, active_mus.T, diff_quantile)[
+        "avg_score"]
+
+
 # --- fixed arrays: codes that carry the factors in part, mixed and with noise ------------------
 
 def fixed_points(n, seed):
@@ -106,3 +143,33 @@ def test_a_constant_latent_is_standardised_to_zero_where_disentanglement_lib_div
     assert np.all(standardised[:, 1] == 0) and np.isfinite(standardised).all()
     with np.errstate(invalid="ignore"):
         assert np.isnan(dl_normalize_data(codes.T)[0][1]).all()  # the case it cannot score
+
+
+def test_irs_equals_disentanglement_libs_bit_for_bit(points):
+    (codes, factors), _ = points
+    codes = np.column_stack([codes, np.full(len(codes), 2.5)])  # a constant latent, dropped
+    wide = np.column_stack([factors, np.random.default_rng(2).integers(0, 32, len(factors))])
+    for diff_quantile in (0.99, 1.0):
+        expected = dl_compute_irs(codes.T, wide.T, diff_quantile, 20)
+        score, per_latent, parents = irs_of(_discretize(wide, 20), codes[:, :-1], diff_quantile)
+        reference = dl_scalable_disentanglement_score(  # as compute_irs calls it
+            dl_histogram_discretize(wide.T, 20).T, dl_drop_constant_dims(codes.T).T,
+            diff_quantile)
+        assert score == expected == reference["avg_score"]
+        assert np.array_equal(per_latent, reference["disentanglement_scores"])
+        assert np.array_equal(parents, reference["parents"])
+        assert 0.1 < score < 0.9
+    # through the metric: the points it samples, scored as disentanglement_lib would score them
+    sizes = (3, 6, 10, 32)
+    grid = np.stack(np.meshgrid(*[np.arange(k) for k in sizes], indexing="ij"), -1).reshape(
+        -1, 4)
+    table = grid @ np.array([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.3, 0.0], [0.0, 0.0, 0.0, 0.2],
+                             [0.0, 0.0, 0.0, 0.0]]).T
+    table += np.random.default_rng(3).normal(scale=0.3, size=table.shape) * [1, 1, 1, 0]
+    represent = lookup(table, sizes)
+    result = irs(represent, sizes, np.random.default_rng(7), num_train=3000, num_bins=20,
+                 diff_quantile=0.99)
+    rng = np.random.default_rng(7)
+    sampled = np.stack([rng.integers(0, k, 3000) for k in sizes], axis=1)
+    assert result["score"] == dl_compute_irs(represent(sampled).T, sampled.T, 0.99, 20)
+    assert result["num_active"] == 3

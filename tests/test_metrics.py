@@ -37,7 +37,8 @@ def identity_scores():
 @pytest.mark.parametrize("name, key", [("factor_vae", "score"), ("mig", "score"),
                                        ("beta_vae", "score"), ("dci", "disentanglement"),
                                        ("dci", "completeness"), ("dci", "informativeness_test"),
-                                       ("modularity", "score"), ("explicitness", "score")])
+                                       ("modularity", "score"), ("explicitness", "score"),
+                                       ("irs", "score")])
 def test_identity_representation_scores_high(identity_scores, name, key):
     assert identity_scores[name][key] >= 0.9, identity_scores[name]
 
@@ -61,6 +62,7 @@ def test_zero_representation_scores_low():
     assert scores["dci"]["disentanglement"] <= 0.2 and scores["dci"]["completeness"] <= 0.2
     assert scores["modularity"]["score"] == 0  # no latent carries information
     assert scores["explicitness"]["score"] == 0.5  # constant probabilities: chance ROC-AUC
+    assert scores["irs"]["score"] == 0 and scores["irs"]["num_active"] == 0
 
 
 def test_duplicated_latents():
