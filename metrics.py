@@ -392,6 +392,55 @@ def irs(represent, factor_sizes, rng, num_train, num_bins, diff_quantile):
                 parents=parents.tolist())
 
 
+# UDR (Duan et al. 2020), disentanglement_lib's ``udr_sklearn`` defaults: not one model's score
+# but each model's among the seeds of its configuration, from their mean codes of the same points
+UDR_PROTOCOL = dict(num_data_points=1000, alpha=0.1, kl_filter_threshold=0.01)
+
+
+def relative_strength(matrix):
+    """disentanglement_lib's ``relative_strength_disentanglement``: the mean over columns of
+    max^2 / sum and the same over rows, averaged (0 for an empty row or column)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        columns = np.nan_to_num(np.square(matrix.max(axis=0)) / matrix.sum(axis=0))
+        rows = np.nan_to_num(np.square(matrix.max(axis=1)) / matrix.sum(axis=1))
+    return (np.nanmean(columns) + np.nanmean(rows)) / 2
+
+
+def udr(codes, kls, alpha, kl_filter_threshold):
+    """UDR of N models from their mean codes of the same points, ``codes`` [(P, K)], and
+    their mean KL per latent, ``kls`` [(K,)]: each model's codes standardised (sklearn's
+    StandardScaler) and its latents of KL <= 0.01 zeroed; for each ordered pair (i, j) the
+    |coefficients| of a Lasso (``alpha``) regressing j's codes on i's, restricted to both
+    models' latents of KL > ``kl_filter_threshold``, scored by ``relative_strength``. A model's
+    UDR is the median of the pairs that regress onto it. Returns (per-model scores, (N, N)
+    pairwise matrix, 0 on the diagonal)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import Lasso
+    from sklearn.preprocessing import StandardScaler
+
+    n = len(codes)
+    if n < 2:
+        raise ValueError("UDR compares models: give the codes of at least two")
+    scaled = [StandardScaler().fit_transform(c) * np.greater(kl, 0.01)
+              for c, kl in zip(codes, kls, strict=True)]
+    keep = [np.asarray(kl) > kl_filter_threshold for kl in kls]
+    pairwise = np.zeros((n, n))
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    model = Lasso(alpha=alpha).fit(scaled[i], scaled[j])
+                matrix = np.transpose(np.absolute(model.coef_))[keep[i], ...][..., keep[j]]
+                # no latent above the threshold in either (a collapsed model): 0, where
+                # disentanglement_lib fails on the empty matrix
+                pairwise[i, j] = relative_strength(matrix) if matrix.size else 0.0
+    scores = [float(np.median(np.delete(pairwise[:, i], i))) for i in range(n)]
+    return scores, pairwise
+
+
 METRICS = {"factor_vae": factor_vae_score, "mig": mig, "beta_vae": beta_vae_score, "dci": dci,
            "sap": sap, "gaussian_total_correlation": gaussian_total_correlation,
            "gaussian_wasserstein_correlation": gaussian_wasserstein_correlation,

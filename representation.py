@@ -266,6 +266,43 @@ def data_device(data):
     return tensor.device if torch.is_tensor(tensor) else torch.device("cpu")
 
 
+# --- UDR: the mean codes of several runs on the same points ----------------------------------------
+
+UDR_SEED = 1000  # with EVAL_SEED: the 1,000 images every run of every study is compared on
+
+
+def udr_inputs(folders):
+    """[(codes (P, K), mean KL per latent (K,))] of each run in ``folders`` (RunFolder: a
+    checkpoint or final weights) on the same ``UDR_PROTOCOL["num_data_points"]`` images, drawn
+    uniformly from their grid with a fixed seed, encoded on the CPU at each run's precision
+    (fp32 where this CPU has no native bf16) and ``precisions``: the precision each ran at.
+    The data is loaded once per dataset and grid. ConfigError for an unreadable run."""
+    from metrics import UDR_PROTOCOL
+    from precision import native_bf16
+
+    loaded, out, precisions = {}, [], []
+    for folder in folders:
+        checkpoint, config = stored_model(folder)
+        key = (config.dataset, config.grid, config.data_dir, config.scream_image)
+        if key not in loaded:
+            data = load_dataset(config.dataset, config.data_dir, config.grid,
+                                config.celeba_crop, config.scream_image)
+            rng = np.random.default_rng([EVAL_SEED, UDR_SEED])
+            index = torch.from_numpy(rng.integers(0, len(data), UDR_PROTOCOL["num_data_points"]))
+            loaded[key] = data.images(index)
+        precision = config.precision if native_bf16("cpu") else "fp32"
+        with torch.device("cpu"):
+            model = build_model(dataclasses.replace(config, init="current"), "cpu")
+        model.load_state_dict(checkpoint["model"])
+        with evaluating(model), autocast("cpu", precision):
+            mu, logvar = model.encoder(loaded[key])
+        mu, logvar = mu.float(), logvar.float()
+        out.append((mu.numpy().astype(np.float64),
+                    kl_per_latent(mu, logvar).mean(0).numpy().astype(np.float64)))
+        precisions.append(precision)
+    return out, precisions
+
+
 def grid_summary(codes, data, z_dim):
     """The ground-truth plot's numbers (``plotting.mean_activations``) of the grid's codes."""
     axes = grid_axes(data.grid)

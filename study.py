@@ -45,9 +45,9 @@ from pathlib import Path
 from config import (ARCHS, NONSYN, OBJECTIVE_SETTINGS, OBJECTIVES, RESUMABLE, Config,
                     build_parser, explicit_flags, new_run_config, objective_label)
 from evidence import mean_std, mean_std_text
-from metrics import METRIC_LABELS, score_note
+from metrics import METRIC_LABELS, UDR_PROTOCOL, score_note, udr
 from precision import PRECISIONS
-from representation import MEASURE_LABELS, SAMPLE_MEASURES
+from representation import MEASURE_LABELS, SAMPLE_MEASURES, udr_inputs
 from runfolder import RunFolder
 from utils import (ArgumentParser, ConfigError, DiskFull, atomic_write_bytes, check_writable,
                    progress, usable_cpus, write_json)
@@ -1021,7 +1021,7 @@ def measure_label(key):
     """'I_max (omega 0.9)', 'FactorVAE score', ... for a summary column."""
     if key.startswith("i_max"):
         return f"I_max (omega {key.partition('@')[2] or f'{MEASURE_OMEGA:g}'})"
-    return MEASURE_LABELS.get(key) or METRIC_LABELS.get(key, key)
+    return MEASURE_LABELS.get(key) or METRIC_LABELS.get(key) or dict(udr="UDR").get(key, key)
 
 
 def configuration_label(study, config, trials):
@@ -1047,7 +1047,7 @@ def summarise(study):
     groups = {}
     for trial in study.data["trials"]:
         groups.setdefault(configuration(trial), []).append(trial)
-    rows, samples, labels, why, notes = [], {}, {}, {}, []
+    rows, samples, labels, why, notes, udr_fp32 = [], {}, {}, {}, [], set()
     for config, trials in groups.items():
         finished = [t for t in trials if t["state"] == "finished"]
         values = samples[config] = {}
@@ -1057,6 +1057,10 @@ def summarise(study):
             for name, note in score_notes(study.out / trial["name"]).items():
                 why.setdefault((config, name), []).append(note)
         labels[config] = configuration_label(study, config, finished or trials)
+        if len(finished) >= 2:  # UDR ranks the seeds of one configuration against each other
+            values["udr"], fp32 = udr_scores(study, finished, labels[config])
+            if fp32:
+                udr_fp32.add(labels[config])
         row = dict(label=labels[config], metric=config[0], **dict(config[1]), n=len(finished),
                    missing=len(trials) - len(finished), config=config)
         for name, xs in values.items():
@@ -1095,6 +1099,16 @@ def summarise(study):
                  "every run (" + (f"I_max: the KL of the worst set at omega {', '.join(omegas)}, "
                                   "alpha-free, alike for every objective; " if omegas else "")
                  + "docs/studies.md); scores: the last evaluation.")
+    if any("udr_mean" in r for r in rows):
+        lines.append(f"\nUDR (Duan et al. 2020, disentanglement_lib's udr_sklearn: Lasso alpha "
+                     f"{UDR_PROTOCOL['alpha']:g}, latents of mean KL <= "
+                     f"{UDR_PROTOCOL['kl_filter_threshold']:g} left out, the median over the "
+                     f"other seeds) needs no labels: each seed's score says how much the other "
+                     f"seeds of its configuration learned the same latents, from their mean codes "
+                     f"of the same {UDR_PROTOCOL['num_data_points']:,} images; configurations "
+                     f"with one finished seed have none."
+                     + (f" Encoded in fp32, not bf16 (no native bf16 on this CPU): "
+                        f"{', '.join(sorted(udr_fp32))}." if udr_fp32 else ""))
     if partial:
         lines.append("\n(n=k): only k of the finished seeds have this measure (runs evaluated "
                      "before it existed); the others are left out, not mixed in.")
@@ -1140,6 +1154,22 @@ def summarise(study):
 
 
 MEANINGFUL_N = 3  # seeds per group below which a Welch p-value is printed as not meaningful
+
+
+def udr_scores(study, finished, label):
+    """Each finished seed's UDR among the finished seeds of its configuration (in ``finished``'s
+    order) and whether any was encoded in fp32 for want of native bf16; NaN for all, with a
+    warning naming the problem, when a run's model cannot be read."""
+    try:
+        inputs, precisions = udr_inputs([RunFolder(study.out / t["name"]) for t in finished])
+    except ConfigError as err:
+        print(f"warning: no UDR for {label}: {err}", file=sys.stderr)
+        return [math.nan] * len(finished), False
+    stored = [RunFolder(study.out / t["name"]).read_config()["config"].get("precision", "fp32")
+              for t in finished]
+    scores, _ = udr([codes for codes, _ in inputs], [kl for _, kl in inputs],
+                    UDR_PROTOCOL["alpha"], UDR_PROTOCOL["kl_filter_threshold"])
+    return scores, precisions != stored
 
 
 def score_notes(folder):

@@ -1,15 +1,15 @@
-"""Modularity, explicitness and IRS checked bit for bit against literal ports of
-disentanglement_lib's functions (``evaluation/metrics/modularity_explicitness.py``, ``irs.py``
-and the helpers of ``utils.py`` they call, in their own shapes: codes and factors as
+"""Modularity, explicitness, IRS and UDR checked bit for bit against literal ports of
+disentanglement_lib's functions (``evaluation/metrics/modularity_explicitness.py``, ``irs.py``,
+``udr/metrics/udr.py`` and the helpers of ``utils.py`` they call, in their own shapes: codes and factors as
 (num_codes, num_points)), on fixed arrays."""
 import numpy as np
 import pytest
 import sklearn.metrics
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import MultiLabelBinarizer
+from sklearn.linear_model import Lasso, LogisticRegression
+from sklearn.preprocessing import MultiLabelBinarizer, StandardScaler
 
 from metrics import (_code_factor_mi, _discretize, explicitness_of, irs, irs_of, lookup,
-                     modularity_of, standardise)
+                     modularity_of, standardise, udr)
 
 
 # --- the ports: disentanglement_lib's code paths, transcribed ---------------------------------
@@ -96,6 +96,43 @@ def dl_compute_irs(mus, ys, diff_quantile, num_bins):
         "avg_score"]
 
 
+def dl_relative_strength_disentanglement(corr_matrix):
+    score_x = np.nanmean(np.nan_to_num(np.power(np.ndarray.max(corr_matrix, axis=0), 2)
+                                       / np.sum(corr_matrix, axis=0), 0))
+    score_y = np.nanmean(np.nan_to_num(np.power(np.ndarray.max(corr_matrix, axis=1), 2)
+                                       / np.sum(corr_matrix, axis=1), 0))
+    return (score_x + score_y) / 2
+
+
+def dl_lasso_correlation_matrix(vec1, vec2, random_state=None):
+    model = Lasso(random_state=random_state, alpha=0.1)
+    model.fit(vec1, vec2)
+    return np.transpose(np.absolute(model.coef_))
+
+
+def dl_udr_from_representations(inferred_model_reps, kl, kl_filter_threshold=0.01):
+    """compute_udr_sklearn after its sampling: lasso, filter_low_kl."""
+    num_models = len(inferred_model_reps)
+    kl_mask = []
+    for i in range(num_models):
+        scaler = StandardScaler()
+        scaler.fit(inferred_model_reps[i])
+        inferred_model_reps[i] = scaler.transform(inferred_model_reps[i])
+        inferred_model_reps[i] = inferred_model_reps[i] * np.greater(kl[i], 0.01)
+        kl_mask.append(kl[i] > kl_filter_threshold)
+    disentanglement = np.zeros((num_models, num_models, 1))
+    for i in range(num_models):
+        for j in range(num_models):
+            if i == j:
+                continue
+            corr_matrix = dl_lasso_correlation_matrix(inferred_model_reps[i],
+                                                      inferred_model_reps[j], 0)
+            corr_matrix = corr_matrix[kl_mask[i], ...][..., kl_mask[j]]
+            disentanglement[i, j] = dl_relative_strength_disentanglement(corr_matrix)
+    return [np.median(np.delete(disentanglement[:, i], i)) for i in range(num_models)], \
+        disentanglement
+
+
 # --- fixed arrays: codes that carry the factors in part, mixed and with noise ------------------
 
 def fixed_points(n, seed):
@@ -173,3 +210,29 @@ def test_irs_equals_disentanglement_libs_bit_for_bit(points):
     sampled = np.stack([rng.integers(0, k, 3000) for k in sizes], axis=1)
     assert result["score"] == dl_compute_irs(represent(sampled).T, sampled.T, 0.99, 20)
     assert result["num_active"] == 3
+
+
+def test_udr_equals_disentanglement_libs_bit_for_bit():
+    """Four models of six latents on the same 1,000 points: two that carry the same three
+    sources in other orders and signs, one that mixes them, one with a latent of low KL and a
+    constant one (filtered and zeroed as disentanglement_lib does)."""
+    import warnings
+    rng = np.random.default_rng(5)
+    sources = rng.normal(size=(1000, 3))
+    noise = lambda: rng.normal(scale=0.1, size=(1000, 6))  # noqa: E731
+    pad = np.zeros((1000, 3))
+    codes = [np.hstack([sources, pad]) + noise(),
+             np.hstack([-sources[:, [2, 0, 1]], pad]) + noise(),
+             np.hstack([sources @ rng.normal(size=(3, 3)), pad]) + noise(),
+             np.hstack([sources[:, :2], np.full((1000, 1), 4.0), pad]) + noise() * [1, 1, 0, 1, 1,
+                                                                                   1]]
+    kls = [np.array([2.0, 1.5, 1.0, 0.001, 0.002, 0.0]), np.array([1.0, 2.0, 1.5, 0.0, 0.0, 0.0]),
+           np.array([1.2, 1.1, 1.3, 0.005, 0.0, 0.0]), np.array([1.0, 1.0, 0.005, 0.0, 0.0, 0.0])]
+    scores, pairwise = udr(codes, kls, alpha=0.1, kl_filter_threshold=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected, reference = dl_udr_from_representations([c.copy() for c in codes], kls)
+    assert scores == [float(e) for e in expected]
+    assert np.array_equal(pairwise, reference[:, :, 0])
+    assert scores[1] > scores[2]  # the permuted copy agrees with the others more than the mix
+    assert 0 < min(scores) and max(scores) < 1

@@ -47,6 +47,32 @@ def finished(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_the_summary_gives_each_seed_its_udr_among_its_configurations_seeds(finished):
+    """UDR needs no labels (as Non-Syn VAE needs none): every configuration with two or more
+    finished seeds gets it beside the supervised scores, recomputed here from the models."""
+    import numpy as np
+
+    from metrics import UDR_PROTOCOL, udr
+    from representation import udr_inputs
+    from runfolder import RunFolder
+    out, _ = finished
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        folders = sorted(p for p in out.iterdir()
+                         if p.is_dir() and p.name.startswith(row["metric"] + "_"))
+        inputs, precisions = udr_inputs([RunFolder(f) for f in folders])
+        assert [codes.shape for codes, _ in inputs] == [(1000, 10)] * 2 and precisions == ["fp32"] * 2
+        scores, pairwise = udr([c for c, _ in inputs], [k for _, k in inputs],
+                               UDR_PROTOCOL["alpha"], UDR_PROTOCOL["kl_filter_threshold"])
+        assert float(row["udr_mean"]) == pytest.approx(np.mean(scores), rel=1e-6, abs=1e-12)
+        assert scores == [pairwise[1, 0], pairwise[0, 1]]  # two seeds: each the other's pair
+    summary = (out / "summary.md").read_text()
+    assert summary.splitlines()[0].endswith("| UDR |")
+    assert "UDR (Duan et al. 2020" in summary and "needs no labels" in summary
+
+
+@pytest.mark.slow
 def test_a_two_by_two_study_makes_four_runs_and_a_two_row_summary(finished):
     out, _ = finished
     names = sorted(p.name for p in out.iterdir() if p.is_dir())
