@@ -224,19 +224,22 @@ def _from_weights(folder):
 
 
 def final_traversal(folder, step=None):
-    """(step, grayscale pixels) of the run's traversal at ``step`` (default: its latest); a
-    folder without traversal images but with the model gets the traversal drawn from it, as
-    the run draws it (the same test images and noise)."""
+    """(step, pixels) of the run's traversal at ``step`` (default: its latest): grayscale for
+    dSprites, RGB for a colour dataset (its variants, CelebA); a folder without traversal
+    images but with the model gets the traversal drawn from it, as the run draws it (the same
+    test images and noise)."""
+    dataset = folder.read_config().get("config", {}).get("dataset", "dsprites")
+    mode = "L" if dataset == "dsprites" else "RGB"
     images = folder.traversals()
     if not images:
         trained = _from_weights(folder)
         if trained is None:
             traversal_images(folder)  # the error naming what is missing
         pixels = trained.traversal()
-        return trained.step, np.asarray(Image.fromarray(pixels).convert("L"))
+        return trained.step, np.asarray(Image.fromarray(pixels).convert(mode))
     traversals = dict(images)
     image_step = step if step in traversals else max(traversals)
-    return image_step, np.asarray(read_image(traversals[image_step], "L"))
+    return image_step, np.asarray(read_image(traversals[image_step], mode))
 
 
 def read_image(path, mode):

@@ -207,3 +207,24 @@ def test_any_encoder_is_scored_on_a_variant_with_its_three_channels():
                             mass.sqrt()], 1)
     result = score(encode, dataset="color_dsprites", grid="reduced", metrics=["mig"])
     assert set(shapes) == {(3, 64, 64)} and result["mig"]["score"] > 0.4
+
+
+@pytest.mark.slow  # three runs and the thesis figures
+def test_the_thesis_figures_of_variant_runs_keep_their_colours(tmp_path):
+    import figures
+    painting = scream_file(tmp_path / "scream.png", np.random.default_rng(1).integers(
+        0, 255, (274, 350, 3), dtype=np.uint8))
+    runs = {}
+    for name, metric in zip(DSPRITES_VARIANTS, ("Test_gt", "Factor", "VAE"), strict=True):
+        code, runs[name] = run_cli(tmp_path, name, "--dataset", name, "--metric", metric,
+                                   "--scream-image" if name == "scream_dsprites" else "--seed",
+                                   str(painting) if name == "scream_dsprites" else "120",
+                                   "--steps", "2", "--save-interval", "2", "--gt-interval", "2")
+        assert code == 0
+    out = tmp_path / "figs"
+    assert figures.main(["--nonsyn", str(runs["color_dsprites"]), "--factor",
+                         str(runs["noisy_dsprites"]), "--vae", str(runs["scream_dsprites"]),
+                         "--out", str(out)]) == 0
+    for figure in ("latents.png", "VAE_traversals.png", "traversal_labelled.png"):
+        pixels = np.asarray(Image.open(out / figure).convert("RGB")).astype(int)
+        assert (np.abs(pixels[..., 0] - pixels[..., 1]) > 40).any(), figure  # colour kept
