@@ -115,7 +115,7 @@ def stored_run_precision(config, given, tool):
                  "this CPU has no AVX512-BF16 or AMX (nor Arm BF16)")
         raise ConfigError(f"the run was trained in bf16, and {where}: emulated, its pass over "
                           f"the full grid would take hours. Add --precision fp32 to {tool} to "
-                          f"do it in fp32 here (scores may differ from its bf16 ones in the "
+                          f"do it in fp32 here (numbers may differ from its bf16 ones in the "
                           f"last digits), or run on a CPU or GPU with bf16")
     precision = given or config.precision
     check_precision(precision, device)
