@@ -180,11 +180,14 @@ def ground_truth_summary(folder):
     the model in memory: nothing is written into a source run folder."""
     summaries = folder.gt_summaries()
     if not summaries:
-        trained = _from_weights(folder)
-        if trained is None:
-            raise FigureError(f"{folder} has no ground-truth summary (<stem>_gt_<step>.npz) "
-                              f"and no model weights to compute one from")
-        return trained.step, trained.ground_truth_summary()
+        key = folder.path.resolve()
+        if key not in _SUMMARIES:  # one encoding pass of the grid per run and command
+            trained = _from_weights(folder)
+            if trained is None:
+                raise FigureError(f"{folder} has no ground-truth summary (<stem>_gt_<step>.npz) "
+                                  f"and no model weights to compute one from")
+            _SUMMARIES[key] = trained.step, trained.ground_truth_summary()
+        return _SUMMARIES[key]
     step, path = summaries[-1]
     try:
         summary = read_summary(path)
@@ -200,6 +203,7 @@ def has_model(folder):
 
 
 _TRAINED = {}  # folder path -> Trained: the data is built once per run and command
+_SUMMARIES = {}  # folder path -> (step, summary) computed from its weights
 DRAW_PRECISION = [None]  # --precision: None draws each run at its own
 
 
@@ -742,18 +746,22 @@ def main(argv=None):
               f"{', ...' if len(held) > 4 else ''}); add --force to replace them, or leave out "
               f"--out for a new folder", file=sys.stderr)
         return 2
+    new = not out.exists()
     try:
         wrote = (_curves(args, out) if args.curves else _evidence(args, out) if args.evidence
                  else _thesis(args, out))
     except (FigureError, ConfigError, EvidenceError) as err:
         print(f"error: {err}", file=sys.stderr)
+        _remove_if_empty(out, new)
         return 2
     except MemoryError:
         print(f"error: out of memory while making the figures; nothing in {out} was changed. "
               f"Free some memory (other jobs, a larger machine), then run figures.py again",
               file=sys.stderr)
+        _remove_if_empty(out, new)
         return 3
     except OSError as err:
+        _remove_if_empty(out, new)
         full = err.errno in (errno.ENOSPC, errno.EDQUOT)
         print(f"error: {'no space left on device' if full else err.strerror or err} while "
               f"writing the figures{f' ({err.filename})' if err.filename else ''}; nothing in "
@@ -762,6 +770,15 @@ def main(argv=None):
         return 3 if full else 2
     print(f"wrote {out}/: {wrote}")
     return 0
+
+
+def _remove_if_empty(out, new):
+    """A failed command leaves no empty --out folder it made (an empty figures/<date-time>)."""
+    if new:
+        try:
+            out.rmdir()
+        except OSError:
+            pass  # not empty, or gone: leave it
 
 
 @contextmanager

@@ -296,6 +296,26 @@ def test_a_bf16_run_on_a_cpu_without_bf16_is_scored_and_drawn_in_fp32_when_asked
     assert figures._from_weights(RunFolder(run_dir)).config.precision == "fp32"
 
 
+def test_a_figures_command_that_fails_leaves_no_empty_folder(tmp_path, capsys, monkeypatch):
+    """The refused figures.py left an empty figures/<date-time> behind."""
+    import figures
+    code, run_dir = run_cli(tmp_path, "r", "--steps", "2")
+    assert code == 0
+
+    def refuse(args, out):
+        raise figures.FigureError("the run cannot be drawn")
+    monkeypatch.setattr(figures, "_thesis", refuse)
+    monkeypatch.chdir(tmp_path)
+    roles = ["--nonsyn", str(run_dir), "--factor", str(run_dir), "--vae", str(run_dir)]
+    assert figures.main(roles) == 2
+    assert "the run cannot be drawn" in capsys.readouterr().err
+    assert not list((tmp_path / "figures").glob("*"))  # the default figures/<date-time>
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    assert figures.main(roles + ["--out", str(tmp_path / "kept")]) == 2
+    assert (tmp_path / "kept" / "notes.txt").read_text() == "mine"  # a folder it did not make
+
+
 def test_evaluate_scores_the_runs_own_metrics_and_the_sample_measures(tmp_path, capsys):
     import evaluate
     code, run_dir = run_cli(tmp_path, "own", "--eval-metrics", "mig")
