@@ -411,7 +411,7 @@ def test_unknown_checkpoint_format_is_refused_with_a_clear_error(tmp_path, capsy
     assert main(["--resume", str(run_dir), "--steps", "8"]) == 2
     assert "checkpoint format 99" in capsys.readouterr().err
     assert evaluate.main([str(run_dir)]) == 2
-    assert "reads formats 1 to 6" in capsys.readouterr().err
+    assert "reads formats 1 to 7" in capsys.readouterr().err
     assert path.read_bytes() == before
 
 

@@ -470,7 +470,7 @@ def test_atomically_written_files_keep_the_usual_permissions(tmp_path):
 
 
 FIELD_DEFAULTS = dict(lambda_od=10.0, lambda_d_factor=10.0, c_max=25.0, c_steps=100000,
-                      c_gamma=1000.0, keep_interval=0)
+                      c_gamma=1000.0, keep_interval=0, scream_image=None)
 
 
 @pytest.mark.slow
@@ -481,7 +481,8 @@ FIELD_DEFAULTS = dict(lambda_od=10.0, lambda_d_factor=10.0, c_max=25.0, c_steps=
              **FIELD_DEFAULTS)),  # before --precision
     (3, dict(measure_omega=0.9, eval_sample=10000, **FIELD_DEFAULTS)),  # before i_max
     (4, FIELD_DEFAULTS),  # before beta-TCVAE, DIP-VAE and AnnealedVAE
-    (5, dict(keep_interval=0)),  # before --keep-interval
+    (5, dict(keep_interval=0, scream_image=None)),  # before --keep-interval
+    (6, dict(scream_image=None)),  # before the dSprites variants' --scream-image
 ])
 def test_an_older_checkpoint_resumes_with_its_implied_settings(tmp_path, old_format, implied):
     run_dir, path = checkpoint_of(tmp_path, "old")
@@ -498,7 +499,7 @@ def test_an_older_checkpoint_resumes_with_its_implied_settings(tmp_path, old_for
     (run_dir / "config.json").write_text(json.dumps(metadata))
     assert main(["--resume", str(run_dir), "--steps", "6"]) == 0
     resumed = RunFolder(run_dir).load_checkpoint()
-    assert resumed["format"] == 6 and resumed["step"] == 6
+    assert resumed["format"] == 7 and resumed["step"] == 6
     assert {name: resumed["config"][name] for name in implied} == implied
     # config.json still lacks the settings; the now current checkpoint resumes again (its
     # final evaluation on 200 images: the implied 10,000 cost seconds and were checked above)
