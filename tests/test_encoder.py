@@ -113,6 +113,7 @@ def test_a_torchscript_module_is_scored_and_json_holds_scores_protocols_versions
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "s.json"]
 
 
+@pytest.mark.slow  # trains a run, then scores it twice
 def test_a_runs_own_model_through_the_encoder_api_scores_as_the_run_did(tmp_path, capsys):
     code, run_dir = run_cli(tmp_path, "run", "--eval-metrics", "factor_vae,mig")
     assert code == 0

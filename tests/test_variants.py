@@ -138,7 +138,9 @@ def test_counter_uniform_is_uniform_and_keyed():
     assert abs(corr) < 0.1
 
 
-@pytest.mark.parametrize("name", DSPRITES_VARIANTS)
+@pytest.mark.parametrize("name", ["color_dsprites",  # one in the quick tier, two in the slow one
+                                  pytest.param("noisy_dsprites", marks=pytest.mark.slow),
+                                  pytest.param("scream_dsprites", marks=pytest.mark.slow)])
 def test_a_short_run_on_each_variant_writes_its_figures_and_final_evaluation(tmp_path, name):
     painting = scream_file(tmp_path / "scream.png", np.random.default_rng(1).integers(
         0, 255, (274, 350, 3), dtype=np.uint8))
