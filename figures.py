@@ -714,6 +714,8 @@ def main(argv=None):
     p.add_argument("--curve-steps", type=int, default=1000, help="steps shown with --curves")
     args = p.parse_args(argv)
     DRAW_PRECISION[0] = args.precision
+    _TRAINED.clear()  # models and summaries are built once per command, not kept across calls
+    _SUMMARIES.clear()
     if args.study and not (args.curves or args.evidence):
         try:
             picks, others = study_runs(args.study, [f for f, _ in ROLES if getattr(args, f)])
