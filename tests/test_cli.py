@@ -262,6 +262,7 @@ def test_evaluate_reads_a_folder_of_final_weights_and_writes_only_where_told(tmp
     assert digest() == before
 
 
+@pytest.mark.slow  # trains in emulated bf16 where the CPU has none: 25 s
 def test_a_bf16_run_on_a_cpu_without_bf16_is_scored_and_drawn_in_fp32_when_asked(
         tmp_path, capsys, monkeypatch):
     """misc/runs are bf16 runs: on a CPU without native bf16, evaluate.py refused them with

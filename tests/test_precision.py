@@ -135,6 +135,7 @@ def test_bf16_changes_the_arithmetic_only_a_little(tmp_path):
     assert runs["fp32"][-1]["recon"] != runs["bf16"][-1]["recon"]
 
 
+@pytest.mark.slow  # 25 s where bf16 is emulated
 def test_the_encoding_pass_with_bf16_stays_close_to_fp32(tmp_path):
     s = Solver(Config(grid="reduced", cuda=False), tmp_path)
     fp32 = representation.encode_all(s.model, s.data, "fp32")
