@@ -511,12 +511,14 @@ def benchmark_device(args):
     device = torch.device("cuda" if cuda else "cpu")
     name = torch.cuda.get_device_name(0) if cuda else "no CUDA device: the CPU (a smoke run)"
     print(f"device check: {name}; torch {torch.__version__}")
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                            "tests/test_gpu.py"], cwd=ROOT, capture_output=True, text=True)
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "--tb=line", "-p",
+                            "no:cacheprovider", "tests/test_gpu.py"], cwd=ROOT,
+                           capture_output=True, text=True)
     lines = tests.stdout.strip().splitlines() or ["(no output)"]
     print(f"GPU tests (tests/test_gpu.py): {lines[-1]}")
-    if tests.returncode not in (0, 5):
-        print("\n".join(lines[-40:]))
+    if tests.returncode not in (0, 5):  # each failure's name and the line that failed
+        print("\n".join(line for line in lines if line.startswith(("FAILED", "ERROR", "/", "E "))
+                         or ".py:" in line))
     results = {"tests": tests.returncode}
     precisions = ["fp32"] + (["bf16"] if native_bf16(device) else [])
     for precision in precisions:

@@ -98,10 +98,21 @@ def config_device(config):
 
 def pick_device(config):
     """The device ``config`` trains on, chosen once per start; refuses a precision that device
-    cannot run well."""
+    cannot run well. On CUDA, fp32 work is made true fp32 (``ieee_fp32_on_cuda``)."""
     device = config_device(config)
     check_precision(config.precision, device)
+    if device.type == "cuda":
+        ieee_fp32_on_cuda()
     return device
+
+
+def ieee_fp32_on_cuda():
+    """Turn off TensorFloat-32 for this process: PyTorch lets cuDNN's fp32 convolutions round
+    their inputs to TF32 (10-bit mantissa) by default, which moved the original trainer's replay
+    by 1.4e-3 in KL within 20 steps on an H200 (docs/benchmarks.md). fp32 here means fp32 on
+    every device; under bf16 autocast the layers are bf16 either way."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def stored_run_precision(config, given, tool):

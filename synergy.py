@@ -58,11 +58,11 @@ def greedy_best_set(kl, omega):
     after = nodes[None, 1:] > nodes[:, None]  # z+1, z: latent j comes after node i in the scan
     no_next = torch.full((), z_dim + 1, device=device)  # a fill, not a host-to-device copy
     n_doublings = max(1, math.ceil(math.log2(z_dim)))
-    neg_inf = torch.full((), float("-inf"), dtype=k.dtype, device=device)
     for _ in range(z_dim - 1):
         v = s + k  # N, z: sum(k[B + [j]]), summed in acceptance order like the original
         record = torch.cat([s, v], dim=-1)  # N, z+1: the record once the scan reaches each node
-        challenger = (omega * v).masked_fill_(in_best[:, 1:], neg_inf)  # N, z
+        # a Python fill value: a 0-dim device tensor there would be read back to the host (a sync)
+        challenger = (omega * v).masked_fill_(in_best[:, 1:], float("-inf"))  # N, z
         beats = (challenger[:, None, :] > record[:, :, None]).logical_and_(after)  # N, z+1, z
         # nxt[i]: the first latent after node i that beats its record; a node with none is final.
         nxt = torch.where(beats, nodes[1:], no_next).amin(-1)  # N, z+1

@@ -39,6 +39,22 @@ def test_precision_is_fp32_by_default_and_takes_only_known_values(tmp_path, caps
     assert not (tmp_path / "r").exists()
 
 
+def test_fp32_on_cuda_turns_off_tensorfloat32(monkeypatch):
+    """PyTorch's default lets cuDNN round fp32 convolutions to TF32; a run on CUDA turns that off
+    (the GPU replay test measures the effect; here the device choice is faked)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    try:
+        cudnn.allow_tf32 = matmul.allow_tf32 = True
+        assert precision.pick_device(Config(cuda=False)).type == "cpu"
+        assert cudnn.allow_tf32 and matmul.allow_tf32  # a CPU run leaves them alone
+        monkeypatch.setattr(precision, "config_device", lambda config: torch.device("cuda"))
+        assert precision.pick_device(Config()).type == "cuda"
+        assert not cudnn.allow_tf32 and not matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def test_native_bf16_follows_the_cpu_flags(monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert precision.native_bf16("cpu")
