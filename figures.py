@@ -46,7 +46,6 @@ Everything comes from what the runs saved (traversal PNGs, metrics.jsonl, metric
 ground-truth summaries); a run without a ground-truth summary is re-encoded from its checkpoint.
 """
 import argparse
-import dataclasses
 import errno
 import json
 import logging
@@ -69,8 +68,8 @@ from config import NONSYN, OBJECTIVE_NAMES, Config, objective_label
 from evidence import EvidenceError, write_evidence
 from representation import SAMPLE_MEASURES, Trained, read_summary
 from dataset import FACTOR_DATASETS
-from precision import PRECISIONS, stored_run_precision
-from runfolder import RunFolder, export_weights, stored_model
+from precision import PRECISIONS
+from runfolder import RunFolder, export_weights
 from utils import ArgumentParser, ConfigError
 
 
@@ -202,7 +201,8 @@ def has_model(folder):
     return folder.checkpoint_path.is_file() or folder.weights_path.is_file()
 
 
-_TRAINED = {}  # folder path -> Trained: the data is built once per run and command
+_TRAINED = {}  # folder path -> Trained
+_DATASETS = {}  # Trained.build's: the data is built once per dataset and command
 _SUMMARIES = {}  # folder path -> (step, summary) computed from its weights
 DRAW_PRECISION = [None]  # --precision: None draws each run at its own
 
@@ -214,16 +214,14 @@ def _from_weights(folder):
     key = folder.path.resolve()
     if key not in _TRAINED:
         try:
-            checkpoint, config = stored_model(folder)
-            config = dataclasses.replace(config, viz_on=False, cuda=False)
-            precision = stored_run_precision(config, DRAW_PRECISION[0], "figures.py")
-            _TRAINED[key] = Trained.build(dataclasses.replace(config, precision=precision),
-                                          checkpoint)
+            trained = Trained.load(folder, "figures.py", _DATASETS, cuda=False,
+                                   precision=DRAW_PRECISION[0])
         except ConfigError as err:
             raise FigureError(f"{folder}: {err}") from None
+        precision, own = trained.config.precision, trained.run_precision
         log.info("%s: drawing from its model weights (step %d, %s%s): it has no saved images",
-                 folder, _TRAINED[key].step, precision,
-                 "" if precision == config.precision else f", not the run's {config.precision}")
+                 folder, trained.step, precision, "" if precision == own else f", not the run's {own}")
+        _TRAINED[key] = trained
     return _TRAINED[key]
 
 
@@ -714,7 +712,8 @@ def main(argv=None):
     p.add_argument("--curve-steps", type=int, default=1000, help="steps shown with --curves")
     args = p.parse_args(argv)
     DRAW_PRECISION[0] = args.precision
-    _TRAINED.clear()  # models and summaries are built once per command, not kept across calls
+    _TRAINED.clear()  # models, data and summaries are built once per command, not kept across calls
+    _DATASETS.clear()
     _SUMMARIES.clear()
     if args.study and not (args.curves or args.evidence):
         try:

@@ -22,7 +22,7 @@ from dataset import (FACTOR_DATASETS, FACTOR_NAMES, ORIENTATION_VALUES, SCALE_VA
 from metrics import EVAL_SEED, evaluate, lookup, metric_list
 from model import MODEL_SPECS, build_model, evaluating, reparameterise
 from plotting import image_grid, mean_activations, save_ground_truth_plot
-from precision import autocast, pick_device
+from precision import autocast, pick_device, stored_run_precision
 from runfolder import RunFolder, stored_model
 from synergy import kl_per_latent, worst_set_kl
 from utils import (ConfigError, OutOfMemory, atomic_file, derived_seed, memory_failure,
@@ -40,29 +40,47 @@ class Trained:
     data: object
     device: torch.device
     step: int = 0
+    run_precision: str = ""  # load: the precision the run itself trained at
 
     @classmethod
-    def build(cls, config, checkpoint=None, device=None):
+    def build(cls, config, checkpoint=None, device=None, datasets=None):
         """The model of ``config`` with the checkpoint's weights (or freshly initialised), on
-        ``device`` (default: the one ``config`` asks for)."""
+        ``device`` (default: the one ``config`` asks for). ``datasets``: a dict kept between
+        calls, so that runs on the same data load it once."""
         device = device or pick_device(config)
         torch.manual_seed(config.seed)
         model = build_model(config, device)
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
-        data = load_dataset(config.dataset, config.data_dir, config.grid,
-                            config.celeba_crop, config.scream_image).to(device)
+        key = (config.dataset, config.data_dir, config.grid, config.celeba_crop,
+               config.scream_image, str(device))
+        data = (datasets or {}).get(key)
+        if data is None:
+            data = load_dataset(config.dataset, config.data_dir, config.grid,
+                                config.celeba_crop, config.scream_image).to(device)
+            if datasets is not None:
+                datasets[key] = data
         return cls(config, model, data, device, checkpoint["step"] if checkpoint else 0)
 
     @classmethod
-    def load(cls, folder, **changes):
+    def load(cls, folder, tool=None, datasets=None, **changes):
         """The run in ``folder`` (a RunFolder or a path) at its checkpoint, or a folder of final
         weights (misc/runs/<run>), visdom off; ``changes`` override stored settings
-        (``cuda=False``)."""
+        (``cuda=False``). With ``tool`` (evaluate.py, figures.py) the precision is chosen as
+        ``stored_run_precision`` chooses it for that tool, ``changes["precision"]`` being its
+        --precision (None: the run's own). ``datasets`` as for ``build``."""
         if not isinstance(folder, RunFolder):
             folder = RunFolder(Path(folder))
         checkpoint, config = stored_model(folder)
-        return cls.build(dataclasses.replace(config, viz_on=False, **changes), checkpoint)
+        own = config.precision
+        if tool is not None:
+            given = changes.pop("precision", None)
+            config = dataclasses.replace(config, viz_on=False, **changes)
+            changes = dict(precision=stored_run_precision(config, given, tool))
+        trained = cls.build(dataclasses.replace(config, viz_on=False, **changes), checkpoint,
+                            datasets=datasets)
+        trained.run_precision = own
+        return trained
 
     def evaluate(self, folder, metric_names, plot=True):
         return evaluate_representation(self.model, self.data, self.config, folder, self.step,
@@ -275,12 +293,13 @@ def udr_inputs(folders):
     """[(codes (P, K), mean KL per latent (K,))] of each run in ``folders`` (RunFolder: a
     checkpoint or final weights) on the same ``UDR_PROTOCOL["num_data_points"]`` images, drawn
     uniformly from their grid with a fixed seed, encoded on the CPU at each run's precision
-    (fp32 where this CPU has no native bf16) and ``precisions``: the precision each ran at.
-    The data is loaded once per dataset and grid. ConfigError for an unreadable run."""
+    (fp32 where this CPU has no native bf16), and whether any run was encoded below its own
+    precision (bf16 in fp32). The data is loaded once per dataset and grid. ConfigError for an
+    unreadable run."""
     from metrics import UDR_PROTOCOL
     from precision import native_bf16
 
-    loaded, out, precisions = {}, [], []
+    loaded, out, lowered = {}, [], False
     for folder in folders:
         checkpoint, config = stored_model(folder)
         key = (config.dataset, config.grid, config.data_dir, config.scream_image)
@@ -299,8 +318,8 @@ def udr_inputs(folders):
         mu, logvar = mu.float(), logvar.float()
         out.append((mu.numpy().astype(np.float64),
                     kl_per_latent(mu, logvar).mean(0).numpy().astype(np.float64)))
-        precisions.append(precision)
-    return out, precisions
+        lowered |= precision != config.precision
+    return out, lowered
 
 
 def grid_summary(codes, data, z_dim):

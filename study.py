@@ -1161,15 +1161,13 @@ def udr_scores(study, finished, label):
     order) and whether any was encoded in fp32 for want of native bf16; NaN for all, with a
     warning naming the problem, when a run's model cannot be read."""
     try:
-        inputs, precisions = udr_inputs([RunFolder(study.out / t["name"]) for t in finished])
+        inputs, lowered = udr_inputs([RunFolder(study.out / t["name"]) for t in finished])
     except ConfigError as err:
         print(f"warning: no UDR for {label}: {err}", file=sys.stderr)
         return [math.nan] * len(finished), False
-    stored = [RunFolder(study.out / t["name"]).read_config()["config"].get("precision", "fp32")
-              for t in finished]
     scores, _ = udr([codes for codes, _ in inputs], [kl for _, kl in inputs],
                     UDR_PROTOCOL["alpha"], UDR_PROTOCOL["kl_filter_threshold"])
-    return scores, precisions != stored
+    return scores, lowered
 
 
 def score_notes(folder):

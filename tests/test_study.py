@@ -61,8 +61,8 @@ def test_the_summary_gives_each_seed_its_udr_among_its_configurations_seeds(fini
     for row in rows:
         folders = sorted(p for p in out.iterdir()
                          if p.is_dir() and p.name.startswith(row["metric"] + "_"))
-        inputs, precisions = udr_inputs([RunFolder(f) for f in folders])
-        assert [codes.shape for codes, _ in inputs] == [(1000, 10)] * 2 and precisions == ["fp32"] * 2
+        inputs, lowered = udr_inputs([RunFolder(f) for f in folders])
+        assert [codes.shape for codes, _ in inputs] == [(1000, 10)] * 2 and not lowered
         scores, pairwise = udr([c for c, _ in inputs], [k for _, k in inputs],
                                UDR_PROTOCOL["alpha"], UDR_PROTOCOL["kl_filter_threshold"])
         assert float(row["udr_mean"]) == pytest.approx(np.mean(scores), rel=1e-6, abs=1e-12)
