@@ -1,6 +1,8 @@
 """Shared test setup: the repository root on sys.path, small deterministic torch, and the
 fixtures several test files use (an action at a given training step, a metrics-log reader,
 a synthetic CelebA zip)."""
+import collections
+import hashlib
 import io
 import re
 import sys
@@ -16,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 FIXTURES = Path(__file__).resolve().parent / "data"
 
-import solver as solver_module  # noqa: E402  (needs ROOT on sys.path)
+import dataset  # noqa: E402  (needs ROOT on sys.path)
+import solver as solver_module  # noqa: E402
 from runfolder import RunFolder  # noqa: E402
 
 # run.py flags of the tests' short runs: 6 steps on the reduced grid on the CPU, no metrics,
@@ -28,6 +31,29 @@ QUICK = ["--grid", "reduced", "--batch_size", "16", "--steps", "6", "--log-inter
 TINY = ["--grid", "reduced", "--batch_size", "8", "--log-interval", "2", "--save-interval", "4",
         "--gt-interval", "1000", "--no-cuda", "--nb-test", "2", "--eval-metrics", "none",
         "--eval-sample", "200"]
+
+
+_RENDERS = collections.OrderedDict()  # (shape, digest of the classes) -> rendered uint8 images
+_RENDER = dataset.render_dsprites
+
+
+def _render_once(classes, chunk=512):
+    """``dataset.render_dsprites`` for this test session: a pure function of its classes, so a
+    grid of up to 12,000 images (the reduced grid of every short run) is drawn once per session
+    and handed out as a copy; most runs of the tests would draw it again (over a third of
+    the quick tier's time). Larger ones (the full grid) are drawn each time, to bound memory."""
+    key = np.ascontiguousarray(np.asarray(classes, dtype=np.int64))
+    if len(key) > 12_000:
+        return _RENDER(classes, chunk)
+    key = (key.shape, hashlib.blake2b(key.tobytes(), digest_size=16).digest())
+    if key not in _RENDERS:
+        _RENDERS[key] = _RENDER(classes, chunk)  # a bad input raises here and is not kept
+        if len(_RENDERS) > 4:
+            _RENDERS.popitem(last=False)
+    return _RENDERS[key].copy()
+
+
+dataset.render_dsprites = _render_once
 
 
 @pytest.fixture(autouse=True)

@@ -160,6 +160,7 @@ def parent_of(checkpoint, path):
     return node
 
 
+@pytest.mark.slow  # up to 25 resumed runs
 @settings(max_examples=25, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())

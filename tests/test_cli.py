@@ -80,6 +80,7 @@ def test_steps_accepts_scientific_notation_and_trains_exactly(tmp_path):
     assert [r["step"] for r in records(run_dir)] == [5, 10, 11]
 
 
+@pytest.mark.slow  # three runs
 def test_same_seed_same_metrics(tmp_path):
     _, a = run_cli(tmp_path, "a", "--seed", "3")
     _, b = run_cli(tmp_path, "b", "--seed", "3")
@@ -160,6 +161,7 @@ def test_viz_on_parses_booleans():
     assert build_parser().parse_args(["--viz_on", "False"]).viz_on is False
 
 
+@pytest.mark.slow  # three runs
 def test_existing_run_folder_is_never_overwritten(tmp_path, capsys):
     assert run_cli(tmp_path, "same")[0] == 0
     before = (tmp_path / "same" / "metrics.jsonl").read_bytes()
@@ -224,6 +226,7 @@ def test_metrics_during_training_and_evaluate_command(tmp_path):
         assert again["scores"][name]["score"] == final["scores"][name]["score"]
 
 
+@pytest.mark.slow  # a run and three evaluations of it
 def test_evaluate_reads_a_folder_of_final_weights_and_writes_only_where_told(tmp_path, capsys):
     """evaluate.py on misc/runs/<run> appended to its tracked metrics.json and added a
     ground-truth plot into the repository: a folder of final weights is read-only now."""
@@ -512,6 +515,7 @@ def test_resume_of_a_path_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow  # two runs
 def test_resume_of_a_folder_of_runs_names_them_and_leaves_no_lock(tmp_path, capsys):
     assert run_cli(tmp_path / "outputs", "first")[0] == 0
     assert run_cli(tmp_path / "outputs", "second")[0] == 0
@@ -542,6 +546,7 @@ def test_an_invalid_choice_suggests_the_closest_valid_value(capsys, argv, hint):
     assert hint in capsys.readouterr().err
 
 
+@pytest.mark.slow  # two runs and a resume
 def test_config_json_records_the_device_asked_for_and_used(tmp_path):
     code, run_dir = run_cli(tmp_path, "cpu")
     device = json.loads((run_dir / "config.json").read_text())["device"]
@@ -630,6 +635,7 @@ def test_a_mistyped_flag_or_value_is_one_line_with_the_closest_flag(capsys, argv
     assert expected in err and "--help' lists every flag" in err and "usage:" not in err
 
 
+@pytest.mark.slow  # three evaluations of the grid in one run
 def test_a_run_says_its_expected_wall_clock_and_how_to_shorten_it(tmp_path, caplog, monkeypatch):
     """A bare ``python run.py`` trained 300,000 steps for many hours without a word."""
     import solver

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -264,6 +265,12 @@ def checkpoint_of(tmp_path, name="ckpt"):
     return run_dir, run_dir / "checkpoints/last.pt"
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One finished 4-step run, trained once for the damage cases below (each damages a copy)."""
+    return checkpoint_of(tmp_path_factory.mktemp("trained"))[0]
+
+
 @pytest.mark.parametrize("damage, message", [
     ("truncated", "is not a readable checkpoint of this project"),
     ("garbage", "is not a readable checkpoint of this project"),
@@ -275,8 +282,10 @@ def checkpoint_of(tmp_path, name="ckpt"):
     ("run_name path", "run_name (--run-name) must be a visible single folder name"),
     ("other run", "does not belong to the run its config.json describes (they differ in alpha)"),
 ])
-def test_a_bad_checkpoint_gets_the_projects_own_one_line_error(tmp_path, capsys, damage, message):
-    run_dir, path = checkpoint_of(tmp_path)
+def test_a_bad_checkpoint_gets_the_projects_own_one_line_error(tmp_path, capsys, finished_run,
+                                                               damage, message):
+    run_dir = shutil.copytree(finished_run, tmp_path / finished_run.name, symlinks=True)
+    path = run_dir / "checkpoints/last.pt"
     if damage == "truncated":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     elif damage == "garbage":
@@ -537,6 +546,7 @@ def test_a_folder_left_without_a_checkpoint_may_be_reused_by_its_name(tmp_path):
     assert (kept / "metrics.jsonl").read_text() == "{}\n"
 
 
+@pytest.mark.slow  # a run, a fault and its resume
 def test_orphaned_checkpoint_temp_files_are_removed_at_resume(tmp_path):
     run_dir, path = checkpoint_of(tmp_path, "orphans")
     orphan = path.parent / ".last.pt.xyz.tmp"
@@ -628,6 +638,7 @@ def test_a_sigterm_whose_exception_python_dropped_still_stops_the_start(tmp_path
 
 # --- 5. interrupted evaluation ------------------------------------------------------------------
 
+@pytest.mark.slow  # a run, a fault and its resume
 def test_an_evaluation_stopped_by_sigterm_is_redone_when_the_run_resumes(tmp_path, at_step,
                                                                           monkeypatch, capsys):
     import signal
@@ -676,6 +687,7 @@ def enospc(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
 
+@pytest.mark.slow  # a run, a fault and its resume
 def test_disk_full_at_a_checkpoint_names_the_file_and_keeps_the_previous_one(tmp_path, at_step,
                                                                             monkeypatch, capsys):
     import utils
@@ -714,6 +726,7 @@ def test_disk_full_while_drawing_leaves_no_truncated_png(tmp_path, monkeypatch, 
     monkeypatch.setattr(Image.Image, "save", save)
 
 
+@pytest.mark.slow  # a run, a fault and its resume
 def test_a_torn_last_line_of_metrics_jsonl_does_not_block_the_resume(tmp_path, caplog):
     flags = ["--steps", "8", "--seed", "4"]
     assert run_cli(tmp_path, "straight", *flags)[0] == 0

@@ -9,7 +9,7 @@ from metrics import METRIC_NAMES, PROTOCOLS, evaluate, lookup, mig, sap
 SIZES = (10, 10, 10, 10, 10)  # five independent factors of ten values
 # Gradient boosting dominates the suite's time: DCI runs on fewer points here (as
 # disentanglement_lib's own tests do); every other metric uses the protocol defaults.
-FAST_DCI = {"dci": dict(num_train=2000, num_test=1000)}
+FAST_DCI = {"dci": dict(num_train=500, num_test=250)}
 
 
 def identity(factors):
