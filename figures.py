@@ -220,7 +220,8 @@ def _from_weights(folder):
             raise FigureError(f"{folder}: {err}") from None
         precision, own = trained.config.precision, trained.run_precision
         log.info("%s: drawing from its model weights (step %d, %s%s): it has no saved images",
-                 folder, trained.step, precision, "" if precision == own else f", not the run's {own}")
+                 folder, trained.step, precision,
+                 "" if precision == own else f", not the run's {own}")
         _TRAINED[key] = trained
     return _TRAINED[key]
 
