@@ -225,31 +225,33 @@ def seeds_figure(at_step, path, at):
 
     names = objectives(at_step)
     seeds = sorted({r.seed for r in at_step})
-    fig, axes = plt.subplots(len(names), len(seeds), squeeze=False,
-                             figsize=(1.9 * len(seeds) + 1.2, 2.1 * len(names) + 0.6))
+    fig, axes = plt.subplots(len(names), len(seeds), squeeze=False, layout="constrained",
+                             figsize=(1.9 * len(seeds) + 1.6, 2.1 * len(names) + 1.0))
+    panels = {(i, k): next((r for r in at_step if r.objective == objective and r.seed == seed),
+                           None)
+              for i, objective in enumerate(names) for k, seed in enumerate(seeds)}
     image = None
-    for i, objective in enumerate(names):
-        for k, seed in enumerate(seeds):
-            ax = axes[i, k]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            run = next((r for r in at_step if r.objective == objective and r.seed == seed), None)
-            if run is None:
-                ax.set_axis_off()
-                continue
-            rows = np.flatnonzero(run.active)
-            image = ax.imshow(run.shares[rows], vmin=0, vmax=1, cmap="viridis", aspect="auto")
-            ax.set_yticks(range(len(rows)), [f"z{j}" for j in rows], fontsize=6)
-            if i == len(names) - 1:
-                ax.set_xticks(range(len(FACTOR_NAMES)),
-                              [FACTOR_LABELS[f] for f in FACTOR_NAMES], rotation=60,
-                              fontsize=6, ha="right")
-            if i == 0:
-                ax.set_title(f"seed {seed}", fontsize=8)
-            if k == 0:
-                ax.set_ylabel(objective, fontsize=7)
+    for (i, k), run in panels.items():
+        objective, seed, ax = names[i], seeds[k], axes[i, k]
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if run is None:
+            ax.set_axis_off()
+            continue
+        rows = np.flatnonzero(run.active)
+        image = ax.imshow(run.shares[rows], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_yticks(range(len(rows)), [f"z{j}" for j in rows], fontsize=6)
+        if all(panels[j, k] is None for j in range(i + 1, len(names))):  # the column's lowest
+            ax.set_xticks(range(len(FACTOR_NAMES)), [FACTOR_LABELS[f] for f in FACTOR_NAMES],
+                          rotation=60, fontsize=6, ha="right")
+        if i == 0:
+            ax.set_title(f"seed {seed}", fontsize=8)
+        if k == 0:
+            ax.set_ylabel(objective, fontsize=7)
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.6, label="share of the latent's variance")
+        bar = fig.colorbar(image, ax=axes, shrink=0.6)
+        bar.set_label("share of the latent's variance", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     fig.suptitle(f"what each active latent learned at step {at:,} (factor shares)", fontsize=9)
     fig.savefig(path, dpi=130)
     plt.close(fig)
