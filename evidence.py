@@ -87,14 +87,26 @@ def load_run(folder, step):
                    claims_met(summary), values, curves)
 
 
+def study_trials(study_dir):
+    """The trials of a study folder's study.json, in its order."""
+    path = Path(study_dir) / "study.json"
+    try:
+        return json.loads(path.read_text())["trials"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EvidenceError(f"--evidence {study_dir}: no readable study.json ({err})") from None
+
+
+def finished_runs(study_dir):
+    """The RunFolders of a study's finished trials, in its order: the runs whose records and
+    final weights a figures folder keeps (a running trial's are not final yet)."""
+    return [RunFolder(Path(study_dir) / t["name"]) for t in study_trials(study_dir)
+            if t.get("state") == "finished" and (Path(study_dir) / t["name"]).is_dir()]
+
+
 def collect(study_dir, at):
     """(runs at ``at``, runs at their own end beyond ``at``) of a study folder's trials (its
     study.json's order); a trial that has not reached ``at`` yet is left out of both."""
-    path = Path(study_dir) / "study.json"
-    try:
-        trials = json.loads(path.read_text())["trials"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise EvidenceError(f"--evidence {study_dir}: no readable study.json ({err})") from None
+    trials = study_trials(study_dir)
     at_step, longer = [], []
     for trial in trials:
         folder = RunFolder(Path(study_dir) / trial["name"])

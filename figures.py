@@ -9,7 +9,8 @@
     python figures.py --curves RUN [RUN ...] [--band RUN ...] [--out DIR] [--curve-steps 1000]
     python figures.py --evidence STUDY_DIR [--at 50000] [--out DIR]   (the thesis's claims
                       counted over a study's seeds: claims.md, scores.md, seeds.png,
-                      scores_over_training.png; see evidence.py)
+                      scores_over_training.png, and runs/ with every finished trial's
+                      records and final weights; see evidence.py)
 
 --out defaults to a new folder figures/<date-time>; an --out that already holds figures needs
 --force (``--out misc --force`` regenerates the shipped ones). Nothing is written anywhere else.
@@ -65,7 +66,7 @@ from plotting import (ACTIVE_VARIANCE, EXPLAINED, label_rows, latent_factors, la
                       traversal_labels)
 from metrics import METRIC_LABELS, METRIC_NAMES
 from config import NONSYN, OBJECTIVE_NAMES, Config, objective_label
-from evidence import EvidenceError, write_evidence
+from evidence import EvidenceError, finished_runs, write_evidence
 from representation import SAMPLE_MEASURES, Trained, read_summary
 from dataset import FACTOR_DATASETS
 from precision import PRECISIONS
@@ -696,7 +697,8 @@ def main(argv=None):
     p.add_argument("--evidence", metavar="STUDY_DIR",
                    help="instead: the thesis's claims counted over the seeds of a study of its "
                         "three models (study.py --preset evidence): claims.md, scores.md, "
-                        "seeds.png, scores_over_training.png (evidence.py)")
+                        "seeds.png, scores_over_training.png (evidence.py), and runs/ with "
+                        "every finished trial's records and final weights")
     p.add_argument("--at", type=int, default=50_000,
                    help="with --evidence: the step every seed is judged at (default 50,000)")
     p.add_argument("--out", default=None,
@@ -822,7 +824,11 @@ def _evidence(args, out):
         raise FigureError(f"--evidence {study} has no study.json: not a study.py folder")
     check_out_outside(out, [RunFolder(p) for p in study.iterdir() if p.is_dir()])
     with staged(out) as work:
-        return write_evidence(study, work, args.at)
+        wrote = write_evidence(study, work, args.at)
+        finished = finished_runs(study)
+        export_records([(folder.name, folder) for folder in finished], work)
+    return (f"{wrote}, runs/ ({len(finished)} finished runs' config.json, metrics.jsonl, "
+            f"metrics.json and final weights)")
 
 
 def _thesis(args, out):

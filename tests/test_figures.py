@@ -404,6 +404,11 @@ def test_evidence_tables_and_figures_from_a_study_folder(runs, tmp_path, capsys)
     assert "1 of 1" in (out / "claims.md").read_text() or "0 of 1" in (out / "claims.md").read_text()
     for name in ("seeds.png", "scores_over_training.png"):
         assert Image.open(out / name).size[0] > 300
+    for trial in trials:  # every finished trial's records and final weights, as misc/runs keeps
+        kept = out / "runs" / trial["name"]
+        assert sorted(p.name for p in kept.iterdir()) == ["config.json", "metrics.json",
+                                                          "metrics.jsonl", "model.pt"]
+        assert RunFolder(kept).read_config()["config"]["data_dir"] is None
     capsys.readouterr()
     assert figures.main(["--evidence", str(study), "--at", "4", "--out", str(tmp_path / "x")]) == 2
     assert "no run has reached step 4 yet" in capsys.readouterr().err
