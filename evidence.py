@@ -12,6 +12,9 @@ study of the thesis's three models (``study.py --preset evidence``), at one step
                       matrix as a heatmap, one colour scale
   scores_over_training.png  the scores at every evaluation up to --at: per objective the mean
                       over the seeds with their min-max band
+  wallclock.md / .json  per trial its steps, precision, threads, processor, resumes and
+                      wall-clock: ``seconds`` at its end and the steady rate (median 5,000-step
+                      span), which leaves out the time the study was paused
 
 Everything comes from the runs' own files: the ground-truth summary saved at --at
 (<stem>_gt_<step>.npz), the evaluations in metrics.json at --at (the final one; seed 1's from
@@ -34,6 +37,7 @@ from runfolder import RunFolder
 SCORES = ("factor_vae", "mig", "dci", "i_max")  # the scores table's columns, in order
 LABELS = dict(METRIC_LABELS, i_max="I_max (omega 0.9)")
 MEANINGFUL_N = 3  # fewer seeds per group: a t-test's p-value says little
+SPAN = 5_000  # wallclock.md's steady rate: steps between two evaluations of the evidence study
 
 
 class EvidenceError(RuntimeError):
@@ -302,6 +306,56 @@ def curves_figure(at_step, path, at):
     plt.close(fig)
 
 
+def wallclock(train, evals, span=SPAN):
+    """One run's timing from its metrics.jsonl records: steps, ``seconds`` at its last record
+    (wall-clock since its start, carried across resumes; it counts time the run was paused),
+    its evaluations (n and their seconds) and the median span of ``span`` steps between the
+    records at multiples of ``span`` (training with its one evaluation; the median leaves out
+    the spans a pause stretched): the steady rate, from which ``steady_hours`` estimates the
+    run's wall-clock unpaused. None for a run without training records."""
+    if not train:
+        return None
+    seconds = {r["step"]: r["seconds"] for r in train}
+    marks = [s for s in sorted(seconds) if s % span == 0]
+    spans = sorted(seconds[b] - seconds[a] for a, b in zip(marks, marks[1:]) if b - a == span)
+    median = (spans[(len(spans) - 1) // 2] + spans[len(spans) // 2]) / 2 if spans else None
+    steps = train[-1]["step"]
+    return dict(steps=steps, seconds=train[-1]["seconds"], evaluations=len(evals),
+                eval_seconds=sum(e.get("eval_seconds", 0.0) for e in evals), spans=len(spans),
+                span_median=median,
+                steady_hours=None if median is None else median * steps / span / 3600)
+
+
+def wallclock_table(folders, states):
+    """(markdown lines, rows): per trial its wall-clock (``wallclock``), precision, threads,
+    processor and resumes, from config.json and metrics.jsonl."""
+    lines = ["| run | state | steps | precision, threads, processor | resumes | `seconds` at "
+             f"the end | evaluations | median {SPAN:,}-step span | steady wall-clock |",
+             "|" + " --- |" * 9]
+    rows = []
+    for folder in folders:
+        record = folder.read_config()
+        timing = wallclock(folder.records("train"), folder.records("eval"))
+        if timing is None:
+            continue
+        device = (record.get("resumes") or [{}])[-1].get("device") or record.get("device") or {}
+        row = dict(run=folder.name, state=states.get(folder.name),
+                   precision=device.get("precision"), threads=device.get("torch_threads"),
+                   processor=device.get("model") or device.get("cpu"),
+                   used=device.get("used"), resumes=len(record.get("resumes") or []), **timing)
+        rows.append(row)
+        span = (f"{timing['span_median']:,.0f} s (of {timing['spans']})"
+                if timing["span_median"] is not None else "")
+        steady = (f"{timing['steady_hours']:.1f} h" if timing["steady_hours"] is not None
+                  else "")
+        lines.append(
+            f"| {folder.name} | {row['state']} | {timing['steps']:,} | {row['precision']}, "
+            f"{row['threads']}, {row['processor'] or row['used']} | {row['resumes']} | "
+            f"{timing['seconds']:,.0f} s ({timing['seconds'] / 3600:.1f} h) | "
+            f"{timing['evaluations']} ({timing['eval_seconds']:,.0f} s) | {span} | {steady} |")
+    return lines, rows
+
+
 def write_evidence(study_dir, out, at):
     """All of the above into ``out``; returns what was written, for the command's last line."""
     at_step, longer = collect(study_dir, at)
@@ -324,7 +378,19 @@ def write_evidence(study_dir, out, at):
                                                 indent=2) + "\n")
     seeds_figure(at_step, out / "seeds.png", at)
     curves_figure(at_step, out / "scores_over_training.png", at)
-    return (f"claims.md/.json, scores.md/.json, seeds.png, scores_over_training.png ({about})")
+    trials = study_trials(study_dir)
+    folders = [RunFolder(Path(study_dir) / t["name"]) for t in trials
+               if (Path(study_dir) / t["name"]).is_dir()]
+    timing, timing_rows = wallclock_table(folders, {t["name"]: t.get("state") for t in trials})
+    (out / "wallclock.md").write_text(
+        "Wall-clock per trial, from each run's own records (metrics.jsonl's `seconds`: since "
+        "the run's start, across resumes, counting time it was paused; the steady wall-clock is "
+        f"the median {SPAN:,}-step span, training with its evaluation, times the steps, which "
+        "leaves the pauses out). Precision, threads and processor as the run last started.\n\n"
+        + "\n".join(timing) + "\n")
+    (out / "wallclock.json").write_text(json.dumps(timing_rows, indent=2) + "\n")
+    return (f"claims.md/.json, scores.md/.json, seeds.png, scores_over_training.png, "
+            f"wallclock.md/.json ({about})")
 
 
 def _run_record(run):

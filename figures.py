@@ -669,7 +669,8 @@ FIGURE_NAMES = (  # what figures.py writes, in any of its modes: an --out holdin
     "traversals.gif", "latents.png", "VAE_traversals.png", "traversal_labelled.png", "plots.png",
     "faces_celeba.png", "comparison.md", "comparison.json", "runs", "curves_thesis.png",
     "curves_per_step.png", "curves.md", "curves_vs_band.md", "claims.md", "claims.json",
-    "scores.md", "scores.json", "seeds.png", "scores_over_training.png")
+    "scores.md", "scores.json", "seeds.png", "scores_over_training.png", "wallclock.md",
+    "wallclock.json")
 
 
 def main(argv=None):

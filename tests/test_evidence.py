@@ -91,3 +91,23 @@ def test_a_study_without_study_json_or_runs_at_the_step_is_one_line(tmp_path):
         {"name": "VAE_seed1", "state": "pending"}]}))
     with pytest.raises(evidence.EvidenceError, match="no run has reached step 50,000 yet"):
         evidence.collect(tmp_path, 50_000)
+
+
+def test_wallclock_takes_the_steady_rate_from_the_median_span():
+    """A pause stretches one 5,000-step span; the median span leaves it out, ``seconds`` at the
+    end keeps it (it is wall-clock since the run's start)."""
+    per_span = [100.0, 110.0, 5000.0, 105.0]  # the third span held a 4,900-second pause
+    ends = np.cumsum(per_span)
+    train = [dict(step=5000 * (k + 1), seconds=float(s)) for k, s in enumerate(ends)]
+    train.insert(0, dict(step=100, seconds=2.0))  # not at a span mark: ignored
+    evals = [dict(step=5000 * (k + 1), eval_seconds=10.0) for k in range(4)]
+    timing = evidence.wallclock(train, evals)
+    # the spans between the marks 5,000 ... 20,000: 110, 5,000, 105 -> median 110
+    assert timing["spans"] == 3 and timing["span_median"] == 110.0
+    assert timing["steps"] == 20_000 and timing["seconds"] == ends[-1]
+    assert timing["evaluations"] == 4 and timing["eval_seconds"] == 40.0
+    assert timing["steady_hours"] == pytest.approx(110.0 * 4 / 3600)
+    assert evidence.wallclock([], []) is None
+    two = [dict(step=5000, seconds=50.0), dict(step=10000, seconds=150.0),
+           dict(step=15000, seconds=270.0)]
+    assert evidence.wallclock(two, [])["span_median"] == 110.0  # an even count: the middle two

@@ -409,6 +409,10 @@ def test_evidence_tables_and_figures_from_a_study_folder(runs, tmp_path, capsys)
         assert sorted(p.name for p in kept.iterdir()) == ["config.json", "metrics.json",
                                                           "metrics.jsonl", "model.pt"]
         assert RunFolder(kept).read_config()["config"]["data_dir"] is None
+    timing = json.loads((out / "wallclock.json").read_text())
+    assert [(t["run"], t["steps"], t["state"]) for t in timing] == [
+        (t["name"], RunFolder(study / t["name"]).records("train")[-1]["step"], "finished")
+        for t in trials]
     capsys.readouterr()
     assert figures.main(["--evidence", str(study), "--at", "4", "--out", str(tmp_path / "x")]) == 2
     assert "no run has reached step 4 yet" in capsys.readouterr().err
