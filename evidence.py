@@ -255,7 +255,12 @@ def seeds_figure(at_step, path, at):
             ax.set_axis_off()
             continue
         rows = np.flatnonzero(run.active)
-        image = ax.imshow(run.shares[rows], vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        if not len(rows):  # a collapsed run: nothing to draw, and the panel says so
+            ax.text(0.5, 0.5, "no active\nlatent", ha="center", va="center", fontsize=7,
+                    transform=ax.transAxes)
+            rows = []
+        else:
+            image = ax.imshow(run.shares[rows], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_yticks(range(len(rows)), [f"z{j}" for j in rows], fontsize=6)
         if all(panels[j, k] is None for j in range(i + 1, len(names))):  # the column's lowest
             ax.set_xticks(range(len(FACTOR_NAMES)), [FACTOR_LABELS[f] for f in FACTOR_NAMES],
