@@ -10,7 +10,8 @@
     python figures.py --evidence STUDY_DIR [--at 50000] [--out DIR]   (the thesis's claims
                       counted over a study's seeds: claims.md, scores.md, seeds.png,
                       scores_over_training.png, and runs/ with every finished trial's
-                      records and final weights; see evidence.py)
+                      records and final weights; see evidence.py; --records-only: runs/
+                      alone, which study.py --import-finished takes back on a new machine)
 
 --out defaults to a new folder figures/<date-time>; an --out that already holds figures needs
 --force (``--out misc --force`` regenerates the shipped ones). Nothing is written anywhere else.
@@ -599,12 +600,16 @@ def without_machine_paths(text):
     return MACHINE_PATH.sub("<path>", text)
 
 
-def export_records(runs, out_dir):
+def export_records(runs, out_dir, at=()):
     """OUT/runs/<run folder name>/: each run's config.json, metrics.jsonl and metrics.json (their
     absolute paths replaced by ``<path>``; config.json's data_dir unset: evaluate.py looks for
     the data where the copy is scored, as run.py does without --data-dir), so that every figure
     and number can be traced to the run that made it, and its final model weights alone
-    (model.pt, ~2 MB: ``python evaluate.py OUT/runs/<run>`` scores them). metrics.jsonl is
+    (model.pt, ~2 MB: ``python evaluate.py OUT/runs/<run>`` scores them), and its ground-truth
+    summary (<stem>_gt_<step>.npz) at its last step and at the steps ``at``, from which the
+    claims are decided (the scores over training are in metrics.jsonl): such a copy of a
+    finished run counts as finished (``RunFolder.holds_finished_export``) where
+    ``study.py --import-finished`` takes it into a study on another machine. metrics.jsonl is
     copied a record at a time: a line that is not a record (``RunFolder.record_lines``) is
     left out, as the figures leave it out."""
     for _, folder in runs:
@@ -625,6 +630,10 @@ def export_records(runs, out_dir):
             export_weights(folder, target)
         elif folder.weights_path.is_file():  # already bound to its run (export_weights)
             shutil.copyfile(folder.weights_path, target / folder.WEIGHTS)
+        summaries = folder.gt_summaries()  # ~50 kB each: the final one, and those at ``at``
+        for step, summary in summaries:
+            if step in at or step == summaries[-1][0]:
+                shutil.copyfile(summary, target / summary.name)
     return len(runs)
 
 
@@ -700,6 +709,10 @@ def main(argv=None):
                         "three models (study.py --preset evidence): claims.md, scores.md, "
                         "seeds.png, scores_over_training.png (evidence.py), and runs/ with "
                         "every finished trial's records and final weights")
+    p.add_argument("--records-only", action="store_true",
+                   help="with --evidence: only runs/, the finished trials' records, ground-truth "
+                        "summaries and final weights (what study.py --import-finished takes "
+                        "into the study on another machine), no tables or figures")
     p.add_argument("--at", type=int, default=50_000,
                    help="with --evidence: the step every seed is judged at (default 50,000)")
     p.add_argument("--out", default=None,
@@ -729,6 +742,8 @@ def main(argv=None):
             setattr(args, flag, run)
         listed = args.compare + [getattr(args, flag) for flag, _ in ROLES]
         args.compare = args.compare + [run for run in others if run not in listed]
+    if args.records_only and not args.evidence:
+        p.error("--records-only goes with --evidence STUDY_DIR")
     if not (args.curves or args.evidence) and not (args.nonsyn and args.factor and args.vae):
         p.error("give --nonsyn, --factor and --vae (the thesis figures), or --study DIR, or "
                 "--curves RUN ..., or --evidence STUDY_DIR")
@@ -824,12 +839,14 @@ def _evidence(args, out):
     if not (study / "study.json").is_file():
         raise FigureError(f"--evidence {study} has no study.json: not a study.py folder")
     check_out_outside(out, [RunFolder(p) for p in study.iterdir() if p.is_dir()])
+    finished = finished_runs(study)
+    if args.records_only and not finished:
+        raise FigureError(f"--evidence {study} has no finished trial yet: nothing to copy")
     with staged(out) as work:
-        wrote = write_evidence(study, work, args.at)
-        finished = finished_runs(study)
-        export_records([(folder.name, folder) for folder in finished], work)
-    return (f"{wrote}, runs/ ({len(finished)} finished runs' config.json, metrics.jsonl, "
-            f"metrics.json and final weights)")
+        wrote = "" if args.records_only else write_evidence(study, work, args.at) + ", "
+        export_records([(folder.name, folder) for folder in finished], work, at=(args.at,))
+    return (f"{wrote}runs/ ({len(finished)} finished runs' config.json, metrics.jsonl, "
+            f"metrics.json, ground-truth summaries and final weights)")
 
 
 def _thesis(args, out):

@@ -78,6 +78,7 @@ class RunFolder:
     REPORT = "metrics.json"
     CHECKPOINT = "checkpoints/last.pt"
     WEIGHTS = "model.pt"  # a run's final weights alone (figures.py writes misc/runs/<run>/)
+    IMPORTED = "imported.json"  # where a study took a run finished elsewhere from (study.py)
     RECORDS = (CONFIG, LOG, REPORT)  # the run's small text records
     _NUMBERED = re.compile(r".+_(traversal|gt)_(\d+)\.(png|npz)")
 
@@ -222,15 +223,34 @@ class RunFolder:
 
     def is_complete(self):
         """True when the folder holds a run that trained all its steps (its checkpoint at the
-        last step, no evaluation left to redo)."""
+        last step, no evaluation left to redo), or, without a checkpoint, the records and final
+        weights of such a run as figures.py exports them (``holds_finished_export``)."""
         if not self.checkpoint_path.is_file():
-            return False
+            return self.holds_finished_export()
         try:
             checkpoint = self.load_checkpoint()
         except ConfigError:
             return False  # a resume names the problem
         return (checkpoint["step"] >= checkpoint["config"]["steps"]
                 and not checkpoint.get("eval_pending"))
+
+    def holds_finished_export(self):
+        """True when the folder holds, without a checkpoint, a finished run as figures.py exports
+        it (misc/runs/<run>): config.json, the final weights (``WEIGHTS``, bound to that
+        config.json and intact) at its last step, and metrics.jsonl with the training record of
+        that step and, for data with factors, the evaluation of that step."""
+        if self.checkpoint_path.is_file() or not self.weights_path.is_file():
+            return False
+        try:
+            saved, config = stored_weights(self)
+            records = self.records()
+            factors = self.read_config().get("factors")
+        except ConfigError:
+            return False
+        final = saved["step"]
+        logged = {(r["kind"], r["step"]) for r in records}
+        return (final >= config.steps and ("train", final) in logged
+                and (not factors or ("eval", final) in logged))
 
     def kept_checkpoint_path(self, step):
         return self.checkpoint_path.parent / f"step_{step}.pt"

@@ -5,6 +5,7 @@ one summary.
     python study.py --out DIR [--metric Test_gt Factor VAE BVAE] [--seeds N | --seed 1 2 3]
                     [--alpha ...] [--omega ...] [--gamma ...] [--beta ...] [--spec FILE.json]
                     [--preset thesis|figures|evidence|field] [--retries 2] [--extend]
+                    [--import-finished RUNS_DIR]   (trials finished on another machine)
                     [--engine local] [--workers W] [--threads T] [--trials-per-gpu K]
                     [--engine ray] [--address auto|HOST:PORT] [--cpus-per-trial C]
                     [--gpus-per-trial G]
@@ -33,9 +34,11 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -200,6 +203,12 @@ def parse_args(argv):
                            "beta-TCVAE, DIP-VAE-I/II, AnnealedVAE and VAE")
     grid.add_argument("--extend", action="store_true",
                       help="add axis values or seeds to DIR's study")
+    grid.add_argument("--import-finished", metavar="RUNS_DIR",
+                      help="take the trials that have no folder in --out yet and that finished "
+                           "elsewhere from RUNS_DIR/<trial name> (the runs/ that 'figures.py "
+                           "--evidence STUDY --records-only' exported, e.g. misc/runs: records, "
+                           "ground-truth summaries, final weights) instead of training them: a "
+                           "study carried to a new machine")
     grid.add_argument("--retries", type=int, default=2, help="retries of a failed trial")
     grid.add_argument("--summary", action="store_true",
                       help="only write the summary of DIR (from the run folders if study.json "
@@ -376,30 +385,91 @@ def checked_seed_flags(spec, shared, from_preset):
 UNCOMPARED = ("output_dir", "run_name")
 
 
+def other_run(folder, trial, configs):
+    """How the run in ``folder`` differs from ``trial`` (a few settings: config.json's, older
+    runs' with the values their format implies, against those the trial's flags resolve to),
+    "it is a symbolic link", or None when it is that trial's run or not started yet."""
+    try:
+        record, stored = folder.read_config(), folder.started_settings()
+    except ConfigError as err:
+        raise StudyError(f"trial {trial['name']}: {err}") from None
+    if not record.get("config"):
+        return None  # not started yet, or stopped before it wrote its settings
+    for resume in record.get("resumes", []):
+        if isinstance(resume, dict) and isinstance(resume.get("changed"), dict):
+            stored.update(resume["changed"])
+    expected = configs[trial["name"]]
+    differ = [k for k, v in expected.items() if k not in UNCOMPARED and stored.get(k) != v
+              and (k not in RESUMABLE or k == "steps")]
+    if differ or folder.path.is_symlink():
+        return ", ".join(f"{k} {stored.get(k)!r} (the trial's: {expected[k]!r})"
+                         for k in differ[:4]) or "it is a symbolic link"
+    return None
+
+
 def check_trial_folders(out, trials, configs):
-    """Refuse (StudyError, one line) a trial whose folder holds another run: config.json's
-    settings (older runs: with the values their format implies) differ from those the trial's
-    flags resolve to, e.g. a folder replaced by (a link to) another objective's run."""
+    """Refuse (StudyError, one line) a trial whose folder holds another run (``other_run``),
+    e.g. a folder replaced by (a link to) another objective's run."""
     for trial in trials:
         folder = RunFolder(Path(out) / trial["name"])
-        try:
-            record, stored = folder.read_config(), folder.started_settings()
-        except ConfigError as err:
-            raise StudyError(f"trial {trial['name']}: {err}") from None
-        if not record.get("config"):
-            continue  # not started yet, or stopped before it wrote its settings
-        for resume in record.get("resumes", []):
-            if isinstance(resume, dict) and isinstance(resume.get("changed"), dict):
-                stored.update(resume["changed"])
-        expected = configs[trial["name"]]
-        differ = [k for k, v in expected.items() if k not in UNCOMPARED and stored.get(k) != v
-                  and (k not in RESUMABLE or k == "steps")]
-        if differ or folder.path.is_symlink():
-            what = ", ".join(f"{k} {stored.get(k)!r} (the trial's: {expected[k]!r})"
-                             for k in differ[:4]) or "it is a symbolic link"
+        if what := other_run(folder, trial, configs):
             raise StudyError(f"trial {trial['name']}: its folder {folder} holds another run "
                              f"({what}); it is not this trial's run. Move it out of the study "
                              f"folder and run the same command again")
+
+
+def importable(out, trials, configs, source):
+    """The finished runs that ``--import-finished SOURCE`` takes for trials that have no run
+    folder in ``out`` yet: SOURCE/<trial name> as figures.py exports a finished run (records,
+    ground-truth summaries, final weights: ``RunFolder.holds_finished_export``), checked to be
+    that trial's run (StudyError otherwise, before anything is written). A folder there that
+    is not a finished run's export is named on stderr; that trial trains here."""
+    source = Path(source)
+    if not source.is_dir():
+        raise StudyError(f"--import-finished {source}: no such folder (give the runs/ folder "
+                         f"that 'figures.py --evidence STUDY --records-only' wrote, e.g. "
+                         f"misc/runs)")
+    found = []
+    for trial in trials:
+        origin = RunFolder(source / trial["name"])
+        if (Path(out) / trial["name"]).exists() or not origin.path.is_dir():
+            continue
+        if what := other_run(origin, trial, configs):
+            raise StudyError(f"--import-finished: {origin} holds another run than trial "
+                             f"{trial['name']} ({what}); nothing was imported. Remove it from "
+                             f"{source} or leave out --import-finished")
+        if not origin.holds_finished_export():
+            print(f"study.py: {origin} is not a finished run's export (config.json, metrics.jsonl "
+                  f"with the last step's records, final weights model.pt); trial "
+                  f"{trial['name']} trains here", file=sys.stderr)
+            continue
+        found.append((trial["name"], origin))
+    return found
+
+
+def take_imports(out, found):
+    """Copy each of ``importable``'s runs into its trial's folder (whole or not at all: through
+    a temporary folder renamed into place), unless that folder appeared meanwhile; a file
+    imported.json in it says where it came from. Returns the names taken."""
+    taken = []
+    for name, origin in found:
+        target = Path(out) / name
+        if target.exists():
+            continue
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.import-", suffix=".tmp", dir=out))
+        try:
+            for path in sorted(origin.path.iterdir()):
+                if path.is_file() and not path.name.startswith("."):
+                    shutil.copyfile(path, work / path.name)
+            (work / RunFolder.IMPORTED).write_text(json.dumps(dict(
+                imported_from=str(origin.path.resolve()), at=time.strftime("%Y-%m-%d %H:%M:%S"),
+                note="finished on another machine; records and final weights, no checkpoint"),
+                indent=2) + "\n")
+            os.rename(work, target)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        taken.append(name)
+    return taken
 
 
 def check_trials(spec, trials, out):
@@ -1346,11 +1416,16 @@ def _main(p, args, shared):
         # a trial without a run folder (new, or recorded finished but its folder is gone)
         trials = expand(spec)
         check_trial_folders(study.out, trials, configs)
+        imports = (importable(study.out, trials, configs, args.import_finished)
+                   if args.import_finished else [])
         held = study.lock(reread=not args.rebuild)  # noqa: F841  (held until this ends)
         if args.rebuild:
             study.rebuild()
         else:
             study.check_spec(spec, args.extend)  # again, now that no one else changes it
+        if taken := take_imports(study.out, imports):
+            print(f"study.py: took {len(taken)} finished trial(s) from {args.import_finished}: "
+                  f"{', '.join(taken)}", file=sys.stderr)
         study.adopt(spec)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)

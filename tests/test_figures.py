@@ -406,8 +406,10 @@ def test_evidence_tables_and_figures_from_a_study_folder(runs, tmp_path, capsys)
         assert Image.open(out / name).size[0] > 300
     for trial in trials:  # every finished trial's records and final weights, as misc/runs keeps
         kept = out / "runs" / trial["name"]
-        assert sorted(p.name for p in kept.iterdir()) == ["config.json", "metrics.json",
-                                                          "metrics.jsonl", "model.pt"]
+        summaries = [p.name for _, p in RunFolder(study / trial["name"]).gt_summaries()]
+        assert summaries and sorted(p.name for p in kept.iterdir()) == sorted(
+            ["config.json", "metrics.json", "metrics.jsonl", "model.pt", *summaries])
+        assert RunFolder(kept).holds_finished_export()  # what study.py --import-finished takes
         assert RunFolder(kept).read_config()["config"]["data_dir"] is None
     timing = json.loads((out / "wallclock.json").read_text())
     assert [(t["run"], t["steps"], t["state"]) for t in timing] == [

@@ -964,3 +964,86 @@ def test_the_summary_marks_welch_tests_of_few_seeds_and_says_why_a_score_is_zero
         "standard deviation reaches prune_std 0.05" in summary and "(2 of 2 seeds)" in summary
     with open(out / "ttests.csv") as f:
         assert {r["meaningful"] for r in csv.DictReader(f)} == {"False"}
+
+
+@pytest.mark.slow
+def test_finished_trials_carried_to_another_machine_are_imported_not_trained(tmp_path, capsys):
+    """A study moved to a new machine: figures.py --evidence --records-only copies its finished
+    trials (records, ground-truth summaries, final weights), --import-finished takes them into
+    the new study folder as finished, whose tables are then the same as the first study's; a
+    copy of another run, or one that did not finish, is never taken."""
+    import shutil
+
+    import figures
+    from run import main as run_main
+    from runfolder import RunFolder
+    data = no_data(tmp_path)
+
+    def argv(out, *extra):
+        return ["--out", str(out), "--metric", "Test_gt", "VAE", "--seed", "1", "--alpha", "5",
+                "--omega", "0.9", *extra, "--", *TINY, "--gt-interval", "3", "--data-dir",
+                str(data)]
+
+    first = tmp_path / "first"
+    spec = study.make_spec(*study.parse_args(argv(first)))
+    for trial in study.expand(spec):  # trained here, in this process: nothing to launch
+        assert run_main(study.trial_argv(spec, trial, first)) == 0
+    assert study.main(argv(first)) == 0
+    names = [t["name"] for t in json.loads((first / "study.json").read_text())["trials"]]
+    misc = tmp_path / "misc"
+    assert [s for s, _ in RunFolder(first / names[0]).gt_summaries()] == [3, 6]
+    assert figures.main(["--evidence", str(first), "--records-only", "--out", str(misc)]) == 0
+    assert sorted(p.name for p in misc.iterdir()) == ["runs"]  # no tables, no figures
+    for name in names:  # the summary at the end (and at --at, 50,000 by default) alone
+        kept = RunFolder(misc / "runs" / name)
+        assert [s for s, _ in kept.gt_summaries()] == [6] and kept.holds_finished_export()
+    assert figures.main(["--evidence", str(first), "--records-only", "--at", "3", "--out",
+                         str(misc), "--force"]) == 0
+    assert [s for s, _ in RunFolder(misc / "runs" / names[0]).gt_summaries()] == [3, 6]
+    capsys.readouterr()
+
+    second = tmp_path / "second"
+    assert study.main(argv(second, "--import-finished", str(misc / "runs"))) == 0
+    err = capsys.readouterr().err
+    assert f"took 2 finished trial(s) from {misc / 'runs'}" in err
+    trials = json.loads((second / "study.json").read_text())["trials"]
+    assert [(t["name"], t["state"], t["attempts"]) for t in trials] == [
+        (name, "finished", 0) for name in names]
+    for name in names:
+        folder = RunFolder(second / name)
+        assert not folder.checkpoint_path.exists() and folder.is_complete()
+        assert json.loads((folder.path / folder.IMPORTED).read_text())["imported_from"] == str(
+            (misc / "runs" / name).resolve())
+    tables = {}
+    for out in (first, second):
+        assert figures.main(["--evidence", str(out), "--at", "6", "--out", str(out / "ev")]) == 0
+        tables[out] = [json.loads((out / "ev" / f).read_text()) for f in ("claims.json",
+                                                                          "scores.json")]
+    assert tables[first] == tables[second]
+    before = digest(second)
+    assert study.main(argv(second, "--import-finished", str(misc / "runs"))) == 0
+    assert {k: v for k, v in digest(second).items() if not k.startswith(("summary", "ev/"))} == {
+        k: v for k, v in before.items() if not k.startswith(("summary", "ev/"))}
+
+    vae, nonsyn = misc / "runs" / names[1], misc / "runs" / names[0]
+    swapped = tmp_path / "swapped"  # the VAE's copy under the Non-Syn trial's name
+    shutil.copytree(misc / "runs", swapped)
+    shutil.rmtree(swapped / names[0])
+    shutil.copytree(vae, swapped / names[0])
+    capsys.readouterr()
+    assert study.main(argv(tmp_path / "third", "--import-finished", str(swapped))) == 2
+    err = capsys.readouterr().err
+    assert f"{swapped / names[0]} holds another run than trial {names[0]} (metric 'VAE'" in err
+    assert "nothing was imported" in err and not (tmp_path / "third" / names[1]).exists()
+
+    cut = RunFolder(tmp_path / "cut")  # the final evaluation's record lost: not finished
+    shutil.copytree(nonsyn, cut.path)
+    lines = (cut.path / cut.LOG).read_text().splitlines(keepends=True)
+    (cut.path / cut.LOG).write_text("".join(
+        line for line in lines if not (json.loads(line)["kind"] == "eval"
+                                       and json.loads(line)["step"] == 6)))
+    assert RunFolder(nonsyn).is_complete() and not cut.is_complete()
+    assert study.main(argv(tmp_path / "fourth", "--import-finished",
+                           str(tmp_path / "nowhere"))) == 2
+    assert "--import-finished " + str(tmp_path / "nowhere") + ": no such folder" in \
+        capsys.readouterr().err
