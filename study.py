@@ -423,7 +423,9 @@ def importable(out, trials, configs, source):
     folder in ``out`` yet: SOURCE/<trial name> as figures.py exports a finished run (records,
     ground-truth summaries, final weights: ``RunFolder.holds_finished_export``), checked to be
     that trial's run (StudyError otherwise, before anything is written). A folder there that
-    is not a finished run's export is named on stderr; that trial trains here."""
+    is not a finished run's export, or holds the trial's run at another --steps (misc/runs'
+    50,000-step figures runs beside a 110,000-step trial), is named on stderr; that trial
+    trains here."""
     source = Path(source)
     if not source.is_dir():
         raise StudyError(f"--import-finished {source}: no such folder (give the runs/ folder "
@@ -434,7 +436,19 @@ def importable(out, trials, configs, source):
         origin = RunFolder(source / trial["name"])
         if (Path(out) / trial["name"]).exists() or not origin.path.is_dir():
             continue
-        if what := other_run(origin, trial, configs):
+        what = other_run(origin, trial, configs)
+        record = origin.read_config()
+        steps = (record.get("config") or {}).get("steps")
+        for resume in record.get("resumes") or []:  # as other_run reads them
+            if isinstance(resume, dict) and isinstance(resume.get("changed"), dict):
+                steps = resume["changed"].get("steps", steps)
+        if what and not other_run(origin, trial, {trial["name"]: {**configs[trial["name"]],
+                                                                  "steps": steps}}):
+            print(f"study.py: {origin} is this trial's run trained for {steps} steps, not "
+                  f"{configs[trial['name']]['steps']}; trial {trial['name']} trains here",
+                  file=sys.stderr)
+            continue
+        if what:
             raise StudyError(f"--import-finished: {origin} holds another run than trial "
                              f"{trial['name']} ({what}); nothing was imported. Remove it from "
                              f"{source} or leave out --import-finished")

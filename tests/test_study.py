@@ -1036,6 +1036,18 @@ def test_finished_trials_carried_to_another_machine_are_imported_not_trained(tmp
     assert f"{swapped / names[0]} holds another run than trial {names[0]} (metric 'VAE'" in err
     assert "nothing was imported" in err and not (tmp_path / "third" / names[1]).exists()
 
+    longer = tmp_path / "longer"  # the trial's run at another length: trains here
+    shutil.copytree(misc / "runs", longer)
+    record = json.loads((longer / names[0] / "config.json").read_text())
+    record["config"]["steps"] = 12
+    (longer / names[0] / "config.json").write_text(json.dumps(record))
+    trials = study.expand(spec)
+    configs = study.check_trials(spec, trials, tmp_path / "fifth")
+    assert [name for name, _ in study.importable(tmp_path / "fifth", trials, configs,
+                                                 longer)] == [names[1]]
+    assert f"{longer / names[0]} is this trial's run trained for 12 steps, not 6" in \
+        capsys.readouterr().err
+
     cut = RunFolder(tmp_path / "cut")  # the final evaluation's record lost: not finished
     shutil.copytree(nonsyn, cut.path)
     lines = (cut.path / cut.LOG).read_text().splitlines(keepends=True)
