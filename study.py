@@ -226,7 +226,8 @@ def parse_args(argv):
     local.add_argument("--threads", type=int, default=None,
                        help="torch/BLAS threads per trial (default: 1, or cores / workers). On 2 "
                             "cores 2 workers x 1 thread finished two trials 15-19 %% sooner "
-                            "than 1 x 2")
+                            "than 1 x 2 on an AMX Xeon; on a 2-core EPYC 1 x 2 trained "
+                            "15-30 %% more steps per hour")
     local.add_argument("--trials-per-gpu", type=int, default=None,
                        help="trials packed on each visible GPU (default 1 when there are GPUs)")
     ray = p.add_argument_group(f"--engine ray: Ray Tune trials (needs: {RAY_INSTALL})")
