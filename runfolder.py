@@ -413,6 +413,19 @@ class RunFolder:
         started = self.read_config().get("config")
         return None if started is None else {**IMPLIED_SETTINGS[1], **started}
 
+    def settings(self):
+        """The run's settings now: those of its start (as ``started_settings``) with each
+        resumption's changes (``record_resume``: e.g. --steps raised) applied in order; None
+        before config.json holds any."""
+        record = self.read_config()
+        if not record.get("config"):
+            return None
+        settings = {**IMPLIED_SETTINGS[1], **record["config"]}
+        for resume in record.get("resumes", []):
+            if isinstance(resume, dict) and isinstance(resume.get("changed"), dict):
+                settings.update(resume["changed"])
+        return settings
+
     def record_resume(self, step, changed, device=None):
         """Append one resumption (its step, the settings changed, the device) to config.json."""
         metadata = self.read_config()

@@ -391,14 +391,11 @@ def other_run(folder, trial, configs):
     runs' with the values their format implies, against those the trial's flags resolve to),
     "it is a symbolic link", or None when it is that trial's run or not started yet."""
     try:
-        record, stored = folder.read_config(), folder.started_settings()
+        stored = folder.settings()
     except ConfigError as err:
         raise StudyError(f"trial {trial['name']}: {err}") from None
-    if not record.get("config"):
+    if stored is None:
         return None  # not started yet, or stopped before it wrote its settings
-    for resume in record.get("resumes", []):
-        if isinstance(resume, dict) and isinstance(resume.get("changed"), dict):
-            stored.update(resume["changed"])
     expected = configs[trial["name"]]
     differ = [k for k, v in expected.items() if k not in UNCOMPARED and stored.get(k) != v
               and (k not in RESUMABLE or k == "steps")]
@@ -438,11 +435,7 @@ def importable(out, trials, configs, source):
         if (Path(out) / trial["name"]).exists() or not origin.path.is_dir():
             continue
         what = other_run(origin, trial, configs)
-        record = origin.read_config()
-        steps = (record.get("config") or {}).get("steps")
-        for resume in record.get("resumes") or []:  # as other_run reads them
-            if isinstance(resume, dict) and isinstance(resume.get("changed"), dict):
-                steps = resume["changed"].get("steps", steps)
+        steps = (origin.settings() or {}).get("steps")
         if what and not other_run(origin, trial, {trial["name"]: {**configs[trial["name"]],
                                                                   "steps": steps}}):
             print(f"study.py: {origin} is this trial's run trained for {steps} steps, not "
@@ -1345,11 +1338,8 @@ def planned_steps(study, configs):
     """Each trial's step count: the run folder's settings, or the checked flags'."""
     steps = {}
     for trial in study.data["trials"]:
-        stored = RunFolder(study.out / trial["name"]).read_config()
-        steps[trial["name"]] = stored["config"]["steps"] if "config" in stored else (
-            configs[trial["name"]]["steps"])
-        for resume in stored.get("resumes", []):
-            steps[trial["name"]] = resume["changed"].get("steps", steps[trial["name"]])
+        stored = RunFolder(study.out / trial["name"]).settings()
+        steps[trial["name"]] = (stored or configs[trial["name"]])["steps"]
     return steps
 
 
