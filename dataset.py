@@ -15,6 +15,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -341,6 +342,19 @@ def load_scream(path):
                            f"350x274 thumbnail; its crops need more than 64 pixels each way")
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return pixels.contiguous(), f"{path.name} (md5 {file_md5(path)}, {image.size[0]}x{image.size[1]})"
+
+
+def data_identity(source):
+    """What of a data source (config.json's ``data_source``) must stay the same over a run's
+    resumes, wherever its files lie now: dSprites from the official file (with its MD5) or from
+    the procedural renderer (a variant of either names its base last). None where the text
+    cannot tell (CelebA's folder): nothing to compare."""
+    base = source.rpartition(") of ")[2] if ") of " in source else source
+    if match := re.match(r"official npz .* \(md5 (\w+)\)$", base):
+        return f"the official dSprites file (md5 {match[1]})"
+    if base.startswith("procedural renderer"):
+        return "dSprites from the procedural renderer"
+    return None
 
 
 def load_variant(name, grid="full", data_dir=None, scream_image=None):

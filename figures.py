@@ -66,12 +66,12 @@ from PIL import Image, ImageDraw
 from plotting import (ACTIVE_VARIANCE, EXPLAINED, label_rows, latent_factors, latent_labels,
                       traversal_labels)
 from metrics import METRIC_LABELS, METRIC_NAMES
-from config import NONSYN, OBJECTIVE_NAMES, Config, objective_label
-from evidence import EvidenceError, finished_runs, write_evidence
+from config import NONSYN, OBJECTIVE_NAMES, RESUMABLE, Config, objective_label
+from evidence import EvidenceError, finished_runs, study_trials, write_evidence
 from representation import SAMPLE_MEASURES, Trained, read_summary
 from dataset import FACTOR_DATASETS
 from precision import PRECISIONS
-from runfolder import RunFolder, export_weights
+from runfolder import RunFolder, export_weights, stored_run
 from utils import ArgumentParser, ConfigError
 
 
@@ -637,6 +637,81 @@ def export_records(runs, out_dir, at=()):
     return len(runs)
 
 
+def _same_run(one, other):
+    """True when two config.json records hold the same run (the settings a resume may not
+    change, their paths rewritten as the banked copies have them)."""
+    settings = [{k: without_machine_paths(v) if isinstance(v, str) else v
+                 for k, v in record.get("config", {}).items() if k not in RESUMABLE}
+                for record in (one, other)]
+    return settings[0] == settings[1]
+
+
+def plan_carry(study, carry):
+    """(to bank, to drop) for ``--carry``: the study's stopped, unfinished trials that have a
+    checkpoint (each validated, and newer than its copy in ``carry`` if there is one), and the
+    copies in ``carry`` of trials that have finished since (their records and weights go to
+    runs/). Nothing is written; FigureError (one line) for a trial that trains now, or whose
+    copy in ``carry`` is another run or a later step than the study's."""
+    bank, drop = [], []
+    for trial in study_trials(study):
+        folder = RunFolder(Path(study) / trial["name"])
+        banked = RunFolder(Path(carry) / trial["name"])
+        if not folder.path.is_dir():
+            continue
+        if banked.path.exists() and not _same_run(banked.read_config(), folder.read_config()):
+            raise FigureError(f"--carry {carry}: {banked} holds another run than the study's "
+                              f"trial {trial['name']}; nothing was written. Move it away")
+        if trial.get("state") == "finished":
+            if banked.path.exists():
+                drop.append(banked)
+            continue
+        if not folder.checkpoint_path.is_file():
+            continue  # stopped before its first checkpoint: nothing to resume from
+        if holder := folder.lock_holder():
+            raise FigureError(f"trial {trial['name']} is training now (PID {holder}); stop the "
+                              f"study first (kill -TERM its study.py: each running trial saves a "
+                              f"checkpoint), then bank it. Nothing was written")
+        step = stored_run(folder)[0]["step"]  # a damaged checkpoint is named, not banked
+        try:
+            before = banked.load_checkpoint()["step"] if banked.path.exists() else None
+        except ConfigError:
+            before = -1  # an unreadable copy is worth nothing: replaced (and said so)
+        if before is not None and before > step:
+            raise FigureError(f"--carry {carry}: {banked} holds trial {trial['name']} at step "
+                              f"{before:,}, later than the study's {step:,} (this study did not "
+                              f"resume from it: study.py --import-unfinished {carry} takes it "
+                              f"into a new study folder); nothing was written")
+        if before != step:
+            bank.append((folder, banked, step, before))
+    return bank, drop
+
+
+def write_carry(carry, bank, drop):
+    """Bank each planned trial (``plan_carry``) whole in ``carry``/<trial>/ (written beside, then
+    renamed into place, replacing its older copy) and remove the copies of finished trials."""
+    carry = Path(carry)
+    carry.mkdir(parents=True, exist_ok=True)
+    said = []
+    for folder, banked, step, before in bank:
+        work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.carry-", suffix=".tmp", dir=carry))
+        try:
+            folder.copy_resumable(work / "run", without_machine_paths)
+            if banked.path.exists():
+                os.rename(banked.path, work / "older")
+            os.rename(work / "run", banked.path)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        said.append(f"{folder.name} at step {step:,}" + (
+            "" if before is None else " (its unreadable copy replaced)" if before < 0 else
+            f" (replacing its copy at {before:,})"))
+    for banked in drop:
+        shutil.rmtree(banked.path)
+    return (f"{carry}/: {len(bank)} unfinished trial(s) banked to resume elsewhere"
+            + (f" ({'; '.join(said)})" if said else "")
+            + (f"; removed the copies of {len(drop)} trial(s) finished since "
+               f"({', '.join(b.name for b in drop)})" if drop else ""))
+
+
 def comparison_table(runs, out_dir):
     """Per run its final evaluation: recon, KL, ELBO and I_max over the fixed evaluation sample
     (the same measure for every objective; blank for a run evaluated before they existed) and
@@ -713,6 +788,12 @@ def main(argv=None):
                    help="with --evidence: only runs/, the finished trials' records, ground-truth "
                         "summaries and final weights (what study.py --import-finished takes "
                         "into the study on another machine), no tables or figures")
+    p.add_argument("--carry", metavar="CARRY_DIR",
+                   help="with --evidence: also bank each stopped, unfinished trial whole "
+                        "(records, images, its checkpoints) in CARRY_DIR/<trial>/, which "
+                        "study.py --import-unfinished CARRY_DIR resumes on another machine "
+                        "from the same step; the copies of trials finished since are removed "
+                        "(their records and weights are in runs/)")
     p.add_argument("--at", type=int, default=50_000,
                    help="with --evidence: the step every seed is judged at (default 50,000)")
     p.add_argument("--out", default=None,
@@ -742,8 +823,9 @@ def main(argv=None):
             setattr(args, flag, run)
         listed = args.compare + [getattr(args, flag) for flag, _ in ROLES]
         args.compare = args.compare + [run for run in others if run not in listed]
-    if args.records_only and not args.evidence:
-        p.error("--records-only goes with --evidence STUDY_DIR")
+    if (args.records_only or args.carry) and not args.evidence:
+        p.error(f"--{'records-only' if args.records_only else 'carry'} goes with --evidence "
+                f"STUDY_DIR")
     if not (args.curves or args.evidence) and not (args.nonsyn and args.factor and args.vae):
         p.error("give --nonsyn, --factor and --vae (the thesis figures), or --study DIR, or "
                 "--curves RUN ..., or --evidence STUDY_DIR")
@@ -840,13 +922,20 @@ def _evidence(args, out):
         raise FigureError(f"--evidence {study} has no study.json: not a study.py folder")
     check_out_outside(out, [RunFolder(p) for p in study.iterdir() if p.is_dir()])
     finished = finished_runs(study)
-    if args.records_only and not finished:
+    if args.carry:
+        check_out_outside(Path(args.carry), [RunFolder(p) for p in study.iterdir() if p.is_dir()])
+        bank, drop = plan_carry(study, args.carry)  # checked before anything is written
+    if args.records_only and not finished and not args.carry:
         raise FigureError(f"--evidence {study} has no finished trial yet: nothing to copy")
-    with staged(out) as work:
-        wrote = "" if args.records_only else write_evidence(study, work, args.at) + ", "
-        export_records([(folder.name, folder) for folder in finished], work, at=(args.at,))
-    return (f"{wrote}runs/ ({len(finished)} finished runs' config.json, metrics.jsonl, "
-            f"metrics.json, ground-truth summaries and final weights)")
+    if finished or not args.records_only:
+        with staged(out) as work:
+            wrote = "" if args.records_only else write_evidence(study, work, args.at) + ", "
+            export_records([(folder.name, folder) for folder in finished], work, at=(args.at,))
+    else:
+        wrote = ""
+    wrote += (f"runs/ ({len(finished)} finished runs' config.json, metrics.jsonl, "
+              f"metrics.json, ground-truth summaries and final weights)")
+    return wrote + (f"; {write_carry(args.carry, bank, drop)}" if args.carry else "")
 
 
 def _thesis(args, out):

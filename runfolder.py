@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from datetime import datetime
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from config import (CHECKPOINT_FORMAT, IMPLIED_SETTINGS, RESUMABLE, Config, file_stem, flag_of)
-from dataset import FACTOR_NAMES, DatasetError
+from dataset import FACTOR_NAMES, DatasetError, data_identity
 from model import MODEL_SPECS, Discriminator
 from objectives import OBJECTIVES, Adam041, discriminator_optimiser, vae_optimiser
 from precision import device_record, pick_device
@@ -302,6 +303,42 @@ class RunFolder:
                 raise ConfigError(f"{path}: the checksum of its tensors does not match the one "
                                   f"stored in it; the file is corrupt. Nothing was changed")
         return checkpoint
+
+    def copy_resumable(self, target, scrub=lambda text: text):
+        """Copy this stopped run into the new folder ``target`` so that ``run.py --resume
+        target`` continues it on another machine exactly as it would have here: config.json,
+        metrics.jsonl (its records), metrics.json, the numbered traversals and ground-truth
+        plots and summaries, and the checkpoints (the latest and the kept ones), each validated
+        first. ``scrub`` rewrites the text of the records (figures.py: absolute paths to
+        ``<path>``); the checkpoints' string settings get the same rewrite, so that they still
+        match config.json, and are saved again with their checksum: tensors, RNG states and
+        every number are copied as they are; --data-dir is unset (the data is searched for
+        where the copy resumes, as run.py does without it). Returns the checkpoint's step."""
+        target = Path(target)
+        checkpoints = [(step, self.load_checkpoint(step)) for step in [None, *self.kept_steps()]]
+        record = self.read_config()
+        record["config"]["data_dir"] = None  # searched for where it resumes, as run.py does
+        target.mkdir(parents=True)
+        copy = RunFolder(target)
+        (target / self.CONFIG).write_text(scrub(json.dumps(record, indent=2, sort_keys=True)
+                                                + "\n"))
+        with open(target / self.LOG, "w") as log_copy:
+            for _, line in self.record_lines():
+                log_copy.write(scrub(line))
+        if (self.path / self.REPORT).is_file():
+            text = json.dumps(dict(evaluations=self.evaluations()), indent=2, sort_keys=True)
+            (target / self.REPORT).write_text(scrub(text + "\n"))
+        for _, path in self.traversals() + self.gt_plots() + self.gt_summaries():
+            shutil.copyfile(path, target / path.name)
+        copy.checkpoint_path.parent.mkdir()
+        for step, checkpoint in checkpoints:
+            checkpoint["config"] = {k: scrub(v) if isinstance(v, str) else v
+                                    for k, v in checkpoint["config"].items()}
+            checkpoint["config"]["data_dir"] = None
+            atomic_torch_save(dict(checkpoint, checksum=tensor_checksum(checkpoint)),
+                              copy.checkpoint_path if step is None else
+                              copy.kept_checkpoint_path(step))
+        return checkpoints[0][1]["step"]
 
     def check_writable(self, purpose):
         """ConfigError (one line) unless this process can write into the folder (a read-only
@@ -858,6 +895,19 @@ def resumed_settings(folder, given):
     return config, checkpoint, {k: v for k, v in changes.items() if v != stored[k]}
 
 
+def check_same_data(folder, data):
+    """Refuse (ConfigError, one line, nothing written) to resume a run on other data than it
+    trained on: the procedural dSprites where it had the official file or the other way round,
+    as on another machine (a run carried there, a file in ./datasets that was not there)."""
+    trained = data_identity(folder.read_config().get("data_source") or "")
+    here = data_identity(data.source)
+    if trained and here and trained != here:
+        raise ConfigError(f"{folder} trained on {trained}, but the data found here is {here}: "
+                          f"resuming would change its data mid-run. Give --data-dir a folder "
+                          f"with the data it trained on (an empty folder for the procedural "
+                          f"renderer); nothing was changed")
+
+
 @contextmanager
 def resume_run(folder, given, build):
     """Resume the run in ``folder`` with the settings ``given`` now: checks the folder, takes
@@ -873,6 +923,7 @@ def resume_run(folder, given, build):
         config, checkpoint, changed = resumed_settings(folder, given)
         device = pick_device(config)  # the stored precision must run here
         solver = build(config, device, checkpoint)
+        check_same_data(folder, solver.data)
         folder.remove_orphans()
         folder.trim_log(checkpoint["step"])
         folder.record_resume(checkpoint["step"], changed, device_record(config, device))

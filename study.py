@@ -6,6 +6,7 @@ one summary.
                     [--alpha ...] [--omega ...] [--gamma ...] [--beta ...] [--spec FILE.json]
                     [--preset thesis|figures|evidence|field] [--retries 2] [--extend]
                     [--import-finished RUNS_DIR]   (trials finished on another machine)
+                    [--import-unfinished CARRY_DIR]   (trials stopped on another machine)
                     [--engine local] [--workers W] [--threads T] [--trials-per-gpu K]
                     [--engine ray] [--address auto|HOST:PORT] [--cpus-per-trial C]
                     [--gpus-per-trial G]
@@ -51,7 +52,7 @@ from evidence import mean_std, mean_std_text
 from metrics import METRIC_LABELS, UDR_PROTOCOL, score_note, udr
 from precision import PRECISIONS
 from representation import MEASURE_LABELS, SAMPLE_MEASURES, udr_inputs
-from runfolder import RunFolder
+from runfolder import RunFolder, stored_run
 from utils import (ArgumentParser, ConfigError, DiskFull, atomic_write_bytes, check_writable,
                    progress, usable_cpus, write_json)
 
@@ -209,6 +210,12 @@ def parse_args(argv):
                            "--evidence STUDY --records-only' exported, e.g. misc/runs: records, "
                            "ground-truth summaries, final weights) instead of training them: a "
                            "study carried to a new machine")
+    grid.add_argument("--import-unfinished", metavar="CARRY_DIR",
+                      help="take the trials that have no folder in --out yet, and were not "
+                           "imported finished, from CARRY_DIR/<trial name> where 'figures.py "
+                           "--evidence STUDY --carry CARRY_DIR' banked them stopped (records, "
+                           "images, checkpoints): they resume here from the step they reached "
+                           "elsewhere")
     grid.add_argument("--retries", type=int, default=2, help="retries of a failed trial")
     grid.add_argument("--summary", action="store_true",
                       help="only write the summary of DIR (from the run folders if study.json "
@@ -455,24 +462,62 @@ def importable(out, trials, configs, source):
     return found
 
 
+def resumable_imports(out, trials, configs, source, taken):
+    """The stopped, unfinished runs that ``--import-unfinished SOURCE`` takes for trials that
+    have no run folder in ``out`` yet and none among ``taken`` (finished imports win):
+    SOURCE/<trial name> as 'figures.py --evidence STUDY --carry SOURCE' banked it, checked to be
+    that trial's run (StudyError otherwise, before anything is written) with a checkpoint that
+    passes every check of a resume (a damaged one is named on stderr; that trial trains here).
+    The study then resumes each from its checkpoint's step."""
+    source = Path(source)
+    if not source.is_dir():
+        raise StudyError(f"--import-unfinished {source}: no such folder (give the folder that "
+                         f"'figures.py --evidence STUDY --carry DIR' banked the stopped trials "
+                         f"in)")
+    found = []
+    for trial in trials:
+        origin = RunFolder(source / trial["name"])
+        if ((Path(out) / trial["name"]).exists() or not origin.path.is_dir()
+                or trial["name"] in taken):
+            if trial["name"] in taken and origin.path.is_dir():
+                print(f"study.py: {origin} is superseded: trial {trial['name']} was taken "
+                      f"finished from --import-finished", file=sys.stderr)
+            continue
+        if what := other_run(origin, trial, configs):
+            raise StudyError(f"--import-unfinished: {origin} holds another run than trial "
+                             f"{trial['name']} ({what}); nothing was imported. Remove it from "
+                             f"{source} or leave out --import-unfinished")
+        try:
+            step = stored_run(origin)[0]["step"]
+        except ConfigError as err:
+            print(f"study.py: {origin} cannot be resumed ({err}); trial {trial['name']} trains "
+                  f"here", file=sys.stderr)
+            continue
+        found.append((trial["name"], origin, f"stopped at step {step:,} on another machine; "
+                                             f"resumed here from its checkpoint"))
+    return found
+
+
+FINISHED_NOTE = "finished on another machine; records and final weights, no checkpoint"
+
+
 def take_imports(out, found):
-    """Copy each of ``importable``'s runs into its trial's folder (whole or not at all: through
-    a temporary folder renamed into place), unless that folder appeared meanwhile; a file
-    imported.json in it says where it came from. Returns the names taken."""
+    """Copy each of the runs ``importable`` or ``resumable_imports`` found, (name, origin) or
+    (name, origin, note), into its trial's folder (whole or not at all: through a temporary
+    folder renamed into place; a banked run's checkpoints/ too), unless that folder appeared
+    meanwhile; a file imported.json in it says where it came from. Returns the names taken."""
     taken = []
-    for name, origin in found:
+    for name, origin, *note in found:
         target = Path(out) / name
         if target.exists():
             continue
         work = Path(tempfile.mkdtemp(prefix=f".{name}.import-", suffix=".tmp", dir=out))
         try:
-            for path in sorted(origin.path.iterdir()):
-                if path.is_file() and not path.name.startswith("."):
-                    shutil.copyfile(path, work / path.name)
+            shutil.copytree(origin.path, work, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(".*"))
             (work / RunFolder.IMPORTED).write_text(json.dumps(dict(
                 imported_from=str(origin.path.resolve()), at=time.strftime("%Y-%m-%d %H:%M:%S"),
-                note="finished on another machine; records and final weights, no checkpoint"),
-                indent=2) + "\n")
+                note=note[0] if note else FINISHED_NOTE), indent=2) + "\n")
             os.rename(work, target)
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -1423,6 +1468,9 @@ def _main(p, args, shared):
         check_trial_folders(study.out, trials, configs)
         imports = (importable(study.out, trials, configs, args.import_finished)
                    if args.import_finished else [])
+        resumed = (resumable_imports(study.out, trials, configs, args.import_unfinished,
+                                     {name for name, _ in imports})
+                   if args.import_unfinished else [])
         held = study.lock(reread=not args.rebuild)  # noqa: F841  (held until this ends)
         if args.rebuild:
             study.rebuild()
@@ -1431,6 +1479,11 @@ def _main(p, args, shared):
         if taken := take_imports(study.out, imports):
             print(f"study.py: took {len(taken)} finished trial(s) from {args.import_finished}: "
                   f"{', '.join(taken)}", file=sys.stderr)
+        if taken := take_imports(study.out, resumed):
+            print(f"study.py: took {len(taken)} stopped trial(s) from {args.import_unfinished} "
+                  f"to resume: " + ", ".join(f"{name} ({note.split(';')[0]})"
+                                             for name, _, note in resumed if name in taken),
+                  file=sys.stderr)
         study.adopt(spec)
     except StudyError as err:
         print(f"error: {err}", file=sys.stderr)

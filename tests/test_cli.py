@@ -675,3 +675,28 @@ def test_a_redirected_log_gets_a_progress_line_every_few_percent(capfd):
     assert resumed.file.getvalue() == ""  # 43 %: no 5 % mark passed since 40
     resumed.update(2)
     assert resumed.file.getvalue().startswith("training:  45% 45/100 steps")
+
+
+def test_a_resume_on_other_data_than_the_run_trained_on_is_refused(tmp_path, monkeypatch, capsys):
+    """A run resumed where other dSprites are found (a run carried to another machine, a file
+    put in ./datasets meanwhile) would change its data mid-run: refused, nothing written; the
+    same data, wherever it lies, resumes."""
+    monkeypatch.setattr(dataset, "FULL_SIZES", (3, 6, 2, 4, 4))  # a 576-image stand-in grid
+    code, run_dir = run_cli(tmp_path, "r", "--grid", "full", "--eval-sample", "100")
+    assert code == 0  # trained on the procedural renderer
+    classes = dataset.grid_classes("full")
+    official = tmp_path / "official"
+    official.mkdir()
+    full = np.concatenate([np.zeros((len(classes), 1), np.int64), classes], axis=1)
+    np.savez_compressed(official / dataset.DSPRITES_FILE, imgs=dataset.render_dsprites(classes),
+                        latents_classes=full, latents_values=dataset.latents_values(classes))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["--resume", str(run_dir), "--steps", "8", "--data-dir", str(official)]) == 2
+    err = capsys.readouterr().err
+    assert (f"{run_dir} trained on dSprites from the procedural renderer, but the data found "
+            f"here is the official dSprites file (md5 ") in err and "nothing was changed" in err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    other = tmp_path / "elsewhere"  # another empty folder: the same renderer
+    other.mkdir()
+    assert main(["--resume", str(run_dir), "--steps", "8", "--data-dir", str(other)]) == 0
+    assert records(run_dir)[-1]["step"] == 8

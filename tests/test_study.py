@@ -1059,3 +1059,118 @@ def test_finished_trials_carried_to_another_machine_are_imported_not_trained(tmp
                            str(tmp_path / "nowhere"))) == 2
     assert "--import-finished " + str(tmp_path / "nowhere") + ": no such folder" in \
         capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_stopped_trial_banked_and_resumed_on_another_machine_ends_as_if_never_stopped(
+        tmp_path, capsys, monkeypatch, at_step):
+    """A session that ends mid-trial on a machine it will not get back: figures.py --evidence
+    --carry banks the stopped trial whole (records, images, its checkpoints, no machine paths),
+    study.py --import-unfinished takes it into a study on a new machine, which resumes it from
+    that step to the very weights and records of a run never stopped; once it finished, the
+    next banking drops its copy. An older checkpoint never replaces a later copy, a trial that
+    trains now is not banked, and a damaged copy is not resumed."""
+    import shutil
+
+    import figures
+    from run import main as run_main
+    from runfolder import RunFolder
+    data = no_data(tmp_path)
+    nine = [v if v != "6" else "9" for v in TINY[:TINY.index("--gt-interval")]]
+
+    def argv(out, *extra):
+        return ["--out", str(out), "--metric", "Test_gt", "VAE", "--seed", "1", "--alpha", "5",
+                "--omega", "0.9", *extra, "--", *nine, "--gt-interval", "3", "--eval-metrics",
+                "mig", "--keep-interval", "3", "--data-dir", str(data)]
+
+    def stop_after(n, folder_argv):
+        at_step(n, lambda solver: os.kill(os.getpid(), signal.SIGTERM))
+        assert run_main(folder_argv) == 130
+        monkeypatch.undo()
+
+    torch.set_num_threads(1)  # as the study's trials below (--threads 1): the same arithmetic
+    straight, first, second = (tmp_path / n for n in ("straight", "first", "second"))
+    spec = study.make_spec(*study.parse_args(argv(first)))
+    nonsyn, vae = study.expand(spec)
+    for trial in (nonsyn, vae):
+        assert run_main(study.trial_argv(spec, trial, straight)) == 0
+    stop_after(5, study.trial_argv(spec, nonsyn, first))  # the session ends at step 5
+    assert run_main(study.trial_argv(spec, vae, first)) == 0
+    study.Study(first).adopt(spec)  # study.json as the stopped study leaves it
+    misc, carry = tmp_path / "misc", tmp_path / "carry"
+    capsys.readouterr()
+    assert figures.main(["--evidence", str(first), "--records-only", "--out", str(misc),
+                         "--carry", str(carry)]) == 0
+    out = capsys.readouterr().out
+    assert f"1 unfinished trial(s) banked to resume elsewhere ({nonsyn['name']} at step 5)" in out
+    assert sorted(p.name for p in carry.iterdir()) == [nonsyn["name"]]
+    assert sorted(p.name for p in (misc / "runs").iterdir()) == [vae["name"]]
+    banked = RunFolder(carry / nonsyn["name"])
+    assert banked.kept_steps() == [3] and banked.load_checkpoint()["step"] == 5
+    assert [s for s, _ in banked.gt_summaries()] == [3] and len(banked.traversals()) >= 1
+    for path in banked.path.rglob("*"):
+        assert not path.is_file() or str(tmp_path).encode() not in path.read_bytes(), path
+    assert figures.main(["--evidence", str(first), "--records-only", "--out", str(misc),
+                         "--force", "--carry", str(carry)]) == 0  # nothing new to bank
+    assert "0 unfinished trial(s) banked" in capsys.readouterr().out
+
+    with RunFolder(first / nonsyn["name"]).writer_lock():  # the study still trains it
+        assert figures.main(["--evidence", str(first), "--records-only", "--out", str(misc),
+                             "--force", "--carry", str(tmp_path / "elsewhere")]) == 2
+    assert f"trial {nonsyn['name']} is training now" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
+
+    monkeypatch.chdir(tmp_path)  # the copy resumes on the data it finds here: procedural
+    assert study.main(argv(second, "--import-finished", str(misc / "runs"),
+                           "--import-unfinished", str(carry), "--workers", "1",
+                           "--threads", "1")) == 0
+    err = capsys.readouterr().err
+    assert f"took 1 finished trial(s) from {misc / 'runs'}: {vae['name']}" in err
+    assert (f"took 1 stopped trial(s) from {carry} to resume: {nonsyn['name']} (stopped at "
+            f"step 5 on another machine)") in err
+    resumed, never = RunFolder(second / nonsyn["name"]), RunFolder(straight / nonsyn["name"])
+    ends = [folder.load_checkpoint() for folder in (resumed, never)]
+    assert ends[0]["step"] == 9 and all(torch.equal(ends[0]["model"][k], ends[1]["model"][k])
+                                        for k in ends[1]["model"])
+    strip = lambda folder: [{k: v for k, v in r.items() if not k.endswith("seconds")}
+                            for r in folder.records()]  # all but the timings
+    assert strip(resumed) == strip(never)
+    assert resumed.kept_steps() == never.kept_steps() == [3, 6, 9]
+    assert [r["step"] for r in resumed.read_config()["resumes"]] == [5]
+
+    assert figures.main(["--evidence", str(second), "--records-only", "--out", str(misc),
+                         "--force", "--carry", str(carry)]) == 0
+    assert "removed the copies of 1 trial(s) finished since" in capsys.readouterr().out
+    assert not carry.exists() or not any(carry.iterdir())
+    assert RunFolder(misc / "runs" / nonsyn["name"]).holds_finished_export()
+
+    # an older checkpoint than the banked copy is refused; the copy stays as it was
+    older = tmp_path / "older"
+    shutil.copytree(first / nonsyn["name"], older)
+    stop_after(2, ["--resume", str(first / nonsyn["name"])])  # on to step 7, banked
+    assert figures.main(["--evidence", str(first), "--records-only", "--out", str(misc),
+                         "--force", "--carry", str(carry)]) == 0
+    assert RunFolder(carry / nonsyn["name"]).load_checkpoint()["step"] == 7
+    shutil.rmtree(first / nonsyn["name"])
+    shutil.copytree(older, first / nonsyn["name"])
+    before = digest(carry)
+    assert figures.main(["--evidence", str(first), "--records-only", "--out", str(misc),
+                         "--force", "--carry", str(carry)]) == 2
+    assert "at step 7, later than the study's 5" in capsys.readouterr().err
+    assert digest(carry) == before
+    swapped = tmp_path / "swapped"  # the Non-Syn copy under the VAE trial's name
+    shutil.copytree(carry / nonsyn["name"], swapped / vae["name"])
+    assert figures.main(["--evidence", str(first), "--records-only", "--out", str(misc),
+                         "--force", "--carry", str(swapped)]) == 2
+    assert f"{swapped / vae['name']} holds another run than the study's trial" in \
+        capsys.readouterr().err
+
+    # a damaged copy: named, and the trial trains from the start instead
+    last = RunFolder(carry / nonsyn["name"]).checkpoint_path
+    last.write_bytes(last.read_bytes()[:-100])
+    trials = study.expand(spec)
+    configs = study.check_trials(spec, trials, tmp_path / "third")
+    assert study.resumable_imports(tmp_path / "third", trials, configs, carry, set()) == []
+    assert f"{carry / nonsyn['name']} cannot be resumed" in capsys.readouterr().err
+    with pytest.raises(study.StudyError, match="no such folder"):
+        study.resumable_imports(tmp_path / "third", trials, configs, tmp_path / "nowhere", set())
