@@ -11,7 +11,9 @@
                       counted over a study's seeds: claims.md, scores.md, seeds.png,
                       scores_over_training.png, and runs/ with every finished trial's
                       records and final weights; see evidence.py; --records-only: runs/
-                      alone, which study.py --import-finished takes back on a new machine)
+                      alone, which study.py --import-finished takes back on a new machine;
+                      --carry DIR: the stopped, unfinished trials whole, with their
+                      checkpoints, which study.py --import-unfinished DIR resumes there)
 
 --out defaults to a new folder figures/<date-time>; an --out that already holds figures needs
 --force (``--out misc --force`` regenerates the shipped ones). Nothing is written anywhere else.
