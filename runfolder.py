@@ -866,9 +866,14 @@ def stored_model(folder, step=None):
 
 def export_weights(folder, target):
     """Write the final weights alone (``RunFolder.WEIGHTS``, ~2 MB) of ``folder``'s checkpoint
-    into the folder ``target``, bound to their run: with its settings and a checksum."""
+    into the folder ``target``, bound to their run: with its settings and a checksum. The
+    settings name no folder of the machine that trained it (an absolute --output_dir becomes
+    ``<path>``, --data-dir is unset), as the exported config.json."""
     checkpoint = folder.load_checkpoint()
-    weights = dict(step=checkpoint["step"], config=checkpoint["config"], model={
+    config = dict(checkpoint["config"], data_dir=None)
+    if Path(config.get("output_dir") or "").is_absolute():
+        config["output_dir"] = "<path>"
+    weights = dict(step=checkpoint["step"], config=config, model={
         k: v.contiguous() for k, v in checkpoint["model"].items()})
     atomic_torch_save(dict(weights, checksum=tensor_checksum(weights)),
                       Path(target) / RunFolder.WEIGHTS)
