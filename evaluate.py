@@ -13,7 +13,8 @@ of metrics.METRIC_NAMES (DCI alone takes minutes). ``--step N`` scores the check
 (``run.py --keep-interval``) instead of its latest.
 
 Nothing is written into a folder of final weights alone (misc/runs/<run>: config.json and
-model.pt) nor into a run that is still training (scored at its latest checkpoint, with a
+model.pt; a study's copy of one, with the imported.json of ``study.py --import-finished``, is
+the study's own and is written into) nor into a run that is still training (scored at its latest checkpoint, with a
 warning naming its step): the scores are printed, ``--json FILE`` writes them with their
 protocols and library versions, ``--out DIR`` writes the report (metrics.json) and the
 ground-truth plot into DIR instead of the run folder.
@@ -217,7 +218,10 @@ def _evaluate(args, folder):
                                      data_dir=args.data_dir or stored.data_dir)
         precision = stored_run_precision(stored, args.precision, "evaluate.py")
         own = precision == stored.precision  # else never into the run's own metrics.json
-        weights_only = not folder.checkpoint_path.is_file()  # config.json and model.pt alone
+        # config.json and model.pt alone (misc/runs/<run>) are read-only; a study's copy of one
+        # (study.py --import-finished wrote imported.json beside it) is the study's to score
+        weights_only = (not folder.checkpoint_path.is_file()
+                        and not (folder.path / folder.IMPORTED).is_file())
         target = _target(args, folder, holder, weights_only or not own)  # before encoding
         if holder is not None:
             log.warning("warning: %s is still training (PID %s): scoring its %s checkpoint, "

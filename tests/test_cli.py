@@ -265,6 +265,45 @@ def test_evaluate_reads_a_folder_of_final_weights_and_writes_only_where_told(tmp
     assert digest() == before
 
 
+@pytest.mark.slow  # a run, its import into a study and an evaluation
+def test_evaluate_writes_into_a_study_trial_imported_from_final_weights(tmp_path, capsys):
+    """A trial study.py --import-finished took from misc/runs holds the final weights alone;
+    evaluate.py refused to write into it, so the DCI the docs ask for at the end of the
+    evidence study was printed and never recorded. The study's copy (imported.json beside it)
+    is written into; the folder it came from is left as it was."""
+    import hashlib
+
+    import evaluate
+    import study
+    from runfolder import RunFolder, export_weights
+    code, run_dir = run_cli(tmp_path, "Factor", "--metric", "Factor", "--steps", "2",
+                            "--eval-metrics", "mig")
+    assert code == 0
+    shipped = tmp_path / "shipped" / "Factor"
+    shipped.mkdir(parents=True)
+    for name in RunFolder.RECORDS:
+        (shipped / name).write_bytes((run_dir / name).read_bytes())
+    export_weights(RunFolder(run_dir), shipped)
+    digest = lambda folder: {p.name: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+                             for p in folder.iterdir()}
+    before = digest(shipped)
+    (tmp_path / "study").mkdir()
+    assert study.take_imports(tmp_path / "study", [("Factor", RunFolder(shipped))]) == ["Factor"]
+    trial = RunFolder(tmp_path / "study" / "Factor")
+    assert not trial.checkpoint_path.exists() and (trial.path / trial.IMPORTED).is_file()
+    kept = trial.evaluations()
+    capsys.readouterr()
+    assert evaluate.main([str(trial.path), "--no-cuda", "--eval-metrics", "mig,sap"]) == 0
+    assert f"-> {trial.path / trial.REPORT}" in capsys.readouterr().out
+    (added,) = trial.evaluations()[len(kept):]
+    assert added["source"] == "evaluate.py" and set(added["scores"]) == {"mig", "sap"}
+    assert added["scores"]["mig"]["score"] == kept[-1]["scores"]["mig"]["score"]
+    assert (trial.path / "Factor_gamma6.4_gt_2.png").is_file()
+    assert digest(shipped) == before  # the origin stays read-only
+    assert evaluate.main([str(shipped), "--no-cuda"]) == 0
+    assert digest(shipped) == before and "not written" in capsys.readouterr().out
+
+
 @pytest.mark.slow  # trains in emulated bf16 where the CPU has none: 25 s
 def test_a_bf16_run_on_a_cpu_without_bf16_is_scored_and_drawn_in_fp32_when_asked(
         tmp_path, capsys, monkeypatch):
